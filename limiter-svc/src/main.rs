@@ -1,0 +1,12 @@
+//! limiter-svc binary: parse options, start telemetry, bind, run until SIGTERM.
+
+use limiter_svc::{Config, SERVICE_NAME, config::DEFAULTS};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = sluice::config::parse(DEFAULTS).unwrap_or_else(|e| e.exit());
+    sluice::server::main(SERVICE_NAME, &config.common.clone(), |listeners, shutdown| {
+        limiter_svc::run(listeners, config, shutdown)
+    })
+    .await
+}

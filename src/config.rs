@@ -1,0 +1,306 @@
+//! Configuration: flags, then `SLUICE_*` environment variables, then an optional TOML file, then
+//! built-in defaults — parsed once into each binary's typed config struct.
+//!
+//! The file (`--config FILE` or `SLUICE_CONFIG`) uses the flags' long names as keys:
+//!
+//! ```toml
+//! listen = "0.0.0.0:50051"
+//! redis-url = "redis://10.0.0.5:6379"
+//! redis-command-timeout = "250ms"
+//! ```
+//!
+//! A key no option knows is an error, reported before the service starts.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, FromArgMatches, ValueEnum};
+
+use crate::pool::RedisConfig;
+
+/// Options every service binary takes: flatten this into the binary's own config struct.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// TOML file with default values for any option (keys are the long option names).
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Shown under every service binary's `--help`.
+pub const AFTER_HELP: &str = "Every option can also come from its environment variable (shown \
+in brackets) or from the --config file (TOML; keys are the long option names). Precedence: \
+flags, then environment, then file, then defaults.";
+
+/// Where a server listens and how it stops.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address the gRPC server listens on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, env = "SLUICE_LISTEN", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Address of the HTTP server for Prometheus `GET /metrics` (port 0 picks a free port).
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: SocketAddr,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server stops
+    /// anyway (e.g. 10s, 500ms).
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// How to reach Redis.
+#[derive(Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL: redis://[user:pass@]host:port[/db], rediss://… for TLS, or
+    /// redis+cluster://host1:port1,host2:port2 for Redis Cluster. Absent: the embedded
+    /// in-process store (one instance only, nothing persisted).
+    #[arg(long, env = "SLUICE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Multiplexed Redis connections kept open; concurrent calls pipeline over each.
+    #[arg(long, env = "SLUICE_REDIS_POOL_SIZE", value_name = "N", default_value_t = 4)]
+    pub redis_pool_size: u32,
+
+    /// Bound on dialling Redis (and on waiting for a pooled connection).
+    #[arg(long, env = "SLUICE_REDIS_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub redis_connect_timeout: Duration,
+
+    /// Bound on one Redis command or script call, reply included.
+    #[arg(long, env = "SLUICE_REDIS_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub redis_command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisArgs")
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::pool::redact_url),
+            )
+            .field("redis_pool_size", &self.redis_pool_size)
+            .field("redis_connect_timeout", &self.redis_connect_timeout)
+            .field("redis_command_timeout", &self.redis_command_timeout)
+            .finish()
+    }
+}
+
+impl RedisArgs {
+    /// The pool configuration, or `None` for the embedded store.
+    pub fn redis_config(&self) -> Option<RedisConfig> {
+        self.redis_url.as_ref().map(|url| RedisConfig {
+            url: url.clone(),
+            pool_size: self.redis_pool_size,
+            connect_timeout: self.redis_connect_timeout,
+            command_timeout: self.redis_command_timeout,
+        })
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable when stderr is a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line, with the enclosing spans (and their trace ids).
+    Json,
+    /// Multi-line, coloured, for a developer's terminal.
+    Pretty,
+    /// One line per event.
+    Compact,
+}
+
+/// Logging and tracing options. OTLP export is configured by the standard `OTEL_*` variables.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,sluice=debug`.
+    #[arg(long, env = "SLUICE_LOG", value_name = "FILTER", default_value = "info")]
+    pub log: String,
+
+    /// OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// service.name of exported spans; defaults to the binary's name.
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    pub service_name: Option<String>,
+}
+
+/// Parses a duration such as `250ms`, `10s`, `5m`, `1h` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; use e.g. 250ms, 10s, 5m, 1h"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit `{other}`; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// Parses the process's arguments and environment into `T`, layering the config file and the
+/// binary's own defaults (`defaults`: long option name → value) beneath them.
+///
+/// On `--help`, `--version` or any error the returned `clap::Error` prints itself and exits
+/// with the right code via [`clap::Error::exit`].
+pub fn parse<T: CommandFactory + FromArgMatches>(defaults: &[(&str, &str)]) -> Result<T, clap::Error> {
+    parse_from(std::env::args_os(), std::env::var_os("SLUICE_CONFIG"), defaults)
+}
+
+/// [`parse`] with the arguments and the `SLUICE_CONFIG` value given, for tests.
+pub fn parse_from<T: CommandFactory + FromArgMatches>(
+    args: impl IntoIterator<Item = impl Into<OsString>>,
+    env_config: Option<OsString>,
+    defaults: &[(&str, &str)],
+) -> Result<T, clap::Error> {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let mut cmd = T::command();
+    for (long, value) in defaults {
+        cmd = set_default(cmd, long, value.to_string())?;
+    }
+    if let Some(path) = config_path(&args).or(env_config.map(PathBuf::from)) {
+        for (key, value) in read_config_file(&path)? {
+            cmd = set_default(cmd, &key, value).map_err(|_| {
+                clap::Error::raw(
+                    ErrorKind::UnknownArgument,
+                    format!("{}: unknown option `{key}` (see --help for the names)\n", path.display()),
+                )
+            })?;
+        }
+    }
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    T::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+fn set_default(cmd: clap::Command, long: &str, value: String) -> Result<clap::Command, clap::Error> {
+    let id = cmd
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .map(|arg| arg.get_id().clone())
+        .ok_or_else(|| {
+            clap::Error::raw(ErrorKind::UnknownArgument, format!("unknown option `{long}`\n"))
+        })?;
+    Ok(cmd.mut_arg(id, |arg| arg.default_value(value)))
+}
+
+/// `--config FILE` or `--config=FILE` from the raw arguments.
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--config" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    None
+}
+
+fn read_config_file(path: &std::path::Path) -> Result<Vec<(String, String)>, clap::Error> {
+    let fail = |reason: String| {
+        clap::Error::raw(
+            ErrorKind::InvalidValue,
+            format!("config file {}: {reason}\n", path.display()),
+        )
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(e.to_string()))?;
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(fail(format!(
+                        "`{key}` must be a string, number or boolean, not {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((key, value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Demo {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    const DEFAULTS: &[(&str, &str)] = &[("listen", "127.0.0.1:1"), ("metrics-listen", "127.0.0.1:2")];
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:7\"\nredis-pool-size = 9\nredis-command-timeout = \"250ms\"\n")
+            .expect("write config");
+        let demo: Demo = parse_from(
+            ["demo", "--config", file.to_str().expect("utf-8 path"), "--redis-pool-size", "3"],
+            None,
+            DEFAULTS,
+        )
+        .expect("parses");
+        assert_eq!(demo.common.server.listen.port(), 7, "file beats the built-in default");
+        assert_eq!(demo.common.server.metrics_listen.port(), 2, "built-in default when nothing else");
+        assert_eq!(demo.common.redis.redis_pool_size, 3, "flag beats file");
+        assert_eq!(demo.common.redis.redis_command_timeout, Duration::from_millis(250));
+
+        std::fs::write(&file, "no-such-option = 1\n").expect("write config");
+        let err = parse_from::<Demo>(["demo"], Some(file.clone().into()), DEFAULTS)
+            .expect_err("unknown keys are errors");
+        assert!(err.to_string().contains("no-such-option"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let demo: Demo = parse_from(["demo", "--redis-url", "redis://:hunter2@h:1"], None, DEFAULTS)
+            .expect("parses");
+        assert!(!format!("{demo:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,354 @@
+//! One Redis connection pool for standalone Redis and Redis Cluster.
+//!
+//! The pool holds a few multiplexed connections (bb8 manages their lifecycle). A caller checks
+//! one out, clones its handle and gives it straight back: clones of a multiplexed connection
+//! share one socket, so concurrent requests are pipelined onto it instead of queueing for an
+//! exclusive connection. A connection that saw a connection-level error is flagged broken,
+//! which makes bb8 drop it and dial a new one on the next checkout.
+//!
+//! URLs: `redis://[user:pass@]host:port[/db]` and `rediss://…` (TLS) for one server;
+//! `redis+cluster://[user:pass@]host1:port1,host2:port2` (or `rediss+cluster://`) for a
+//! cluster, naming any subset of its nodes as seeds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
+
+use crate::error::{Error, Result};
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// A Redis URL (see the module docs); may embed a password.
+    pub url: String,
+    /// Multiplexed connections kept open (per node, for a cluster: per pool slot).
+    pub pool_size: u32,
+    /// Bound on dialling a connection (and on waiting for one from the pool).
+    pub connect_timeout: Duration,
+    /// Bound on one command or script call, reply included.
+    pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Which kind of deployment a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server (or a proxy in front of many).
+    Standalone(String),
+    /// Seed nodes of a Redis Cluster, each as a `redis://` or `rediss://` URL.
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    /// Parses a Redis URL; errors name the `redis-url` option.
+    pub fn parse(url: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::invalid("redis-url", format!("{reason} (got {})", redact_url(url)));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected a URL such as redis://127.0.0.1:6379"))?;
+        match scheme {
+            "redis" | "rediss" => Ok(Self::Standalone(url.to_owned())),
+            "redis+cluster" | "rediss+cluster" => {
+                let node_scheme = scheme.trim_end_matches("+cluster");
+                let (userinfo, hosts) = match rest.rsplit_once('@') {
+                    Some((userinfo, hosts)) => (Some(userinfo), hosts),
+                    None => (None, rest),
+                };
+                let hosts = hosts.trim_end_matches('/');
+                let nodes: Vec<String> = hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(|host| match userinfo {
+                        Some(userinfo) => format!("{node_scheme}://{userinfo}@{host}"),
+                        None => format!("{node_scheme}://{host}"),
+                    })
+                    .collect();
+                if nodes.is_empty() {
+                    return Err(bad("a cluster URL lists at least one host:port"));
+                }
+                Ok(Self::Cluster(nodes))
+            }
+            _ => Err(bad(
+                "the scheme must be redis, rediss, redis+cluster or rediss+cluster",
+            )),
+        }
+    }
+}
+
+enum Backend {
+    Standalone {
+        client: redis::Client,
+        config: redis::AsyncConnectionConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+/// bb8's view of a Redis deployment: how to dial it and how to tell a dead connection.
+struct Manager {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Raw {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// A handle on a pooled multiplexed connection; cheap to clone, all clones share its socket.
+#[derive(Clone)]
+pub struct Connection {
+    raw: Raw,
+    broken: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn note<T>(&self, result: &std::result::Result<T, RedisError>) {
+        if let Err(err) = result {
+            if err.is_unrecoverable_error() || err.is_connection_dropped() || err.is_io_error() {
+                self.broken.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = match &mut self.raw {
+                Raw::Standalone(conn) => conn.req_packed_command(cmd).await,
+                Raw::Cluster(conn) => conn.req_packed_command(cmd).await,
+            };
+            self.note(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = match &mut self.raw {
+                Raw::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count).await,
+                Raw::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count).await,
+            };
+            self.note(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.raw {
+            Raw::Standalone(conn) => conn.get_db(),
+            Raw::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> std::result::Result<Connection, RedisError> {
+        let raw = match &self.backend {
+            Backend::Standalone { client, config } => Raw::Standalone(
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?,
+            ),
+            Backend::Cluster(client) => Raw::Cluster(client.get_async_connection().await?),
+        };
+        Ok(Connection {
+            raw,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Connection) -> std::result::Result<(), RedisError> {
+        redis::cmd("PING").query_async::<()>(conn).await
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        conn.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// The pool both services use; clone it freely.
+#[derive(Clone)]
+pub struct RedisPool {
+    pool: bb8::Pool<Manager>,
+    command_timeout: Duration,
+    cluster: bool,
+}
+
+impl std::fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPool")
+            .field("cluster", &self.cluster)
+            .field("state", &self.pool.state())
+            .finish()
+    }
+}
+
+impl RedisPool {
+    /// Builds the pool without dialling: a service starts while Redis is down and reports
+    /// itself degraded until the first connection succeeds.
+    pub fn new(config: &RedisConfig) -> Result<Self> {
+        let (backend, cluster) = match Topology::parse(&config.url)? {
+            Topology::Standalone(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
+                let conn_config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.command_timeout));
+                (
+                    Backend::Standalone {
+                        client,
+                        config: conn_config,
+                    },
+                    false,
+                )
+            }
+            Topology::Cluster(nodes) => {
+                let client = ClusterClient::builder(nodes)
+                    .connection_timeout(config.connect_timeout)
+                    .response_timeout(config.command_timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
+                (Backend::Cluster(client), true)
+            }
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size.max(1))
+            .connection_timeout(config.connect_timeout)
+            // A PING per checkout would double the round trips; broken connections are
+            // flagged by the errors they return instead.
+            .test_on_check_out(false)
+            .build_unchecked(Manager { backend });
+        Ok(Self {
+            pool,
+            command_timeout: config.command_timeout,
+            cluster,
+        })
+    }
+
+    /// True when the URL named a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Bound on one command, as configured.
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// A connection handle; concurrent holders share (and pipeline over) the same socket.
+    pub async fn get(&self) -> Result<Connection> {
+        // Bounded: every broken connection we meet is discarded, so at most max_size skips.
+        for _ in 0..=self.pool.state().connections {
+            let pooled = self.pool.get().await.map_err(|e| match e {
+                bb8::RunError::User(err) => Error::from(err),
+                bb8::RunError::TimedOut => {
+                    Error::Unavailable("timed out waiting for a Redis connection".into())
+                }
+            })?;
+            if !pooled.broken.load(Ordering::Relaxed) {
+                return Ok(pooled.clone());
+            }
+        }
+        Err(Error::Unavailable("no healthy Redis connection".into()))
+    }
+
+    /// Runs one command with the configured timeout.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.get().await?;
+        match tokio::time::timeout(self.command_timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Unavailable(format!(
+                "Redis did not answer within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+}
+
+/// The Redis pool `args` configure, or `None` for the embedded store; logs which it is.
+pub fn from_args(args: &crate::config::RedisArgs) -> Result<Option<RedisPool>> {
+    match args.redis_config() {
+        Some(config) => {
+            let pool = RedisPool::new(&config)?;
+            tracing::info!(redis = ?config, cluster = pool.is_cluster(), "store: Redis");
+            Ok(Some(pool))
+        }
+        None => {
+            tracing::info!("store: embedded (in-process: this instance only, nothing persisted)");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_standalone_and_cluster_urls() {
+        assert_eq!(
+            Topology::parse("redis://127.0.0.1:6379/0").ok(),
+            Some(Topology::Standalone("redis://127.0.0.1:6379/0".into()))
+        );
+        assert_eq!(
+            Topology::parse("rediss+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001/").ok(),
+            Some(Topology::Cluster(vec![
+                "rediss://:pw@10.0.0.1:7000".into(),
+                "rediss://:pw@10.0.0.2:7001".into()
+            ]))
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_schemes_and_empty_clusters_without_leaking_passwords() {
+        let err = Topology::parse("http://:secret@x:1").expect_err("http is not Redis");
+        assert!(err.to_string().starts_with("redis-url:"), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert!(Topology::parse("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("redis://u:p@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}
