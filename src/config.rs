@@ -70,7 +70,12 @@ pub struct RedisArgs {
     pub redis_url: Option<String>,
 
     /// Multiplexed Redis connections kept open; concurrent calls pipeline over each.
-    #[arg(long, env = "SLUICE_REDIS_POOL_SIZE", value_name = "N", default_value_t = 4)]
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_POOL_SIZE",
+        value_name = "N",
+        default_value_t = 4
+    )]
     pub redis_pool_size: u32,
 
     /// Bound on dialling Redis (and on waiting for a pooled connection).
@@ -129,7 +134,12 @@ pub struct TelemetryArgs {
     pub log_format: LogFormat,
 
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,sluice=debug`.
-    #[arg(long, env = "SLUICE_LOG", value_name = "FILTER", default_value = "info")]
+    #[arg(
+        long,
+        env = "SLUICE_LOG",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
     pub log: String,
 
     /// OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset: no export.
@@ -156,7 +166,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit `{other}`; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}`; use ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
 }
@@ -166,8 +180,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 ///
 /// On `--help`, `--version` or any error the returned `clap::Error` prints itself and exits
 /// with the right code via [`clap::Error::exit`].
-pub fn parse<T: CommandFactory + FromArgMatches>(defaults: &[(&str, &str)]) -> Result<T, clap::Error> {
-    parse_from(std::env::args_os(), std::env::var_os("SLUICE_CONFIG"), defaults)
+pub fn parse<T: CommandFactory + FromArgMatches>(
+    defaults: &[(&str, &str)],
+) -> Result<T, clap::Error> {
+    parse_from(
+        std::env::args_os(),
+        std::env::var_os("SLUICE_CONFIG"),
+        defaults,
+    )
 }
 
 /// [`parse`] with the arguments and the `SLUICE_CONFIG` value given, for tests.
@@ -186,7 +206,10 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
             cmd = set_default(cmd, &key, value).map_err(|_| {
                 clap::Error::raw(
                     ErrorKind::UnknownArgument,
-                    format!("{}: unknown option `{key}` (see --help for the names)\n", path.display()),
+                    format!(
+                        "{}: unknown option `{key}` (see --help for the names)\n",
+                        path.display()
+                    ),
                 )
             })?;
         }
@@ -195,15 +218,22 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
     T::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }
 
-fn set_default(cmd: clap::Command, long: &str, value: String) -> Result<clap::Command, clap::Error> {
+fn set_default(
+    cmd: clap::Command,
+    long: &str,
+    value: String,
+) -> Result<clap::Command, clap::Error> {
     let id = cmd
         .get_arguments()
         .find(|arg| arg.get_long() == Some(long))
         .map(|arg| arg.get_id().clone())
         .ok_or_else(|| {
-            clap::Error::raw(ErrorKind::UnknownArgument, format!("unknown option `{long}`\n"))
+            clap::Error::raw(
+                ErrorKind::UnknownArgument,
+                format!("unknown option `{long}`\n"),
+            )
         })?;
-    Ok(cmd.mut_arg(id, |arg| arg.default_value(value)))
+    Ok(cmd.mut_arg(id, |arg| arg.default_value(value).required(false)))
 }
 
 /// `--config FILE` or `--config=FILE` from the raw arguments.
@@ -229,7 +259,9 @@ fn read_config_file(path: &std::path::Path) -> Result<Vec<(String, String)>, cla
         )
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.to_string()))?;
     table
         .into_iter()
         .map(|(key, value)| {
@@ -261,7 +293,8 @@ mod tests {
         common: CommonArgs,
     }
 
-    const DEFAULTS: &[(&str, &str)] = &[("listen", "127.0.0.1:1"), ("metrics-listen", "127.0.0.1:2")];
+    const DEFAULTS: &[(&str, &str)] =
+        &[("listen", "127.0.0.1:1"), ("metrics-listen", "127.0.0.1:2")];
 
     #[test]
     fn durations() {
@@ -277,18 +310,38 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("c.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:7\"\nredis-pool-size = 9\nredis-command-timeout = \"250ms\"\n")
-            .expect("write config");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7\"\nredis-pool-size = 9\nredis-command-timeout = \"250ms\"\n",
+        )
+        .expect("write config");
         let demo: Demo = parse_from(
-            ["demo", "--config", file.to_str().expect("utf-8 path"), "--redis-pool-size", "3"],
+            [
+                "demo",
+                "--config",
+                file.to_str().expect("utf-8 path"),
+                "--redis-pool-size",
+                "3",
+            ],
             None,
             DEFAULTS,
         )
         .expect("parses");
-        assert_eq!(demo.common.server.listen.port(), 7, "file beats the built-in default");
-        assert_eq!(demo.common.server.metrics_listen.port(), 2, "built-in default when nothing else");
+        assert_eq!(
+            demo.common.server.listen.port(),
+            7,
+            "file beats the built-in default"
+        );
+        assert_eq!(
+            demo.common.server.metrics_listen.port(),
+            2,
+            "built-in default when nothing else"
+        );
         assert_eq!(demo.common.redis.redis_pool_size, 3, "flag beats file");
-        assert_eq!(demo.common.redis.redis_command_timeout, Duration::from_millis(250));
+        assert_eq!(
+            demo.common.redis.redis_command_timeout,
+            Duration::from_millis(250)
+        );
 
         std::fs::write(&file, "no-such-option = 1\n").expect("write config");
         let err = parse_from::<Demo>(["demo"], Some(file.clone().into()), DEFAULTS)
@@ -299,8 +352,12 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug() {
-        let demo: Demo = parse_from(["demo", "--redis-url", "redis://:hunter2@h:1"], None, DEFAULTS)
-            .expect("parses");
+        let demo: Demo = parse_from(
+            ["demo", "--redis-url", "redis://:hunter2@h:1"],
+            None,
+            DEFAULTS,
+        )
+        .expect("parses");
         assert!(!format!("{demo:?}").contains("hunter2"));
     }
 }

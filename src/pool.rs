@@ -71,7 +71,9 @@ pub enum Topology {
 impl Topology {
     /// Parses a Redis URL; errors name the `redis-url` option.
     pub fn parse(url: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::invalid("redis-url", format!("{reason} (got {})", redact_url(url)));
+        let bad = |reason: &str| {
+            Error::invalid("redis-url", format!("{reason} (got {})", redact_url(url)))
+        };
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("expected a URL such as redis://127.0.0.1:6379"))?;
@@ -132,10 +134,10 @@ pub struct Connection {
 
 impl Connection {
     fn note<T>(&self, result: &std::result::Result<T, RedisError>) {
-        if let Err(err) = result {
-            if err.is_unrecoverable_error() || err.is_connection_dropped() || err.is_io_error() {
-                self.broken.store(true, Ordering::Relaxed);
-            }
+        if let Err(err) = result
+            && (err.is_unrecoverable_error() || err.is_connection_dropped() || err.is_io_error())
+        {
+            self.broken.store(true, Ordering::Relaxed);
         }
     }
 }

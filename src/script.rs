@@ -66,7 +66,10 @@ impl Call<'_> {
 
     fn command(&self, verb: &str, script: &str) -> Cmd {
         let mut cmd = redis::cmd(verb);
-        cmd.arg(script).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd.arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
         cmd
     }
 
@@ -87,12 +90,16 @@ impl Call<'_> {
             let evalsha = self.command("EVALSHA", &self.script.sha);
             let first = bounded(timeout, evalsha.query_async::<T>(&mut conn)).await?;
             match first {
-                Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
                     tracing::debug!(script = self.script.name, "NOSCRIPT: sending the body");
                     let eval = self.command("EVAL", self.script.body);
-                    Ok(bounded(timeout, eval.query_async::<T>(&mut conn)).await??)
+                    bounded(timeout, eval.query_async::<T>(&mut conn))
+                        .await?
+                        .map_err(|err| script_error(self.script.name, err))
                 }
-                other => Ok(other.map_err(|err| script_error(self.script.name, err))?),
+                other => other.map_err(|err| script_error(self.script.name, err)),
             }
         }
         .instrument(span)

@@ -224,8 +224,8 @@ where
 
 /// Latency buckets (seconds) for every Sluice histogram: 50 µs to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -252,7 +252,10 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Serves `GET /metrics` (Prometheus text format) on `listener` until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let handle = metrics_handle();
     let app = axum::Router::new().route(
         "/metrics",

@@ -43,7 +43,9 @@ impl TelemetryGuard {
         .await;
         match flushed {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "span export did not shut down cleanly"),
+            Ok(Ok(Err(err))) => {
+                tracing::warn!(error = %err, "span export did not shut down cleanly")
+            }
             Ok(Err(err)) => tracing::warn!(error = %err, "span export shutdown panicked"),
             Err(_) => tracing::warn!("span export did not finish within 5s"),
         }
@@ -78,8 +80,8 @@ pub fn tracer_provider(
 pub fn init(default_service_name: &str, args: &TelemetryArgs) -> anyhow::Result<TelemetryGuard> {
     let service_name = args.service_name.as_deref().unwrap_or(default_service_name);
     let provider = tracer_provider(service_name, args.otlp_endpoint.as_deref())?;
-    let filter = EnvFilter::try_new(&args.log)
-        .map_err(|e| anyhow::anyhow!("--log `{}`: {e}", args.log))?;
+    let filter =
+        EnvFilter::try_new(&args.log).map_err(|e| anyhow::anyhow!("--log `{}`: {e}", args.log))?;
     let format = match args.log_format {
         LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Compact,
         LogFormat::Auto => LogFormat::Json,

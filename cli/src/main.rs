@@ -28,14 +28,22 @@ struct DevArgs {
     #[arg(long, env = "SLUICE_LIMITER_LISTEN", default_value = "127.0.0.1:50051")]
     limiter_listen: SocketAddr,
     /// /metrics address of the limiter.
-    #[arg(long, env = "SLUICE_LIMITER_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "SLUICE_LIMITER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     limiter_metrics_listen: SocketAddr,
     /// gRPC address of the queue.
     #[arg(long, env = "SLUICE_QUEUE_LISTEN", default_value = "127.0.0.1:50052")]
     queue_listen: SocketAddr,
     /// /metrics address of the queue (both services share one process, so one registry:
     /// each endpoint shows every metric).
-    #[arg(long, env = "SLUICE_QUEUE_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
+    #[arg(
+        long,
+        env = "SLUICE_QUEUE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
     queue_metrics_listen: SocketAddr,
     /// Redis URL shared by both services; absent: the embedded store.
     #[arg(long, env = "SLUICE_REDIS_URL", value_name = "URL")]
@@ -75,8 +83,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             args.limiter_listen,
             args.limiter_metrics_listen,
         ))?;
-        let queue =
-            queue_svc::Config::from_args(service_args(args.queue_listen, args.queue_metrics_listen))?;
+        let queue = queue_svc::Config::from_args(service_args(
+            args.queue_listen,
+            args.queue_metrics_listen,
+        ))?;
         let limiter_listeners = Listeners::bind(&limiter.common.server).await?;
         let queue_listeners = Listeners::bind(&queue.common.server).await?;
         tokio::try_join!(

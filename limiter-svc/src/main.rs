@@ -5,8 +5,10 @@ use limiter_svc::{Config, SERVICE_NAME, config::DEFAULTS};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = sluice::config::parse(DEFAULTS).unwrap_or_else(|e| e.exit());
-    sluice::server::main(SERVICE_NAME, &config.common.clone(), |listeners, shutdown| {
-        limiter_svc::run(listeners, config, shutdown)
-    })
+    sluice::server::main(
+        SERVICE_NAME,
+        &config.common.clone(),
+        |listeners, shutdown| limiter_svc::run(listeners, config, shutdown),
+    )
     .await
 }

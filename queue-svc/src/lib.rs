@@ -29,6 +29,12 @@ pub async fn run(
     let common = config.common;
     let _store = sluice::pool::from_args(&common.redis)?;
     let (router, _health) = sluice::server::router(&[sluice::proto::FILE_DESCRIPTOR_SET], &[])?;
-    sluice::server::run(SERVICE_NAME, router, listeners, shutdown, common.server.shutdown_grace)
-        .await
+    sluice::server::run(
+        SERVICE_NAME,
+        router,
+        listeners,
+        shutdown,
+        common.server.shutdown_grace,
+    )
+    .await
 }

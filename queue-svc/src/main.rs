@@ -5,8 +5,10 @@ use queue_svc::{Config, SERVICE_NAME, config::DEFAULTS};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = sluice::config::parse(DEFAULTS).unwrap_or_else(|e| e.exit());
-    sluice::server::main(SERVICE_NAME, &config.common.clone(), |listeners, shutdown| {
-        queue_svc::run(listeners, config, shutdown)
-    })
+    sluice::server::main(
+        SERVICE_NAME,
+        &config.common.clone(),
+        |listeners, shutdown| queue_svc::run(listeners, config, shutdown),
+    )
     .await
 }

@@ -1,1 +1,58 @@
-pub fn x(){}
+//! Sluice's test harness: real parts on loopback, started and owned by the test.
+//!
+//! - [`RedisServer`]: a `redis-server` process on a free port with its own directory; stop,
+//!   kill (-9) and restart it on the same port and data.
+//! - [`RedisCluster`]: three such servers joined into a 3-master Redis Cluster.
+//! - [`Service`]: a service's `run` started in-process on ephemeral ports.
+//! - [`Binary`]: a service binary started as a child process, its bound address read from its
+//!   JSON `listening` log line.
+//! - [`OtlpReceiver`]: an OTLP/gRPC trace collector that keeps the spans it receives.
+//! - [`eventually`]: await a condition with a bound instead of sleeping.
+//! - [`probe`]: gRPC health and reflection clients.
+//!
+//! Every process is killed on drop; a test that panics gets the tail of redis-server's log.
+
+#![forbid(unsafe_code)]
+
+pub mod binary;
+pub mod otlp;
+pub mod probe;
+pub mod redis_server;
+pub mod service;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use binary::Binary;
+pub use otlp::{CollectedSpan, OtlpReceiver};
+pub use redis_server::{RedisCluster, RedisServer};
+pub use service::Service;
+
+/// Polls `condition` every 20 ms until it yields `Some`, or fails after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut condition: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again later).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

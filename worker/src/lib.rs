@@ -44,5 +44,10 @@ pub async fn health(url: &str, timeout: Duration) -> anyhow::Result<String> {
             service: String::new(),
         })
         .await?;
-    Ok(response.into_inner().status().as_str_name().trim_start_matches("SERVING_STATUS_").to_owned())
+    Ok(response
+        .into_inner()
+        .status()
+        .as_str_name()
+        .trim_start_matches("SERVING_STATUS_")
+        .to_owned())
 }

@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "sluice-worker", version)]
 struct Cli {
     /// queue-svc's gRPC URL.
-    #[arg(long, env = "SLUICE_QUEUE_URL", default_value = "http://127.0.0.1:50052", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_QUEUE_URL",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
     queue_url: String,
     /// Bound on connecting to queue-svc.
     #[arg(long, default_value = "5s", value_parser = sluice::config::parse_duration, global = true)]

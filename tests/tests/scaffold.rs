@@ -1,0 +1,57 @@
+//! Every service, started in-process: health, both reflection versions, /metrics, and a clean
+//! stop.
+
+use sluice_testkit::{Service, probe};
+
+async fn check_scaffold(service: Service) -> anyhow::Result<()> {
+    let url = service.url();
+    assert_eq!(probe::health(&url, "").await?, probe::SERVING);
+    for services in [
+        probe::reflection_v1(&url).await?,
+        probe::reflection_v1alpha(&url).await?,
+    ] {
+        for expected in [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(
+                services.iter().any(|s| s == expected),
+                "{expected} in {services:?}"
+            );
+        }
+    }
+    let metrics = http_get(service.metrics, "/metrics").await?;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_grpc_requests_total"),
+        "the calls above were counted: {metrics}"
+    );
+    service.stop().await
+}
+
+/// A minimal HTTP/1.1 GET, enough to read /metrics.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
+    let config = limiter_svc::Config::from_args(["limiter-svc"])?;
+    check_scaffold(Service::start(|l, s| limiter_svc::run(l, config, s)).await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
+    let config = queue_svc::Config::from_args(["queue-svc"])?;
+    check_scaffold(Service::start(|l, s| queue_svc::run(l, config, s)).await?).await
+}
