@@ -1,6 +1,9 @@
 //! limiter-svc's options: `limiter-svc --help` lists them all.
 
-use sluice::config::{AFTER_HELP, CommonArgs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sluice::config::{AFTER_HELP, CommonArgs, parse_duration};
 
 /// Defaults of the options whose defaults differ between binaries.
 pub const DEFAULTS: &[(&str, &str)] = &[
@@ -14,6 +17,38 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
+
+    /// Limits file (TOML): named policies, per-scope defaults, endpoint tiers, shadow mode,
+    /// failure modes, Envoy RLS domains. Reloaded when it changes. Absent: the seed defaults
+    /// (user 1000/hour, project 5000/hour, ip 100/minute).
+    #[arg(long, env = "SLUICE_LIMITS", value_name = "FILE")]
+    pub limits: Option<PathBuf>,
+
+    /// How often the limits file is checked for changes.
+    #[arg(long, env = "SLUICE_LIMITS_RELOAD_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub limits_reload_interval: Duration,
+
+    /// Remember counters Redis denied until T and deny them locally until T (never admits
+    /// more than the limit). `false` to turn off.
+    #[arg(long, env = "SLUICE_HOT_KEYS", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hot_keys: bool,
+
+    /// Most counters the hot-key cache remembers.
+    #[arg(long, env = "SLUICE_HOT_KEYS_CAPACITY", value_name = "N", default_value_t = 100_000)]
+    pub hot_keys_capacity: usize,
+
+    /// Consecutive Redis failures (connection errors, timeouts) that open the circuit breaker;
+    /// while open, answers come from each policy's failure mode without touching Redis.
+    #[arg(long, env = "SLUICE_BREAKER_THRESHOLD", value_name = "N", default_value_t = 3)]
+    pub breaker_threshold: u32,
+
+    /// While the breaker is open, how often Redis is pinged to close it again.
+    #[arg(long, env = "SLUICE_BREAKER_PROBE_INTERVAL", value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub breaker_probe_interval: Duration,
+
+    /// Most live counters in the embedded store (and in the local failure-mode store).
+    #[arg(long, env = "SLUICE_EMBEDDED_MAX_KEYS", value_name = "N", default_value_t = 1_000_000)]
+    pub embedded_max_keys: usize,
 }
 
 impl Config {

@@ -1,40 +1,107 @@
-//! limiter-svc: answers "may this request go ahead?" over gRPC.
+//! limiter-svc: answers "may this request go ahead?" over gRPC, for Sluice's own API
+//! (`sluice.limiter.v1.Limiter`) and Envoy's (`envoy.service.ratelimit.v3.RateLimitService`).
 //!
-//! Modules:
-//! - [`config`]: the binary's options (server, store, telemetry).
-//!
-//! Flow of a call: tonic server (span + metrics, `sluice::server`) → handler → store.
-//! The binary serves gRPC health and reflection; the `sluice.limiter.v1.Limiter` and Envoy
-//! RLS services join the router as they land.
+//! Modules, in the order a request meets them:
+//! - [`service`]: the gRPC edge: validation, policy resolution, response shaping (both APIs);
+//! - [`policy`]: the limits file (policies, scope defaults, endpoint tiers, RLS rules);
+//! - [`engine`]: one all-or-nothing decision: hot keys, circuit breaker, failure modes;
+//! - [`store`]: Redis (`check.lua`) or the embedded store;
+//! - [`algorithm`]: the five algorithms, each as Lua and as Rust;
+//! - [`keys`]: every Redis key name; [`breaker`], [`hotkeys`]: the engine's helpers;
+//! - [`config`]: the binary's options.
 
 #![forbid(unsafe_code)]
 
+pub mod algorithm;
+pub mod breaker;
 pub mod config;
+pub mod engine;
+pub mod hotkeys;
+pub mod keys;
+pub mod policy;
+pub mod service;
+pub mod store;
 
+use std::sync::Arc;
+
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use sluice::proto::sluice::limiter::v1::limiter_server::LimiterServer;
+use sluice::server::Listeners;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic_health::ServingStatus;
 
 pub use config::Config;
-use sluice::server::Listeners;
+
+use crate::breaker::Breaker;
+use crate::engine::Engine;
+use crate::policy::PolicyStore;
+use crate::service::LimiterService;
+use crate::store::{EmbeddedStore, RedisStore, Store};
 
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "limiter-svc";
 
+/// Health service name of the store: NOT_SERVING while the circuit breaker is open (the
+/// limiter still answers, by failure mode).
+pub const STORE_HEALTH: &str = "sluice.limiter.v1.Limiter/store";
+
 /// Runs limiter-svc on `listeners` until `shutdown` is cancelled, then drains within the
 /// configured grace.
-pub async fn run(
-    listeners: Listeners,
-    config: Config,
+pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let common = &config.common;
+    let policies = Arc::new(PolicyStore::load(config.limits.as_deref())?);
+    let tasks = TaskTracker::new();
+    tasks.spawn(policies.clone().watch(config.limits_reload_interval, shutdown.clone()));
+
+    let (router, health) = sluice::server::router(
+        &[sluice::proto::FILE_DESCRIPTOR_SET],
+        &[
+            "sluice.limiter.v1.Limiter",
+            "envoy.service.ratelimit.v3.RateLimitService",
+        ],
+    )?;
+    health.set_service_status(STORE_HEALTH, ServingStatus::Serving).await;
+
+    let (store, breaker) = match sluice::pool::from_args(&common.redis)? {
+        Some(pool) => {
+            let breaker = Arc::new(Breaker::new(config.breaker_threshold));
+            tasks.spawn(breaker.clone().probe(pool.clone(), config.breaker_probe_interval, shutdown.clone()));
+            tasks.spawn(report_store_health(breaker.clone(), health.clone(), shutdown.clone()));
+            (Store::Redis(RedisStore::new(pool)), Some(breaker))
+        }
+        None => (Store::Embedded(EmbeddedStore::new(config.embedded_max_keys)), None),
+    };
+    let engine = Arc::new(Engine::new(
+        store,
+        breaker,
+        config.hot_keys.then_some(config.hot_keys_capacity),
+        config.embedded_max_keys,
+    ));
+    let service = LimiterService::new(engine, policies);
+    let router = router
+        .add_service(LimiterServer::new(service.clone()))
+        .add_service(RateLimitServiceServer::new(service));
+    let result = sluice::server::run(SERVICE_NAME, router, listeners, shutdown.clone(), common.server.shutdown_grace).await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result
+}
+
+async fn report_store_health(
+    breaker: Arc<Breaker>,
+    health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let common = config.common;
-    let _store = sluice::pool::from_args(&common.redis)?;
-    let (router, _health) = sluice::server::router(&[sluice::proto::FILE_DESCRIPTOR_SET], &[])?;
-    sluice::server::run(
-        SERVICE_NAME,
-        router,
-        listeners,
-        shutdown,
-        common.server.shutdown_grace,
-    )
-    .await
+) {
+    let mut state = breaker.watch();
+    loop {
+        let open = *state.borrow_and_update();
+        let status = if open { ServingStatus::NotServing } else { ServingStatus::Serving };
+        health.set_service_status(STORE_HEALTH, status).await;
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

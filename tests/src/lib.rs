@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod binary;
+pub mod limiter;
 pub mod otlp;
 pub mod probe;
 pub mod redis_server;

@@ -1,0 +1,58 @@
+-- Sliding window counter (approximate, O(1) memory): counts of the current and the previous
+-- fixed window; the estimate weighs the previous count by the share of it still inside the
+-- sliding window: prev * (window - elapsed) / window + cur.
+-- Memory: one small hash (w, cur, prev) per key.
+-- p = { limit, window (µs), burst (unused), cost }.
+local function counter_state(key, now, p)
+  local idx = math.floor(now / p.window)
+  local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
+  local w, cur, prev = tonumber(st[1]), tonumber(st[2]) or 0, tonumber(st[3]) or 0
+  if w == idx then
+    -- same window
+  elseif w == idx - 1 then
+    prev, cur = cur, 0
+  else
+    prev, cur = 0, 0
+  end
+  return idx, cur, prev
+end
+
+ALGORITHMS[2] = {
+  peek = function(key, now, p, writable)
+    local idx, cur, prev = counter_state(key, now, p)
+    local start = idx * p.window
+    local elapsed = now - start
+    local estimate = prev * (p.window - elapsed) / p.window + cur
+    local r = { allowed = 0, remaining = math.max(0, math.floor(p.limit - estimate)), retry = 0, reset = 0 }
+    if estimate + p.cost <= p.limit then
+      r.allowed = 1
+    elseif cur + p.cost <= p.limit then
+      -- Later in this window the previous count has decayed enough.
+      local e = p.window * (1 - (p.limit - cur - p.cost) / prev)
+      r.retry = math.ceil(start + e - now)
+    else
+      -- Next window: this window's count becomes the decaying previous one.
+      local e = 0
+      if cur > 0 then e = math.max(0, p.window * (1 - (p.limit - p.cost) / cur)) end
+      r.retry = math.ceil(start + p.window + e - now)
+    end
+    if cur > 0 then
+      r.reset = start + 2 * p.window - now
+    elseif prev > 0 then
+      r.reset = start + p.window - now
+    end
+    r.idx, r.cur, r.prev = idx, cur, prev
+    return r
+  end,
+  commit = function(key, now, p, r, nonce)
+    redis.call('HSET', key, 'w', r.idx, 'cur', r.cur + p.cost, 'prev', r.prev)
+    redis.call('PEXPIRE', key, math.ceil(2 * p.window / 1000))
+    r.reset = r.idx * p.window + 2 * p.window - now
+  end,
+  refund = function(key, now, p, nonce)
+    local idx = math.floor(now / p.window)
+    if tonumber(redis.call('HGET', key, 'w')) == idx then
+      redis.call('HINCRBY', key, 'cur', -p.cost)
+    end
+  end,
+}

@@ -1,0 +1,84 @@
+//! The circuit breaker in front of Redis: after `threshold` consecutive transient failures it
+//! opens, and while open no call touches Redis (each is answered by its policy's failure mode
+//! at once). A prober pings Redis in the background and closes the breaker when it answers.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::pool::RedisPool;
+use tokio_util::sync::CancellationToken;
+
+/// Shared breaker state.
+#[derive(Debug)]
+pub struct Breaker {
+    open: AtomicBool,
+    failures: AtomicU32,
+    threshold: u32,
+    state: tokio::sync::watch::Sender<bool>,
+}
+
+impl Breaker {
+    /// A closed breaker that opens after `threshold` consecutive transient failures.
+    pub fn new(threshold: u32) -> Self {
+        Self {
+            open: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            threshold: threshold.max(1),
+            state: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// True while calls must not go to Redis.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// A call reached Redis and got an answer.
+    pub fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A call failed transiently (connection, timeout).
+    pub fn failure(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
+            tracing::warn!(failures, "Redis unavailable: breaker open, answering by failure mode");
+            metrics::gauge!("sluice_limiter_breaker_open").set(1.0);
+            self.state.send_replace(true);
+        }
+    }
+
+    fn close(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.open.swap(false, Ordering::AcqRel) {
+            tracing::info!("Redis answers again: breaker closed");
+            metrics::gauge!("sluice_limiter_breaker_open").set(0.0);
+            self.state.send_replace(false);
+        }
+    }
+
+    /// Watches the open (true) / closed (false) state.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.state.subscribe()
+    }
+
+    /// While open, PINGs Redis every `interval` (each bounded by the pool's timeouts) and
+    /// closes the breaker on the first answer. Runs until `shutdown`.
+    pub async fn probe(self: Arc<Self>, pool: RedisPool, interval: Duration, shutdown: CancellationToken) {
+        let mut state = self.watch();
+        loop {
+            tokio::select! {
+                open = state.wait_for(|open| *open) => if open.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            if pool.query::<String>(&redis::cmd("PING")).await.is_ok() {
+                self.close();
+            }
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Where counters live: Redis (standalone or cluster) or the embedded in-process store. Both
+//! take the same [`Counter`]s and answer the same [`Evaluation`]; the conformance suite runs
+//! against each.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sluice::error::{Error, Result};
+use sluice::pool::RedisPool;
+use sluice::script::Script;
+
+use crate::algorithm::{self, Algorithm, Params, State};
+use crate::keys;
+
+/// One counter a request touches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counter {
+    /// Its key (see [`keys::counter`]).
+    pub key: String,
+    /// How it counts.
+    pub algorithm: Algorithm,
+    /// Its numbers and this request's cost.
+    pub params: Params,
+    /// Report only: a shadow counter never denies and is charged only when it would pass.
+    pub shadow: bool,
+}
+
+/// Whether an evaluation consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Consume every counter if all pass, none otherwise.
+    Consume,
+    /// Read only.
+    Peek,
+}
+
+/// One counter's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The request fits this counter.
+    pub allowed: bool,
+    /// Capacity.
+    pub limit: u64,
+    /// Units left after this request (before it, when nothing was consumed).
+    pub remaining: u64,
+    /// Until the counter is back to full capacity.
+    pub reset_after: Duration,
+    /// Until this request would pass (zero when allowed).
+    pub retry_after: Duration,
+}
+
+/// The answer for a whole request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// Every non-shadow counter passed (and, in [`Mode::Consume`], all were consumed).
+    pub allowed: bool,
+    /// Per counter, in request order.
+    pub verdicts: Vec<Verdict>,
+}
+
+/// The store behind the limiter.
+#[derive(Debug)]
+pub enum Store {
+    /// Redis or Redis Cluster.
+    Redis(RedisStore),
+    /// In-process: one instance only.
+    Embedded(EmbeddedStore),
+}
+
+impl Store {
+    /// Evaluates `counters` all or nothing.
+    pub async fn evaluate(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
+        match self {
+            Self::Redis(store) => store.evaluate(counters, mode).await,
+            Self::Embedded(store) => store.evaluate_now(counters, mode),
+        }
+    }
+
+    /// Deletes the counters named by `keys`; returns how many existed.
+    pub async fn reset(&self, keys: &[String]) -> Result<u32> {
+        match self {
+            Self::Redis(store) => store.reset(keys).await,
+            Self::Embedded(store) => Ok(store.reset(keys)),
+        }
+    }
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// Counters in Redis, evaluated by `check.lua`.
+#[derive(Debug)]
+pub struct RedisStore {
+    pool: RedisPool,
+    check: Script,
+    refund: Script,
+    instance: String,
+    sequence: AtomicU64,
+}
+
+struct SlotReply {
+    all: bool,
+    now: i64,
+    verdicts: Vec<Verdict>,
+}
+
+impl RedisStore {
+    /// A store on `pool`.
+    pub fn new(pool: RedisPool) -> Self {
+        Self {
+            pool,
+            check: Script::new("limiter.check", algorithm::CHECK_LUA),
+            refund: Script::new("limiter.refund", algorithm::REFUND_LUA),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+            sequence: AtomicU64::new(0),
+        }
+    }
+
+    /// A request-unique nonce naming the sliding-log members it adds.
+    fn nonce(&self) -> String {
+        format!("{}.{}", self.instance, self.sequence.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn evaluate(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
+        let nonce = self.nonce();
+        if !self.pool.is_cluster() || same_slot(counters) {
+            let reply = self.run_check(counters, mode, &nonce).await?;
+            return Ok(Evaluation {
+                allowed: reply.all,
+                verdicts: reply.verdicts,
+            });
+        }
+        // Redis Cluster, checks in several slots: one atomic call per slot, then a refund of
+        // the slots that consumed if another slot denied (README: "All or nothing on Redis
+        // Cluster").
+        let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, counter) in counters.iter().enumerate() {
+            groups.entry(keys::slot(&counter.key)).or_default().push(i);
+        }
+        let groups: Vec<Vec<usize>> = groups.into_values().collect();
+        let calls = groups.iter().map(|indices| {
+            let group: Vec<Counter> = indices.iter().map(|&i| counters[i].clone()).collect();
+            let nonce = &nonce;
+            async move { self.run_check(&group, mode, nonce).await.map(|r| (group, r)) }
+        });
+        let replies = futures::future::join_all(calls).await;
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; counters.len()];
+        let mut all = true;
+        let mut consumed = Vec::new();
+        let mut first_error = None;
+        for (indices, reply) in groups.iter().zip(replies) {
+            match reply {
+                Ok((group, reply)) => {
+                    all &= reply.all;
+                    if reply.all && mode == Mode::Consume {
+                        consumed.push((indices, group, reply.now));
+                    }
+                    for (&i, verdict) in indices.iter().zip(reply.verdicts) {
+                        verdicts[i] = Some(verdict);
+                    }
+                }
+                Err(err) => {
+                    all = false;
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if !all {
+            for (indices, group, now) in consumed {
+                self.run_refund(&group, &nonce, now).await?;
+                for (&i, counter) in indices.iter().zip(&group) {
+                    if let Some(verdict) = verdicts[i].as_mut() {
+                        // Refunded: report what is left without this request.
+                        verdict.remaining += counter.params.cost as u64;
+                    }
+                }
+            }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
+        }
+        let verdicts = verdicts
+            .into_iter()
+            .map(|v| v.ok_or_else(|| Error::Internal("a slot's reply is missing".into())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Evaluation { allowed: all, verdicts })
+    }
+
+    async fn run_check(&self, counters: &[Counter], mode: Mode, nonce: &str) -> Result<SlotReply> {
+        let mut call = self.check.call();
+        for counter in counters {
+            call = call.key(&counter.key);
+        }
+        call = call
+            .arg(match mode {
+                Mode::Consume => "check",
+                Mode::Peek => "peek",
+            })
+            .arg(nonce);
+        for c in counters {
+            call = call
+                .arg(c.algorithm as u8)
+                .arg(c.params.limit as u64)
+                .arg(c.params.window as u64)
+                .arg(c.params.burst as u64)
+                .arg(c.params.cost as u64)
+                .arg(u8::from(c.shadow));
+        }
+        let reply: Vec<i64> = call.invoke(&self.pool).await?;
+        if reply.len() != 2 + 5 * counters.len() {
+            return Err(Error::Internal(format!(
+                "limiter.check replied {} numbers for {} checks",
+                reply.len(),
+                counters.len()
+            )));
+        }
+        let verdicts = reply[2..]
+            .chunks_exact(5)
+            .map(|v| Verdict {
+                allowed: v[0] == 1,
+                limit: u64::try_from(v[1]).unwrap_or(0),
+                remaining: u64::try_from(v[2]).unwrap_or(0),
+                reset_after: micros(v[3]),
+                retry_after: micros(v[4]),
+            })
+            .collect();
+        Ok(SlotReply {
+            all: reply[0] == 1,
+            now: reply[1],
+            verdicts,
+        })
+    }
+
+    async fn run_refund(&self, counters: &[Counter], nonce: &str, now: i64) -> Result<()> {
+        let mut call = self.refund.call();
+        for counter in counters {
+            call = call.key(&counter.key);
+        }
+        call = call.arg(nonce).arg(now);
+        for c in counters {
+            call = call
+                .arg(c.algorithm as u8)
+                .arg(c.params.limit as u64)
+                .arg(c.params.window as u64)
+                .arg(c.params.burst as u64)
+                .arg(c.params.cost as u64);
+        }
+        let _: i64 = call.invoke(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn reset(&self, keys: &[String]) -> Result<u32> {
+        // One DEL per key: on a cluster the keys may sit in different slots.
+        let mut deleted = 0;
+        for key in keys {
+            let n: u32 = self.pool.query(redis::cmd("DEL").arg(key)).await?;
+            deleted += n;
+        }
+        Ok(deleted)
+    }
+}
+
+fn same_slot(counters: &[Counter]) -> bool {
+    let mut slots = counters.iter().map(|c| keys::slot(&c.key));
+    match slots.next() {
+        Some(first) => slots.all(|s| s == first),
+        None => true,
+    }
+}
+
+struct Entry {
+    state: State,
+    /// µs on the store's clock after which the entry is gone.
+    expires: f64,
+}
+
+/// Counters in this process, with the same semantics as Redis.
+pub struct EmbeddedStore {
+    entries: Mutex<HashMap<String, Entry>>,
+    epoch_us: f64,
+    started: tokio::time::Instant,
+    max_keys: usize,
+    evaluations: AtomicU64,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// A store holding at most `max_keys` live counters.
+    pub fn new(max_keys: usize) -> Self {
+        let epoch_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_micros() as f64);
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            epoch_us,
+            started: tokio::time::Instant::now(),
+            max_keys,
+            evaluations: AtomicU64::new(0),
+        }
+    }
+
+    /// Wall-clock µs, advanced by a monotonic clock so it never steps back.
+    fn now(&self) -> f64 {
+        (self.epoch_us + self.started.elapsed().as_micros() as f64).floor()
+    }
+
+    /// Evaluates `counters` all or nothing, synchronously.
+    pub fn evaluate_now(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
+        let now = self.now();
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| Error::Internal("embedded store lock poisoned".into()))?;
+        // Expired entries go in bulk now and then, and always before refusing a new key.
+        let n = self.evaluations.fetch_add(1, Ordering::Relaxed);
+        if n % 4096 == 0 || entries.len() >= self.max_keys {
+            entries.retain(|_, e| e.expires > now);
+        }
+        let peeked: Vec<_> = counters
+            .iter()
+            .map(|c| {
+                let state = entries.get(&c.key).filter(|e| e.expires > now).map(|e| &e.state);
+                algorithm::peek(c.algorithm, state, now, &c.params)
+            })
+            .collect();
+        let all = peeked.iter().zip(counters).all(|(p, c)| p.allowed || c.shadow);
+        let new_keys = counters
+            .iter()
+            .filter(|c| !entries.contains_key(&c.key))
+            .count();
+        if mode == Mode::Consume && all && entries.len() + new_keys > self.max_keys {
+            return Err(Error::ResourceExhausted(format!(
+                "the embedded store holds its maximum of {} counters; use Redis for more",
+                self.max_keys
+            )));
+        }
+        let mut verdicts = Vec::with_capacity(counters.len());
+        for (c, p) in counters.iter().zip(peeked) {
+            let mut remaining = p.remaining;
+            let mut reset = p.reset;
+            if mode == Mode::Consume && all && p.allowed {
+                let previous = entries
+                    .remove(&c.key)
+                    .filter(|e| e.expires > now)
+                    .map(|e| e.state);
+                let (state, new_reset, ttl) = algorithm::commit(c.algorithm, previous, now, &c.params);
+                entries.insert(c.key.clone(), Entry { state, expires: now + ttl });
+                remaining = (remaining - c.params.cost).max(0.0);
+                reset = new_reset;
+            }
+            verdicts.push(Verdict {
+                allowed: p.allowed,
+                limit: p.limit as u64,
+                remaining: remaining as u64,
+                reset_after: Duration::from_micros(reset.max(0.0).ceil() as u64),
+                retry_after: Duration::from_micros(p.retry.max(0.0).ceil() as u64),
+            });
+        }
+        Ok(Evaluation { allowed: all, verdicts })
+    }
+
+    fn reset(&self, keys: &[String]) -> u32 {
+        let now = self.now();
+        let Ok(mut entries) = self.entries.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for key in keys {
+            if entries.remove(key).is_some_and(|e| e.expires > now) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
