@@ -2,8 +2,8 @@
 //! opens, and while open no call touches Redis (each is answered by its policy's failure mode
 //! at once). A prober pings Redis in the background and closes the breaker when it answers.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use sluice::pool::RedisPool;
@@ -43,7 +43,10 @@ impl Breaker {
     pub fn failure(&self) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
-            tracing::warn!(failures, "Redis unavailable: breaker open, answering by failure mode");
+            tracing::warn!(
+                failures,
+                "Redis unavailable: breaker open, answering by failure mode"
+            );
             metrics::gauge!("sluice_limiter_breaker_open").set(1.0);
             self.state.send_replace(true);
         }
@@ -65,7 +68,12 @@ impl Breaker {
 
     /// While open, PINGs Redis every `interval` (each bounded by the pool's timeouts) and
     /// closes the breaker on the first answer. Runs until `shutdown`.
-    pub async fn probe(self: Arc<Self>, pool: RedisPool, interval: Duration, shutdown: CancellationToken) {
+    pub async fn probe(
+        self: Arc<Self>,
+        pool: RedisPool,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         let mut state = self.watch();
         loop {
             tokio::select! {

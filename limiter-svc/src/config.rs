@@ -34,12 +34,22 @@ pub struct Config {
     pub hot_keys: bool,
 
     /// Most counters the hot-key cache remembers.
-    #[arg(long, env = "SLUICE_HOT_KEYS_CAPACITY", value_name = "N", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "SLUICE_HOT_KEYS_CAPACITY",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
     pub hot_keys_capacity: usize,
 
     /// Consecutive Redis failures (connection errors, timeouts) that open the circuit breaker;
     /// while open, answers come from each policy's failure mode without touching Redis.
-    #[arg(long, env = "SLUICE_BREAKER_THRESHOLD", value_name = "N", default_value_t = 3)]
+    #[arg(
+        long,
+        env = "SLUICE_BREAKER_THRESHOLD",
+        value_name = "N",
+        default_value_t = 3
+    )]
     pub breaker_threshold: u32,
 
     /// While the breaker is open, how often Redis is pinged to close it again.
@@ -47,7 +57,12 @@ pub struct Config {
     pub breaker_probe_interval: Duration,
 
     /// Most live counters in the embedded store (and in the local failure-mode store).
-    #[arg(long, env = "SLUICE_EMBEDDED_MAX_KEYS", value_name = "N", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        env = "SLUICE_EMBEDDED_MAX_KEYS",
+        value_name = "N",
+        default_value_t = 1_000_000
+    )]
     pub embedded_max_keys: usize,
 }
 

@@ -78,7 +78,12 @@ fn verdict_only_limit(check: &Resolved) -> Verdict {
 
 impl Engine {
     /// An engine on `store`; `breaker` only for Redis; `hot_keys` = cache capacity (None: off).
-    pub fn new(store: Store, breaker: Option<Arc<Breaker>>, hot_keys: Option<usize>, local_max_keys: usize) -> Self {
+    pub fn new(
+        store: Store,
+        breaker: Option<Arc<Breaker>>,
+        hot_keys: Option<usize>,
+        local_max_keys: usize,
+    ) -> Self {
         Self {
             store,
             local: EmbeddedStore::new(local_max_keys),
@@ -109,7 +114,10 @@ impl Engine {
                     checks: evaluation
                         .verdicts
                         .into_iter()
-                        .map(|verdict| CheckOutcome { verdict, source: Source::Store })
+                        .map(|verdict| CheckOutcome {
+                            verdict,
+                            source: Source::Store,
+                        })
                         .collect(),
                     source: Source::Store,
                 })
@@ -161,11 +169,18 @@ impl Engine {
                         source: Source::HotKey,
                     }
                 } else {
-                    CheckOutcome { verdict: verdict_only_limit(c), source: Source::Skipped }
+                    CheckOutcome {
+                        verdict: verdict_only_limit(c),
+                        source: Source::Skipped,
+                    }
                 }
             })
             .collect();
-        Some(Outcome { allowed: false, checks, source: Source::HotKey })
+        Some(Outcome {
+            allowed: false,
+            checks,
+            source: Source::HotKey,
+        })
     }
 
     fn remember_denials(&self, checks: &[Resolved], evaluation: &Evaluation) {
@@ -175,7 +190,11 @@ impl Engine {
         }
         for (check, verdict) in checks.iter().zip(&evaluation.verdicts) {
             if !verdict.allowed && !check.counter.shadow {
-                hot.remember(&check.counter.key, check.counter.params.cost as u64, verdict.retry_after);
+                hot.remember(
+                    &check.counter.key,
+                    check.counter.params.cost as u64,
+                    verdict.retry_after,
+                );
             }
         }
     }
@@ -200,11 +219,18 @@ impl Engine {
         let evaluation = self.local.evaluate_now(&counters, mode)?;
         let mut outcomes: Vec<CheckOutcome> = checks
             .iter()
-            .map(|c| CheckOutcome { verdict: verdict_only_limit(c), source: Source::FailureMode })
+            .map(|c| CheckOutcome {
+                verdict: verdict_only_limit(c),
+                source: Source::FailureMode,
+            })
             .collect();
         for (&i, verdict) in local.iter().zip(evaluation.verdicts) {
             outcomes[i].verdict = verdict;
         }
-        Ok(Outcome { allowed: evaluation.allowed, checks: outcomes, source: Source::FailureMode })
+        Ok(Outcome {
+            allowed: evaluation.allowed,
+            checks: outcomes,
+            source: Source::FailureMode,
+        })
     }
 }

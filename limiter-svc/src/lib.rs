@@ -48,11 +48,19 @@ pub const STORE_HEALTH: &str = "sluice.limiter.v1.Limiter/store";
 
 /// Runs limiter-svc on `listeners` until `shutdown` is cancelled, then drains within the
 /// configured grace.
-pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let common = &config.common;
     let policies = Arc::new(PolicyStore::load(config.limits.as_deref())?);
     let tasks = TaskTracker::new();
-    tasks.spawn(policies.clone().watch(config.limits_reload_interval, shutdown.clone()));
+    tasks.spawn(
+        policies
+            .clone()
+            .watch(config.limits_reload_interval, shutdown.clone()),
+    );
 
     let (router, health) = sluice::server::router(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
@@ -61,16 +69,29 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
             "envoy.service.ratelimit.v3.RateLimitService",
         ],
     )?;
-    health.set_service_status(STORE_HEALTH, ServingStatus::Serving).await;
+    health
+        .set_service_status(STORE_HEALTH, ServingStatus::Serving)
+        .await;
 
     let (store, breaker) = match sluice::pool::from_args(&common.redis)? {
         Some(pool) => {
             let breaker = Arc::new(Breaker::new(config.breaker_threshold));
-            tasks.spawn(breaker.clone().probe(pool.clone(), config.breaker_probe_interval, shutdown.clone()));
-            tasks.spawn(report_store_health(breaker.clone(), health.clone(), shutdown.clone()));
+            tasks.spawn(breaker.clone().probe(
+                pool.clone(),
+                config.breaker_probe_interval,
+                shutdown.clone(),
+            ));
+            tasks.spawn(report_store_health(
+                breaker.clone(),
+                health.clone(),
+                shutdown.clone(),
+            ));
             (Store::Redis(RedisStore::new(pool)), Some(breaker))
         }
-        None => (Store::Embedded(EmbeddedStore::new(config.embedded_max_keys)), None),
+        None => (
+            Store::Embedded(EmbeddedStore::new(config.embedded_max_keys)),
+            None,
+        ),
     };
     let engine = Arc::new(Engine::new(
         store,
@@ -82,7 +103,14 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let router = router
         .add_service(LimiterServer::new(service.clone()))
         .add_service(RateLimitServiceServer::new(service));
-    let result = sluice::server::run(SERVICE_NAME, router, listeners, shutdown.clone(), common.server.shutdown_grace).await;
+    let result = sluice::server::run(
+        SERVICE_NAME,
+        router,
+        listeners,
+        shutdown.clone(),
+        common.server.shutdown_grace,
+    )
+    .await;
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
@@ -97,7 +125,11 @@ async fn report_store_health(
     let mut state = breaker.watch();
     loop {
         let open = *state.borrow_and_update();
-        let status = if open { ServingStatus::NotServing } else { ServingStatus::Serving };
+        let status = if open {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
         health.set_service_status(STORE_HEALTH, status).await;
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },

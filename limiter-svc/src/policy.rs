@@ -80,11 +80,24 @@ pub struct Limit {
 
 impl Limit {
     /// Validates the numbers; errors name `field` (e.g. `checks[0].inline`).
-    pub fn new(algorithm: Algorithm, limit: u64, window: Duration, burst: u64, field: &str) -> Result<Self> {
+    pub fn new(
+        algorithm: Algorithm,
+        limit: u64,
+        window: Duration,
+        burst: u64,
+        field: &str,
+    ) -> Result<Self> {
         if limit == 0 {
-            return Err(Error::invalid(format!("{field}.limit"), "must be at least 1"));
+            return Err(Error::invalid(
+                format!("{field}.limit"),
+                "must be at least 1",
+            ));
         }
-        let max = if algorithm == Algorithm::SlidingWindowLog { MAX_LOG_LIMIT } else { MAX_LIMIT };
+        let max = if algorithm == Algorithm::SlidingWindowLog {
+            MAX_LOG_LIMIT
+        } else {
+            MAX_LIMIT
+        };
         if limit > max {
             return Err(Error::invalid(
                 format!("{field}.limit"),
@@ -104,19 +117,36 @@ impl Limit {
             ));
         }
         if burst > MAX_LIMIT {
-            return Err(Error::invalid(format!("{field}.burst"), format!("{burst} is above {MAX_LIMIT}")));
+            return Err(Error::invalid(
+                format!("{field}.burst"),
+                format!("{burst} is above {MAX_LIMIT}"),
+            ));
         }
-        Ok(Self { algorithm, limit, window, burst })
+        Ok(Self {
+            algorithm,
+            limit,
+            window,
+            burst,
+        })
     }
 
     /// Units one request may take at most: the window's limit, or the bucket's capacity.
     pub fn capacity(&self) -> u64 {
-        if self.algorithm.has_burst() && self.burst > 0 { self.burst } else { self.limit }
+        if self.algorithm.has_burst() && self.burst > 0 {
+            self.burst
+        } else {
+            self.limit
+        }
     }
 
     /// A name for an inline limit, part of its counter key: the same numbers share a counter.
     pub fn inline_name(&self) -> String {
-        format!("inline-{}-{}-{}", self.limit, self.window.as_micros(), self.burst)
+        format!(
+            "inline-{}-{}-{}",
+            self.limit,
+            self.window.as_micros(),
+            self.burst
+        )
     }
 }
 
@@ -239,10 +269,16 @@ struct RuleSpec {
 /// Validates a scope or policy name; errors name `field`.
 pub fn validate_name(value: &str, field: &str) -> Result<()> {
     if value.is_empty() || value.len() > 64 {
-        return Err(Error::invalid(field, format!("must be 1 to 64 bytes, got {}", value.len())));
+        return Err(Error::invalid(
+            field,
+            format!("must be 1 to 64 bytes, got {}", value.len()),
+        ));
     }
     if !value.bytes().all(is_name_byte) {
-        return Err(Error::invalid(field, format!("`{value}` may use only A-Z a-z 0-9 _ . -")));
+        return Err(Error::invalid(
+            field,
+            format!("`{value}` may use only A-Z a-z 0-9 _ . -"),
+        ));
     }
     Ok(())
 }
@@ -263,13 +299,18 @@ impl Policies {
 
     /// Parses a limits file over the seed defaults.
     pub fn parse(text: &str) -> Result<Self> {
-        let spec: FileSpec = toml::from_str(text).map_err(|e| Error::invalid("limits file", e.to_string()))?;
+        let spec: FileSpec =
+            toml::from_str(text).map_err(|e| Error::invalid("limits file", e.to_string()))?;
         Self::from_spec(spec)
     }
 
     fn from_spec(mut spec: FileSpec) -> Result<Self> {
         let default_failure_mode = spec.failure_mode.unwrap_or(FailureMode::Local);
-        for (name, limit, window) in [("user", 1000, "1h"), ("project", 5000, "1h"), ("ip", 100, "1m")] {
+        for (name, limit, window) in [
+            ("user", 1000, "1h"),
+            ("project", 5000, "1h"),
+            ("ip", 100, "1m"),
+        ] {
             spec.policies.entry(name.to_owned()).or_insert(PolicySpec {
                 algorithm: None,
                 limit,
@@ -278,7 +319,9 @@ impl Policies {
                 shadow: false,
                 failure_mode: None,
             });
-            spec.scopes.entry(name.to_owned()).or_insert_with(|| name.to_owned());
+            spec.scopes
+                .entry(name.to_owned())
+                .or_insert_with(|| name.to_owned());
         }
         let mut named = HashMap::new();
         for (name, p) in &spec.policies {
@@ -308,18 +351,27 @@ impl Policies {
         }
         let mut endpoints = HashMap::new();
         for (endpoint, policy) in &spec.endpoints {
-            endpoints.insert(endpoint.clone(), lookup(policy, &format!("endpoints.{endpoint}"))?);
+            endpoints.insert(
+                endpoint.clone(),
+                lookup(policy, &format!("endpoints.{endpoint}"))?,
+            );
         }
         let mut rls = HashMap::new();
         for (d, domain) in spec.rls.iter().enumerate() {
             if domain.domain.is_empty() {
-                return Err(Error::invalid(format!("rls[{d}].domain"), "must not be empty"));
+                return Err(Error::invalid(
+                    format!("rls[{d}].domain"),
+                    "must not be empty",
+                ));
             }
             let mut rules = Vec::new();
             for (r, rule) in domain.rules.iter().enumerate() {
                 let field = format!("rls[{d}].rules[{r}]");
                 if rule.entries.is_empty() {
-                    return Err(Error::invalid(format!("{field}.match"), "needs at least one entry"));
+                    return Err(Error::invalid(
+                        format!("{field}.match"),
+                        "needs at least one entry",
+                    ));
                 }
                 let policy = match (&rule.policy, rule.limit, &rule.window) {
                     (Some(name), None, None) => lookup(name, &format!("{field}.policy"))?,
@@ -337,13 +389,23 @@ impl Policies {
                     }
                 };
                 rules.push(RlsRule {
-                    entries: rule.entries.iter().map(|e| EntryPattern::parse(e)).collect(),
+                    entries: rule
+                        .entries
+                        .iter()
+                        .map(|e| EntryPattern::parse(e))
+                        .collect(),
                     policy,
                 });
             }
             rls.insert(domain.domain.clone(), rules);
         }
-        Ok(Self { named, scopes, endpoints, rls, default_failure_mode })
+        Ok(Self {
+            named,
+            scopes,
+            endpoints,
+            rls,
+            default_failure_mode,
+        })
     }
 
     /// The policy named `name`.
@@ -368,9 +430,22 @@ impl Policies {
     }
 }
 
-fn limit_of(algorithm: Option<Algorithm>, limit: u64, window: &str, burst: u64, field: &str) -> Result<Limit> {
-    let window = parse_duration(window).map_err(|e| Error::invalid(format!("{field}.window"), e))?;
-    Limit::new(algorithm.unwrap_or(Algorithm::SlidingWindowLog), limit, window, burst, field)
+fn limit_of(
+    algorithm: Option<Algorithm>,
+    limit: u64,
+    window: &str,
+    burst: u64,
+    field: &str,
+) -> Result<Limit> {
+    let window =
+        parse_duration(window).map_err(|e| Error::invalid(format!("{field}.window"), e))?;
+    Limit::new(
+        algorithm.unwrap_or(Algorithm::SlidingWindowLog),
+        limit,
+        window,
+        burst,
+        field,
+    )
 }
 
 /// The policies in force, and the file they come from.
@@ -459,7 +534,11 @@ impl PolicyStore {
     }
 
     /// Reloads every `interval` until `shutdown`.
-    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         if self.path.is_none() {
             return;
         }
@@ -482,10 +561,19 @@ mod tests {
     fn seed_defaults() {
         let p = Policies::seed();
         let user = p.default_for("user", "42").expect("user default");
-        assert_eq!((user.limit.limit, user.limit.window), (1000, Duration::from_secs(3600)));
-        assert_eq!(p.default_for("project", "x").map(|p| p.limit.limit), Some(5000));
+        assert_eq!(
+            (user.limit.limit, user.limit.window),
+            (1000, Duration::from_secs(3600))
+        );
+        assert_eq!(
+            p.default_for("project", "x").map(|p| p.limit.limit),
+            Some(5000)
+        );
         let ip = p.default_for("ip", "1.2.3.4").expect("ip default");
-        assert_eq!((ip.limit.limit, ip.limit.window), (100, Duration::from_secs(60)));
+        assert_eq!(
+            (ip.limit.limit, ip.limit.window),
+            (100, Duration::from_secs(60))
+        );
         assert!(p.default_for("custom", "x").is_none());
     }
 
@@ -513,7 +601,10 @@ mod tests {
         assert_eq!(tier.name, "analysis");
         assert!(tier.shadow);
         assert_eq!(tier.failure_mode, FailureMode::FailOpen);
-        assert_eq!(p.default_for("endpoint", "/other").map(|p| p.name.as_str()), None);
+        assert_eq!(
+            p.default_for("endpoint", "/other").map(|p| p.name.as_str()),
+            None
+        );
         let rules = p.rls_rules("edge").expect("domain");
         assert!(rules[1].entries[0].matches("path", "/api/v1"));
         assert!(!rules[1].entries[0].matches("path", "/web"));
@@ -523,11 +614,23 @@ mod tests {
     #[test]
     fn bad_files_name_what_to_change() {
         for (text, needle) in [
-            ("[policies.a]\nlimit = 0\nwindow = \"1s\"", "policies.a.limit"),
-            ("[policies.a]\nlimit = 1\nwindow = \"0s\"", "policies.a.window"),
-            ("[policies.a]\nlimit = 1\nwindow = \"1s\"\nburst = 3", "policies.a.burst"),
+            (
+                "[policies.a]\nlimit = 0\nwindow = \"1s\"",
+                "policies.a.limit",
+            ),
+            (
+                "[policies.a]\nlimit = 1\nwindow = \"0s\"",
+                "policies.a.window",
+            ),
+            (
+                "[policies.a]\nlimit = 1\nwindow = \"1s\"\nburst = 3",
+                "policies.a.burst",
+            ),
             ("[scopes]\nuser = \"nope\"", "no policy named `nope`"),
-            ("[policies.\"a b\"]\nlimit = 1\nwindow = \"1s\"", "policies.a b"),
+            (
+                "[policies.\"a b\"]\nlimit = 1\nwindow = \"1s\"",
+                "policies.a b",
+            ),
             ("unknown = 1", "unknown field"),
         ] {
             let err = Policies::parse(text).expect_err(text);

@@ -51,18 +51,30 @@ fn std_duration(d: &prost_types::Duration, field: &str) -> Result<Duration> {
     if d.seconds < 0 || d.nanos < 0 {
         return Err(Error::invalid(field, "must not be negative"));
     }
-    Ok(Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()))
+    Ok(Duration::new(
+        d.seconds.unsigned_abs(),
+        d.nanos.unsigned_abs(),
+    ))
 }
 
 fn normalize_cost(cost: u64, field: &str) -> Result<u64> {
     match cost {
         0 => Ok(1),
-        c if c > MAX_COST => Err(Error::invalid(field, format!("{c} is above the maximum of {MAX_COST}"))),
+        c if c > MAX_COST => Err(Error::invalid(
+            field,
+            format!("{c} is above the maximum of {MAX_COST}"),
+        )),
         c => Ok(c),
     }
 }
 
-fn counter_for(scope: &str, subject: &str, policy: &Arc<Policy>, cost: u64, field: &str) -> Result<Resolved> {
+fn counter_for(
+    scope: &str,
+    subject: &str,
+    policy: &Arc<Policy>,
+    cost: u64,
+    field: &str,
+) -> Result<Resolved> {
     let limit = policy.limit;
     if cost > limit.capacity() {
         return Err(Error::invalid(
@@ -73,7 +85,11 @@ fn counter_for(scope: &str, subject: &str, policy: &Arc<Policy>, cost: u64, fiel
             ),
         ));
     }
-    let name = if policy.name.is_empty() { limit.inline_name() } else { policy.name.clone() };
+    let name = if policy.name.is_empty() {
+        limit.inline_name()
+    } else {
+        policy.name.clone()
+    };
     Ok(Resolved {
         counter: Counter {
             key: keys::counter(scope, subject, &name, limit.algorithm),
@@ -94,7 +110,10 @@ fn counter_for(scope: &str, subject: &str, policy: &Arc<Policy>, cost: u64, fiel
 /// Validates `checks` and finds each one's policy.
 fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<Resolved>> {
     if checks.is_empty() || checks.len() > MAX_CHECKS {
-        return Err(Error::invalid("checks", format!("send 1 to {MAX_CHECKS} checks, not {}", checks.len())));
+        return Err(Error::invalid(
+            "checks",
+            format!("send 1 to {MAX_CHECKS} checks, not {}", checks.len()),
+        ));
     }
     let mut resolved: Vec<Resolved> = Vec::with_capacity(checks.len());
     for (i, check) in checks.iter().enumerate() {
@@ -103,7 +122,10 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
         if check.subject.is_empty() || check.subject.len() > MAX_SUBJECT {
             return Err(Error::invalid(
                 format!("{field}.subject"),
-                format!("must be 1 to {MAX_SUBJECT} bytes, got {}", check.subject.len()),
+                format!(
+                    "must be 1 to {MAX_SUBJECT} bytes, got {}",
+                    check.subject.len()
+                ),
             ));
         }
         let policy = match &check.limit {
@@ -139,7 +161,10 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
         };
         let r = counter_for(&check.scope, &check.subject, &policy, cost, &field)?;
         if let Some(j) = resolved.iter().position(|p| p.counter.key == r.counter.key) {
-            return Err(Error::invalid(field, format!("repeats checks[{j}]; send each counter once")));
+            return Err(Error::invalid(
+                field,
+                format!("repeats checks[{j}]; send each counter once"),
+            ));
         }
         resolved.push(r);
     }
@@ -179,14 +204,18 @@ fn representative(checks: &[Resolved], outcome: &Outcome) -> Option<usize> {
     if outcome.allowed {
         candidates.min_by(|&a, &b| {
             let (va, vb) = (&outcome.checks[a].verdict, &outcome.checks[b].verdict);
-            va.remaining.cmp(&vb.remaining).then(vb.reset_after.cmp(&va.reset_after))
+            va.remaining
+                .cmp(&vb.remaining)
+                .then(vb.reset_after.cmp(&va.reset_after))
         })
     } else {
         candidates
             .filter(|&i| !outcome.checks[i].verdict.allowed)
             .max_by(|&a, &b| {
                 let (va, vb) = (&outcome.checks[a].verdict, &outcome.checks[b].verdict);
-                va.retry_after.cmp(&vb.retry_after).then(va.reset_after.cmp(&vb.reset_after))
+                va.retry_after
+                    .cmp(&vb.retry_after)
+                    .then(va.reset_after.cmp(&vb.reset_after))
             })
     }
 }
@@ -198,7 +227,11 @@ fn record_metrics(checks: &[Resolved], outcome: &Outcome) {
             (false, true) => "shadow_denied",
             (false, false) => "denied",
         };
-        let policy = if check.policy.name.is_empty() { "inline".to_owned() } else { check.policy.name.clone() };
+        let policy = if check.policy.name.is_empty() {
+            "inline".to_owned()
+        } else {
+            check.policy.name.clone()
+        };
         metrics::counter!(
             "sluice_limiter_checks_total",
             "policy" => policy,
@@ -229,8 +262,11 @@ impl pb::limiter_server::Limiter for LimiterService {
         let checks = resolve(&self.policies.current(), &request.checks, cost)?;
         let outcome = self.engine.evaluate(&checks, Mode::Consume).await?;
         record_metrics(&checks, &outcome);
-        let results: Vec<pb::CheckResult> =
-            checks.iter().zip(&outcome.checks).map(|(c, o)| check_result(c, o)).collect();
+        let results: Vec<pb::CheckResult> = checks
+            .iter()
+            .zip(&outcome.checks)
+            .map(|(c, o)| check_result(c, o))
+            .collect();
         let shadow_denied = checks
             .iter()
             .zip(&outcome.checks)
@@ -251,7 +287,9 @@ impl pb::limiter_server::Limiter for LimiterService {
             allowed: outcome.allowed,
             limit: lead.map_or(0, |v| v.limit),
             remaining: lead.map_or(0, |v| v.remaining),
-            reset_after: Some(proto_duration(lead.map_or(Duration::ZERO, |v| v.reset_after))),
+            reset_after: Some(proto_duration(
+                lead.map_or(Duration::ZERO, |v| v.reset_after),
+            )),
             retry_after: Some(proto_duration(retry_after)),
             shadow_denied,
             source: source(outcome.source).into(),
@@ -268,7 +306,11 @@ impl pb::limiter_server::Limiter for LimiterService {
         let checks = resolve(&self.policies.current(), &request.checks, cost)?;
         let outcome = self.engine.evaluate(&checks, Mode::Peek).await?;
         Ok(Response::new(pb::GetLimitStatusResponse {
-            results: checks.iter().zip(&outcome.checks).map(|(c, o)| check_result(c, o)).collect(),
+            results: checks
+                .iter()
+                .zip(&outcome.checks)
+                .map(|(c, o)| check_result(c, o))
+                .collect(),
         }))
     }
 
@@ -311,13 +353,22 @@ fn window_of(unit: i32, field: &str) -> Result<Duration> {
         Ok(Unit::Week) => 604_800,
         Ok(Unit::Month) => 30 * 86400,
         Ok(Unit::Year) => 365 * 86400,
-        _ => return Err(Error::invalid(field, format!("unit {unit} is not a known time unit"))),
+        _ => {
+            return Err(Error::invalid(
+                field,
+                format!("unit {unit} is not a known time unit"),
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }
 
 fn header(key: &str, value: String) -> HeaderValue {
-    HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() }
+    HeaderValue {
+        key: key.to_owned(),
+        value,
+        raw_value: Vec::new(),
+    }
 }
 
 /// Seconds, rounded up: waiting that long is always enough.
@@ -339,7 +390,10 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
         if request.descriptors.is_empty() || request.descriptors.len() > MAX_DESCRIPTORS {
             return Err(Error::invalid(
                 "descriptors",
-                format!("send 1 to {MAX_DESCRIPTORS} descriptors, not {}", request.descriptors.len()),
+                format!(
+                    "send 1 to {MAX_DESCRIPTORS} descriptors, not {}",
+                    request.descriptors.len()
+                ),
             )
             .into());
         }
@@ -357,10 +411,17 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                 )
                 .into());
             }
-            let cost = normalize_cost(descriptor.hits_addend.unwrap_or(request_cost), &format!("{field}.hits_addend"))?;
+            let cost = normalize_cost(
+                descriptor.hits_addend.unwrap_or(request_cost),
+                &format!("{field}.hits_addend"),
+            )?;
             let rule = rules.iter().find(|rule| {
                 rule.entries.len() == descriptor.entries.len()
-                    && rule.entries.iter().zip(&descriptor.entries).all(|(p, e)| p.matches(&e.key, &e.value))
+                    && rule
+                        .entries
+                        .iter()
+                        .zip(&descriptor.entries)
+                        .all(|(p, e)| p.matches(&e.key, &e.value))
             });
             let Some(rule) = rule else { continue };
             let mut subject = request.domain.clone();
@@ -371,7 +432,11 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                 subject.push_str(&entry.value);
             }
             if subject.len() > 4 * MAX_SUBJECT {
-                return Err(Error::invalid(format!("{field}.entries"), "keys and values are too long").into());
+                return Err(Error::invalid(
+                    format!("{field}.entries"),
+                    "keys and values are too long",
+                )
+                .into());
             }
             let policy = match &descriptor.limit {
                 // Envoy may carry a per-descriptor limit override; it replaces the rule's numbers.
@@ -394,7 +459,10 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
         let mut statuses: Vec<DescriptorStatus> = request
             .descriptors
             .iter()
-            .map(|_| DescriptorStatus { code: Code::Ok.into(), ..Default::default() })
+            .map(|_| DescriptorStatus {
+                code: Code::Ok.into(),
+                ..Default::default()
+            })
             .collect();
         let mut headers = Vec::new();
         let overall = if matched.is_empty() {
@@ -410,7 +478,8 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                     code: if over { Code::OverLimit } else { Code::Ok }.into(),
                     current_limit: Some(RateLimit {
                         name: check.policy.name.clone(),
-                        requests_per_unit: u32::try_from(check.policy.limit.limit).unwrap_or(u32::MAX),
+                        requests_per_unit: u32::try_from(check.policy.limit.limit)
+                            .unwrap_or(u32::MAX),
                         unit: unit_of(check.policy.limit.window).into(),
                     }),
                     limit_remaining: u32::try_from(v.remaining).unwrap_or(u32::MAX),
@@ -420,20 +489,39 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
             }
             if let Some(lead) = representative(&checks, &outcome) {
                 let (check, v) = (&checks[lead], &outcome.checks[lead].verdict);
-                let name = if check.policy.name.is_empty() { "sluice" } else { check.policy.name.as_str() };
+                let name = if check.policy.name.is_empty() {
+                    "sluice"
+                } else {
+                    check.policy.name.as_str()
+                };
                 headers.push(header(
                     "RateLimit-Policy",
-                    format!("\"{name}\";q={};w={}", v.limit, ceil_secs(check.policy.limit.window)),
+                    format!(
+                        "\"{name}\";q={};w={}",
+                        v.limit,
+                        ceil_secs(check.policy.limit.window)
+                    ),
                 ));
                 headers.push(header(
                     "RateLimit",
-                    format!("\"{name}\";r={};t={}", v.remaining, ceil_secs(v.reset_after)),
+                    format!(
+                        "\"{name}\";r={};t={}",
+                        v.remaining,
+                        ceil_secs(v.reset_after)
+                    ),
                 ));
                 if !outcome.allowed {
-                    headers.push(header("Retry-After", ceil_secs(v.retry_after).max(1).to_string()));
+                    headers.push(header(
+                        "Retry-After",
+                        ceil_secs(v.retry_after).max(1).to_string(),
+                    ));
                 }
             }
-            if outcome.allowed { Code::Ok } else { Code::OverLimit }
+            if outcome.allowed {
+                Code::Ok
+            } else {
+                Code::OverLimit
+            }
         };
         Ok(Response::new(rls::RateLimitResponse {
             overall_code: overall.into(),

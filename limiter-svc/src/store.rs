@@ -121,7 +121,11 @@ impl RedisStore {
 
     /// A request-unique nonce naming the sliding-log members it adds.
     fn nonce(&self) -> String {
-        format!("{}.{}", self.instance, self.sequence.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}.{}",
+            self.instance,
+            self.sequence.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     async fn evaluate(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
@@ -144,7 +148,11 @@ impl RedisStore {
         let calls = groups.iter().map(|indices| {
             let group: Vec<Counter> = indices.iter().map(|&i| counters[i].clone()).collect();
             let nonce = &nonce;
-            async move { self.run_check(&group, mode, nonce).await.map(|r| (group, r)) }
+            async move {
+                self.run_check(&group, mode, nonce)
+                    .await
+                    .map(|r| (group, r))
+            }
         });
         let replies = futures::future::join_all(calls).await;
         let mut verdicts: Vec<Option<Verdict>> = vec![None; counters.len()];
@@ -186,7 +194,10 @@ impl RedisStore {
             .into_iter()
             .map(|v| v.ok_or_else(|| Error::Internal("a slot's reply is missing".into())))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Evaluation { allowed: all, verdicts })
+        Ok(Evaluation {
+            allowed: all,
+            verdicts,
+        })
     }
 
     async fn run_check(&self, counters: &[Counter], mode: Mode, nonce: &str) -> Result<SlotReply> {
@@ -323,17 +334,23 @@ impl EmbeddedStore {
             .map_err(|_| Error::Internal("embedded store lock poisoned".into()))?;
         // Expired entries go in bulk now and then, and always before refusing a new key.
         let n = self.evaluations.fetch_add(1, Ordering::Relaxed);
-        if n % 4096 == 0 || entries.len() >= self.max_keys {
+        if n.is_multiple_of(4096) || entries.len() >= self.max_keys {
             entries.retain(|_, e| e.expires > now);
         }
         let peeked: Vec<_> = counters
             .iter()
             .map(|c| {
-                let state = entries.get(&c.key).filter(|e| e.expires > now).map(|e| &e.state);
+                let state = entries
+                    .get(&c.key)
+                    .filter(|e| e.expires > now)
+                    .map(|e| &e.state);
                 algorithm::peek(c.algorithm, state, now, &c.params)
             })
             .collect();
-        let all = peeked.iter().zip(counters).all(|(p, c)| p.allowed || c.shadow);
+        let all = peeked
+            .iter()
+            .zip(counters)
+            .all(|(p, c)| p.allowed || c.shadow);
         let new_keys = counters
             .iter()
             .filter(|c| !entries.contains_key(&c.key))
@@ -353,8 +370,15 @@ impl EmbeddedStore {
                     .remove(&c.key)
                     .filter(|e| e.expires > now)
                     .map(|e| e.state);
-                let (state, new_reset, ttl) = algorithm::commit(c.algorithm, previous, now, &c.params);
-                entries.insert(c.key.clone(), Entry { state, expires: now + ttl });
+                let (state, new_reset, ttl) =
+                    algorithm::commit(c.algorithm, previous, now, &c.params);
+                entries.insert(
+                    c.key.clone(),
+                    Entry {
+                        state,
+                        expires: now + ttl,
+                    },
+                );
                 remaining = (remaining - c.params.cost).max(0.0);
                 reset = new_reset;
             }
@@ -366,7 +390,10 @@ impl EmbeddedStore {
                 retry_after: Duration::from_micros(p.retry.max(0.0).ceil() as u64),
             });
         }
-        Ok(Evaluation { allowed: all, verdicts })
+        Ok(Evaluation {
+            allowed: all,
+            verdicts,
+        })
     }
 
     fn reset(&self, keys: &[String]) -> u32 {

@@ -43,9 +43,13 @@ impl Limiter {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = limiter_svc::Config::from_args(args)?;
-        let service = Service::start(|l, s| limiter_svc::run(l, config, s)).await?;
-        let client = pb::limiter_client::LimiterClient::new(crate::probe::channel(&service.url()).await?);
-        Ok(Self { service, client, _limits: file })
+        let mut service = Service::start(|l, s| limiter_svc::run(l, config, s)).await?;
+        let client = pb::limiter_client::LimiterClient::new(service.channel().await?);
+        Ok(Self {
+            service,
+            client,
+            _limits: file,
+        })
     }
 
     /// The limits file, to rewrite it for reload tests.
@@ -89,12 +93,19 @@ pub fn inline_check(
 
 /// A CheckLimit request.
 pub fn request(checks: Vec<pb::Check>, cost: u64) -> pb::CheckLimitRequest {
-    pb::CheckLimitRequest { checks, cost, request_id: String::new() }
+    pb::CheckLimitRequest {
+        checks,
+        cost,
+        request_id: String::new(),
+    }
 }
 
 /// A protobuf duration as std.
 pub fn duration(d: Option<&prost_types::Duration>) -> Duration {
     d.map_or(Duration::ZERO, |d| {
-        Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0))
+        Duration::new(
+            u64::try_from(d.seconds).unwrap_or(0),
+            u32::try_from(d.nanos).unwrap_or(0),
+        )
     })
 }

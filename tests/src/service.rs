@@ -43,6 +43,24 @@ impl Service {
         format!("http://{}", self.grpc)
     }
 
+    /// A channel to the service; if the service already stopped (its `run` failed), its
+    /// error instead of a bare connection failure.
+    pub async fn channel(&mut self) -> anyhow::Result<tonic::transport::Channel> {
+        match crate::probe::channel(&self.url()).await {
+            Ok(channel) => Ok(channel),
+            Err(err) => match self.task.take() {
+                Some(task) if task.is_finished() => match task.await? {
+                    Err(run_error) => Err(run_error.context("the service stopped")),
+                    Ok(()) => Err(err.context("the service stopped without an error")),
+                },
+                task => {
+                    self.task = task;
+                    Err(err)
+                }
+            },
+        }
+    }
+
     /// Cancels the service and waits for `run` to return its result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();

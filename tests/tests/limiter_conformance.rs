@@ -50,7 +50,11 @@ fn subject(name: &str) -> String {
 fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn every_algorithm_admits_exactly_its_limit(store: StoreKind) -> anyhow::Result<()> {
@@ -59,17 +63,28 @@ async fn every_algorithm_admits_exactly_its_limit(store: StoreKind) -> anyhow::R
         let subject = subject("exact");
         let check = || inline_check("user", &subject, algorithm, 5, Duration::from_secs(3600), 0);
         for n in 0..5u64 {
-            let r = limiter.client.check_limit(request(vec![check()], 1)).await?.into_inner();
+            let r = limiter
+                .client
+                .check_limit(request(vec![check()], 1))
+                .await?
+                .into_inner();
             assert!(r.allowed, "{algorithm:?} request {n}");
             assert_eq!(r.limit, 5, "{algorithm:?}");
             assert_eq!(r.remaining, 4 - n, "{algorithm:?} request {n}");
         }
-        let denied = limiter.client.check_limit(request(vec![check()], 1)).await?.into_inner();
+        let denied = limiter
+            .client
+            .check_limit(request(vec![check()], 1))
+            .await?
+            .into_inner();
         assert!(!denied.allowed, "{algorithm:?}: the sixth is denied");
         assert_eq!(denied.remaining, 0, "{algorithm:?}");
         let retry = duration(denied.retry_after.as_ref());
         // The sliding counter's previous window decays across the next one: up to 2 windows.
-        assert!(retry > Duration::ZERO && retry <= Duration::from_secs(7200), "{algorithm:?} retry {retry:?}");
+        assert!(
+            retry > Duration::ZERO && retry <= Duration::from_secs(7200),
+            "{algorithm:?} retry {retry:?}"
+        );
         assert_eq!(denied.results[0].algorithm, i32::from(algorithm));
         assert_eq!(denied.source, i32::from(pb::Source::Store));
     }
@@ -80,14 +95,44 @@ async fn cost_is_all_or_nothing_within_a_check(store: StoreKind) -> anyhow::Resu
     let mut limiter = Limiter::start(&store, LIMITS, &[]).await?;
     for algorithm in ALGORITHMS {
         let subject = subject("cost");
-        let check = || inline_check("api_key", &subject, algorithm, 5, Duration::from_secs(3600), 0);
-        let first = limiter.client.check_limit(request(vec![check()], 3)).await?.into_inner();
-        assert!(first.allowed && first.remaining == 2, "{algorithm:?}: {first:?}");
-        let second = limiter.client.check_limit(request(vec![check()], 3)).await?.into_inner();
+        let check = || {
+            inline_check(
+                "api_key",
+                &subject,
+                algorithm,
+                5,
+                Duration::from_secs(3600),
+                0,
+            )
+        };
+        let first = limiter
+            .client
+            .check_limit(request(vec![check()], 3))
+            .await?
+            .into_inner();
+        assert!(
+            first.allowed && first.remaining == 2,
+            "{algorithm:?}: {first:?}"
+        );
+        let second = limiter
+            .client
+            .check_limit(request(vec![check()], 3))
+            .await?
+            .into_inner();
         assert!(!second.allowed, "{algorithm:?}: 3 more do not fit");
-        assert_eq!(second.remaining, 2, "{algorithm:?}: a denial consumes nothing");
-        let third = limiter.client.check_limit(request(vec![check()], 2)).await?.into_inner();
-        assert!(third.allowed && third.remaining == 0, "{algorithm:?}: {third:?}");
+        assert_eq!(
+            second.remaining, 2,
+            "{algorithm:?}: a denial consumes nothing"
+        );
+        let third = limiter
+            .client
+            .check_limit(request(vec![check()], 2))
+            .await?
+            .into_inner();
+        assert!(
+            third.allowed && third.remaining == 0,
+            "{algorithm:?}: {third:?}"
+        );
     }
     limiter.service.stop().await
 }
@@ -96,11 +141,24 @@ async fn a_denied_check_consumes_nothing_from_the_others(store: StoreKind) -> an
     let mut limiter = Limiter::start(&store, LIMITS, &[]).await?;
     // Different scopes and subjects: on the cluster these land in different slots.
     let (user, ip) = (subject("aon-user"), subject("aon-ip"));
-    let checks = || vec![policy_check("user", &user, "ten"), policy_check("ip", &ip, "one")];
-    let first = limiter.client.check_limit(request(checks(), 1)).await?.into_inner();
+    let checks = || {
+        vec![
+            policy_check("user", &user, "ten"),
+            policy_check("ip", &ip, "one"),
+        ]
+    };
+    let first = limiter
+        .client
+        .check_limit(request(checks(), 1))
+        .await?
+        .into_inner();
     assert!(first.allowed);
     for _ in 0..3 {
-        let denied = limiter.client.check_limit(request(checks(), 1)).await?.into_inner();
+        let denied = limiter
+            .client
+            .check_limit(request(checks(), 1))
+            .await?
+            .into_inner();
         assert!(!denied.allowed);
         assert!(denied.results[0].allowed, "the user check alone would pass");
         assert!(!denied.results[1].allowed, "the ip check denies");
@@ -108,10 +166,16 @@ async fn a_denied_check_consumes_nothing_from_the_others(store: StoreKind) -> an
     }
     let status = limiter
         .client
-        .get_limit_status(pb::GetLimitStatusRequest { checks: vec![policy_check("user", &user, "ten")], cost: 1 })
+        .get_limit_status(pb::GetLimitStatusRequest {
+            checks: vec![policy_check("user", &user, "ten")],
+            cost: 1,
+        })
         .await?
         .into_inner();
-    assert_eq!(status.results[0].remaining, 9, "only the allowed request was consumed");
+    assert_eq!(
+        status.results[0].remaining, 9,
+        "only the allowed request was consumed"
+    );
     limiter.service.stop().await
 }
 
@@ -125,15 +189,26 @@ async fn status_reads_and_reset_clears(store: StoreKind) -> anyhow::Result<()> {
     for _ in 0..3 {
         let status = limiter
             .client
-            .get_limit_status(pb::GetLimitStatusRequest { checks: checks(), cost: 1 })
+            .get_limit_status(pb::GetLimitStatusRequest {
+                checks: checks(),
+                cost: 1,
+            })
             .await?
             .into_inner();
         assert_eq!(status.results[0].remaining, 1, "reading does not consume");
         assert!(status.results[0].allowed);
     }
-    let reset = limiter.client.reset_limit(pb::ResetLimitRequest { checks: checks() }).await?.into_inner();
+    let reset = limiter
+        .client
+        .reset_limit(pb::ResetLimitRequest { checks: checks() })
+        .await?
+        .into_inner();
     assert_eq!(reset.reset, 1);
-    let after = limiter.client.check_limit(request(checks(), 5)).await?.into_inner();
+    let after = limiter
+        .client
+        .check_limit(request(checks(), 5))
+        .await?
+        .into_inner();
     assert!(after.allowed, "a reset counter has its full limit again");
     limiter.service.stop().await
 }
@@ -145,26 +220,56 @@ async fn shadow_policies_report_and_never_deny(store: StoreKind) -> anyhow::Resu
     for _ in 0..4 {
         let r = limiter
             .client
-            .check_limit(request(vec![policy_check("user", &who, "watch"), policy_check("ip", &who, "ten")], 1))
+            .check_limit(request(
+                vec![
+                    policy_check("user", &who, "watch"),
+                    policy_check("ip", &who, "ten"),
+                ],
+                1,
+            ))
             .await?
             .into_inner();
         assert!(r.allowed, "shadow never denies");
         assert!(r.results[0].shadow);
         shadow_denials += usize::from(r.shadow_denied);
     }
-    assert_eq!(shadow_denials, 2, "the third and fourth would have been denied");
+    assert_eq!(
+        shadow_denials, 2,
+        "the third and fourth would have been denied"
+    );
     limiter.service.stop().await
 }
 
-async fn defaults_and_endpoint_tiers_apply_without_a_policy(store: StoreKind) -> anyhow::Result<()> {
+async fn defaults_and_endpoint_tiers_apply_without_a_policy(
+    store: StoreKind,
+) -> anyhow::Result<()> {
     let mut limiter = Limiter::start(&store, LIMITS, &[]).await?;
     let who = subject("defaults");
-    let bare = |scope: &str, subject: &str| pb::Check { scope: scope.into(), subject: subject.into(), limit: None };
-    let user = limiter.client.check_limit(request(vec![bare("user", &who)], 1)).await?.into_inner();
-    assert_eq!((user.limit, user.results[0].policy.as_str()), (1000, "user"));
-    let ip = limiter.client.check_limit(request(vec![bare("ip", &who)], 1)).await?.into_inner();
+    let bare = |scope: &str, subject: &str| pb::Check {
+        scope: scope.into(),
+        subject: subject.into(),
+        limit: None,
+    };
+    let user = limiter
+        .client
+        .check_limit(request(vec![bare("user", &who)], 1))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (user.limit, user.results[0].policy.as_str()),
+        (1000, "user")
+    );
+    let ip = limiter
+        .client
+        .check_limit(request(vec![bare("ip", &who)], 1))
+        .await?
+        .into_inner();
     assert_eq!(ip.limit, 100);
-    let tier = limiter.client.check_limit(request(vec![bare("endpoint", "/v1/analysis")], 1)).await?.into_inner();
+    let tier = limiter
+        .client
+        .check_limit(request(vec![bare("endpoint", "/v1/analysis")], 1))
+        .await?
+        .into_inner();
     assert_eq!((tier.limit, tier.results[0].policy.as_str()), (3, "tier"));
     let err = limiter
         .client
@@ -182,7 +287,11 @@ async fn retry_after_is_honest(store: StoreKind) -> anyhow::Result<()> {
         let check = || inline_check("user", &who, algorithm, 2, Duration::from_millis(400), 0);
         let mut denied = None;
         for _ in 0..4 {
-            let r = limiter.client.check_limit(request(vec![check()], 1)).await?.into_inner();
+            let r = limiter
+                .client
+                .check_limit(request(vec![check()], 1))
+                .await?
+                .into_inner();
             if !r.allowed {
                 denied = Some(r);
                 break;
@@ -190,11 +299,21 @@ async fn retry_after_is_honest(store: StoreKind) -> anyhow::Result<()> {
         }
         let denied = denied.expect("a limit of 2 denies within 4 requests");
         let retry = duration(denied.retry_after.as_ref());
-        assert!(retry <= Duration::from_millis(800), "{algorithm:?}: {retry:?}");
+        assert!(
+            retry <= Duration::from_millis(800),
+            "{algorithm:?}: {retry:?}"
+        );
         // Waiting exactly what the limiter said is enough (the server rounds up).
         tokio::time::sleep(retry).await;
-        let after = limiter.client.check_limit(request(vec![check()], 1)).await?.into_inner();
-        assert!(after.allowed, "{algorithm:?} after waiting {retry:?}: {after:?}");
+        let after = limiter
+            .client
+            .check_limit(request(vec![check()], 1))
+            .await?
+            .into_inner();
+        assert!(
+            after.allowed,
+            "{algorithm:?} after waiting {retry:?}: {after:?}"
+        );
     }
     limiter.service.stop().await
 }

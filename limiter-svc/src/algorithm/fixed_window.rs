@@ -27,5 +27,12 @@ pub fn commit(state: Option<State>, now: f64, p: &Params) -> (State, f64, f64) {
     let idx = (now / p.window).floor();
     let n = count(state.as_ref(), idx);
     let ends = (idx + 1.0) * p.window - now;
-    (State::Fixed { w: idx, n: n + p.cost }, ends, ends)
+    (
+        State::Fixed {
+            w: idx,
+            n: n + p.cost,
+        },
+        ends,
+        ends,
+    )
 }

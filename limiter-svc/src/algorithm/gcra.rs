@@ -22,9 +22,15 @@ pub fn peek(state: Option<&State>, now: f64, p: &Params) -> Peeked {
     Peeked {
         allowed,
         limit: burst,
-        remaining: ((now - (tat - burst * t)) / t + 1e-9).floor().clamp(0.0, burst),
+        remaining: ((now - (tat - burst * t)) / t + 1e-9)
+            .floor()
+            .clamp(0.0, burst),
         reset: (tat - now).ceil(),
-        retry: if allowed { 0.0 } else { (allow_at - now).ceil() },
+        retry: if allowed {
+            0.0
+        } else {
+            (allow_at - now).ceil()
+        },
     }
 }
 

@@ -141,7 +141,12 @@ pub fn peek(algorithm: Algorithm, state: Option<&State>, now: f64, p: &Params) -
 
 /// Commit a peeked request: returns the new state, the reset after it (µs) and how long the
 /// state must be kept (µs).
-pub fn commit(algorithm: Algorithm, state: Option<State>, now: f64, p: &Params) -> (State, f64, f64) {
+pub fn commit(
+    algorithm: Algorithm,
+    state: Option<State>,
+    now: f64,
+    p: &Params,
+) -> (State, f64, f64) {
     match algorithm {
         Algorithm::SlidingWindowLog => sliding_log::commit(state, now, p),
         Algorithm::SlidingWindowCounter => sliding_counter::commit(state, now, p),

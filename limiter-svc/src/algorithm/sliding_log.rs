@@ -9,7 +9,10 @@ fn live(state: Option<&State>, from: f64) -> impl Iterator<Item = &(f64, f64)> {
         Some(State::Log(entries)) => Some(entries.iter()),
         _ => None,
     };
-    entries.into_iter().flatten().filter(move |(at, _)| *at > from)
+    entries
+        .into_iter()
+        .flatten()
+        .filter(move |(at, _)| *at > from)
 }
 
 pub fn peek(state: Option<&State>, now: f64, p: &Params) -> Peeked {
@@ -29,7 +32,9 @@ pub fn peek(state: Option<&State>, now: f64, p: &Params) -> Peeked {
             })
             .map_or(p.window, |(at, _)| at + p.window - now)
     };
-    let reset = live(state, from).last().map_or(0.0, |(at, _)| at + p.window - now);
+    let reset = live(state, from)
+        .last()
+        .map_or(0.0, |(at, _)| at + p.window - now);
     Peeked {
         allowed,
         limit: p.limit,

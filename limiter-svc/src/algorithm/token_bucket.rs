@@ -25,8 +25,16 @@ pub fn peek(state: Option<&State>, now: f64, p: &Params) -> Peeked {
         allowed,
         limit: cap,
         remaining: (tokens + 1e-9).floor(),
-        reset: if tokens < cap { ((cap - tokens) / rate).ceil() } else { 0.0 },
-        retry: if allowed { 0.0 } else { ((p.cost - tokens) / rate).ceil() },
+        reset: if tokens < cap {
+            ((cap - tokens) / rate).ceil()
+        } else {
+            0.0
+        },
+        retry: if allowed {
+            0.0
+        } else {
+            ((p.cost - tokens) / rate).ceil()
+        },
     }
 }
 
@@ -35,5 +43,12 @@ pub fn commit(state: Option<State>, now: f64, p: &Params) -> (State, f64, f64) {
     let rate = p.limit / p.window;
     let left = tokens(state.as_ref(), now, p) - p.cost;
     let reset = ((cap - left) / rate).ceil();
-    (State::Bucket { tokens: left, ts: now }, reset, reset + 1000.0)
+    (
+        State::Bucket {
+            tokens: left,
+            ts: now,
+        },
+        reset,
+        reset + 1000.0,
+    )
 }

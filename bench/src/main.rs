@@ -1,0 +1,76 @@
+//! `sluice-bench`: a load generator for Sluice's gRPC services.
+//!
+//! Modules:
+//!
+//! - [`driver`]: what every workload shares: the connections, the closed loop (`--concurrency`)
+//!   and the open loop (`--rate`), warm-up, the per-second progress line;
+//! - [`report`]: counts and the latency histogram, printed as a block of text and a JSON line;
+//! - [`limiter`]: the `check-limit` workload (`sluice.limiter.v1.Limiter/CheckLimit`);
+//! - [`envoy`]: the `should-rate-limit` workload (Envoy's `RateLimitService/ShouldRateLimit`).
+//!
+//! A run flows: parse the subcommand → build its [`driver::Workload`] → [`driver::run`] calls it
+//! once per request with a sequence number and a channel → [`report::Report`].
+//!
+//! A new workload (the queue's `enqueue`, say) is one more module implementing
+//! [`driver::Workload`] and one more variant of [`Command`].
+
+#![forbid(unsafe_code)]
+
+mod driver;
+mod envoy;
+mod limiter;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+/// Load generator for Sluice's gRPC services.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the limiter's CheckLimit with inline limits on many subjects.
+    CheckLimit {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        workload: limiter::CheckLimitArgs,
+    },
+    /// Load the Envoy rate limit service's ShouldRateLimit with one descriptor per request.
+    ShouldRateLimit {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        workload: envoy::ShouldRateLimitArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (run, report) = match cli.command {
+        Command::CheckLimit { run, workload } => {
+            let workload = limiter::CheckLimit::new(&workload)?;
+            let report = driver::run(&run, workload).await?;
+            (run, report)
+        }
+        Command::ShouldRateLimit { run, workload } => {
+            let workload = envoy::ShouldRateLimit::new(&workload);
+            let report = driver::run(&run, workload).await?;
+            (run, report)
+        }
+    };
+    if run.json {
+        // stdout carries only the JSON line, so `sluice-bench … --json | jq` works; the human
+        // block still goes to the terminal.
+        eprint!("{}", report.human());
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! limiter-svc as a system: exactness under concurrency across two instances on one Redis,
+//! failure modes with Redis killed and restarted, hot reload of the limits file, bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sluice::proto::sluice::limiter::v1 as pb;
+use sluice_testkit::limiter::{Limiter, StoreKind, inline_check, policy_check, request};
+use sluice_testkit::{RedisServer, eventually, probe};
+use tonic::Code;
+
+const LIMITS: &str = r#"
+[policies.open]
+algorithm = "gcra"
+limit = 1000000
+window = "1h"
+failure_mode = "fail_open"
+
+[policies.closed]
+algorithm = "gcra"
+limit = 1000000
+window = "1h"
+failure_mode = "fail_closed"
+
+[policies.local]
+limit = 50
+window = "1h"
+failure_mode = "local"
+"#;
+
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// 64 concurrent clients spread over 2 instances sharing one Redis send 1,000 requests for one
+/// subject with a limit of 100 per 10 s; each request also carries a per-client check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_64_clients_admit_exactly_the_limit() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let store = StoreKind::Redis(redis.url());
+    let a = Limiter::start(&store, "", &[]).await?;
+    let b = Limiter::start(&store, "", &[]).await?;
+    let run = run_id();
+    for algorithm in [
+        pb::Algorithm::SlidingWindowLog,
+        pb::Algorithm::SlidingWindowCounter,
+        pb::Algorithm::FixedWindow,
+        pb::Algorithm::TokenBucket,
+        pb::Algorithm::Gcra,
+    ] {
+        let shared = format!("shared-{run}-{}", algorithm.as_str_name());
+        let allowed = Arc::new(AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        let mut clients = Vec::new();
+        for c in 0..64 {
+            let mut client = if c % 2 == 0 {
+                a.client.clone()
+            } else {
+                b.client.clone()
+            };
+            let shared = shared.clone();
+            let own = format!("own-{run}-{}-{c}", algorithm.as_str_name());
+            let allowed = allowed.clone();
+            clients.push(tokio::spawn(async move {
+                let mut mine = 0u64;
+                for _ in 0..16 {
+                    let checks = vec![
+                        inline_check(
+                            "project",
+                            &shared,
+                            algorithm,
+                            100,
+                            Duration::from_secs(10),
+                            0,
+                        ),
+                        inline_check(
+                            "user",
+                            &own,
+                            pb::Algorithm::SlidingWindowLog,
+                            1000,
+                            Duration::from_secs(3600),
+                            0,
+                        ),
+                    ];
+                    let r = client.check_limit(request(checks, 1)).await?.into_inner();
+                    if r.allowed {
+                        mine += 1;
+                    }
+                }
+                allowed.fetch_add(mine, Ordering::Relaxed);
+                anyhow::Ok((own, mine))
+            }));
+        }
+        let mut per_client = Vec::new();
+        for client in clients {
+            per_client.push(client.await??);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let allowed = allowed.load(Ordering::Relaxed);
+        // Documented bounds (README, "Algorithms"); 10 units/s refill for the buckets.
+        let refill = (10.0 * elapsed).ceil() as u64 + 1;
+        let (low, high) = match algorithm {
+            pb::Algorithm::SlidingWindowLog => (100, 100),
+            pb::Algorithm::SlidingWindowCounter => (100, 100 + refill),
+            pb::Algorithm::FixedWindow => (100, 200),
+            _ => (100, 100 + refill),
+        };
+        assert!(
+            (low..=high).contains(&allowed),
+            "{algorithm:?}: {allowed} allowed in {elapsed:.2}s, expected {low}..={high}"
+        );
+        // All or nothing: each client's own counter holds exactly its admitted requests.
+        for (own, mine) in per_client {
+            let status = a
+                .client
+                .clone()
+                .get_limit_status(pb::GetLimitStatusRequest {
+                    checks: vec![inline_check(
+                        "user",
+                        &own,
+                        pb::Algorithm::SlidingWindowLog,
+                        1000,
+                        Duration::from_secs(3600),
+                        0,
+                    )],
+                    cost: 1,
+                })
+                .await?
+                .into_inner();
+            assert_eq!(
+                status.results[0].remaining,
+                1000 - mine,
+                "{algorithm:?} {own}: denied requests consumed nothing"
+            );
+        }
+    }
+    a.service.stop().await?;
+    b.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_answers_by_failure_mode_then_recovers() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let limiter = Limiter::start(
+        &StoreKind::Redis(redis.url()),
+        LIMITS,
+        &[
+            "--redis-connect-timeout",
+            "200ms",
+            "--redis-command-timeout",
+            "200ms",
+        ],
+    )
+    .await?;
+    let run = run_id();
+    let check = |policy: &str| {
+        request(
+            vec![policy_check("user", &format!("{policy}-{run}"), policy)],
+            1,
+        )
+    };
+    let mut client = limiter.client.clone();
+    for policy in ["open", "closed", "local"] {
+        let r = client.check_limit(check(policy)).await?.into_inner();
+        assert!(
+            r.allowed && r.source == i32::from(pb::Source::Store),
+            "{policy}: {r:?}"
+        );
+    }
+
+    redis.kill()?;
+    // Load goes on: the first calls wait for Redis (bounded by the timeouts) and trip the
+    // breaker, which health then reports.
+    let url = limiter.service.url();
+    eventually(Duration::from_secs(10), "the breaker to open", || {
+        let (url, mut client, req) = (url.clone(), client.clone(), check("open"));
+        async move {
+            let _ = client.check_limit(req).await;
+            (probe::health(&url, limiter_svc::STORE_HEALTH).await.ok()? != probe::SERVING)
+                .then_some(())
+        }
+    })
+    .await?;
+
+    // While open, every answer comes at once, per policy.
+    let mut latencies = Vec::new();
+    let mut local_allowed = 0;
+    for i in 0..300 {
+        let policy = ["open", "closed", "local"][i % 3];
+        let sent = tokio::time::Instant::now();
+        let result = client.check_limit(check(policy)).await;
+        latencies.push(sent.elapsed());
+        match (policy, result) {
+            ("open", Ok(r)) => {
+                let r = r.into_inner();
+                assert!(
+                    r.allowed && r.source == i32::from(pb::Source::FailureMode),
+                    "{r:?}"
+                );
+            }
+            ("closed", Err(status)) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert!(status.message().contains("fail-closed"), "{status:?}");
+            }
+            ("local", Ok(r)) => {
+                let r = r.into_inner();
+                assert_eq!(r.source, i32::from(pb::Source::FailureMode));
+                local_allowed += u64::from(r.allowed);
+            }
+            (policy, other) => panic!("{policy}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        local_allowed, 50,
+        "the local limiter enforces the policy's limit in-process"
+    );
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "failure-mode answers while the breaker is open: p50 {:?}, p99 {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        p99,
+        latencies[latencies.len() - 1]
+    );
+    // No call waited for Redis (200 ms timeouts): a behavioural bound, not a benchmark.
+    assert!(
+        latencies[latencies.len() - 1] < Duration::from_millis(100),
+        "max {:?}",
+        latencies[latencies.len() - 1]
+    );
+
+    redis.restart().await?;
+    eventually(
+        Duration::from_secs(10),
+        "Redis-backed answers to resume",
+        || {
+            let mut client = client.clone();
+            let req = check("closed");
+            async move {
+                let r = client.check_limit(req).await.ok()?.into_inner();
+                (r.source == i32::from(pb::Source::Store)).then_some(())
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        probe::health(&limiter.service.url(), limiter_svc::STORE_HEALTH).await?,
+        probe::SERVING
+    );
+    limiter.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_file_reloads_without_failing_a_request() -> anyhow::Result<()> {
+    let limiter = Limiter::start(
+        &StoreKind::Embedded,
+        "[policies.p]\nlimit = 1\nwindow = \"1h\"\n",
+        &["--limits-reload-interval", "50ms"],
+    )
+    .await?;
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (mut client, errors, stop) = (limiter.client.clone(), errors.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() && n < 100_000 {
+                n += 1;
+                let req = request(vec![policy_check("user", &format!("load-{n}"), "p")], 1);
+                if client.check_limit(req).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            n
+        })
+    };
+    let limit_of = |mut client: pb::limiter_client::LimiterClient<tonic::transport::Channel>| async move {
+        let req = request(vec![policy_check("user", "probe", "p")], 1);
+        client
+            .check_limit(req)
+            .await
+            .ok()
+            .map(|r| r.into_inner().limit)
+    };
+    std::fs::write(
+        limiter.limits_path(),
+        "[policies.p]\nlimit = 3\nwindow = \"1h\"\n",
+    )?;
+    eventually(Duration::from_secs(5), "the new limit", || {
+        let client = limiter.client.clone();
+        async move { (limit_of(client).await? == 3).then_some(()) }
+    })
+    .await?;
+    std::fs::write(
+        limiter.limits_path(),
+        "[policies.p]\nlimit = 0\nwindow = \"1h\"\n",
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await; // several reload intervals
+    assert_eq!(
+        limit_of(limiter.client.clone()).await,
+        Some(3),
+        "a bad file leaves the policies in force"
+    );
+    stop.cancel();
+    let sent = load.await?;
+    assert!(sent > 0);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "no request failed during reloads"
+    );
+    limiter.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_status_naming_the_field() -> anyhow::Result<()> {
+    let mut limiter = Limiter::start(
+        &StoreKind::Embedded,
+        "[policies.p]\nlimit = 5\nwindow = \"1m\"\n",
+        &[],
+    )
+    .await?;
+    let ok = || policy_check("user", "u1", "p");
+    let long = "x".repeat(300);
+    let inline = |alg: i32, limit: u64, secs: i64, burst: u64| pb::Check {
+        scope: "user".into(),
+        subject: "u1".into(),
+        limit: Some(pb::check::Limit::Inline(pb::InlineLimit {
+            algorithm: alg,
+            limit,
+            window: Some(prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            burst,
+        })),
+    };
+    let cases: Vec<(pb::CheckLimitRequest, Code, &str)> = vec![
+        (request(vec![], 1), Code::InvalidArgument, "checks"),
+        (request(vec![ok(); 17], 1), Code::InvalidArgument, "checks"),
+        (
+            request(vec![policy_check("", "u1", "p")], 1),
+            Code::InvalidArgument,
+            "checks[0].scope",
+        ),
+        (
+            request(vec![policy_check("us er", "u1", "p")], 1),
+            Code::InvalidArgument,
+            "checks[0].scope",
+        ),
+        (
+            request(vec![policy_check("user", "", "p")], 1),
+            Code::InvalidArgument,
+            "checks[0].subject",
+        ),
+        (
+            request(vec![policy_check("user", &long, "p")], 1),
+            Code::InvalidArgument,
+            "checks[0].subject",
+        ),
+        (
+            request(vec![ok()], 1_000_001),
+            Code::InvalidArgument,
+            "cost",
+        ),
+        (request(vec![ok()], 6), Code::InvalidArgument, "cost"),
+        (
+            request(vec![policy_check("user", "u1", "nope")], 1),
+            Code::NotFound,
+            "checks[0].policy",
+        ),
+        (
+            request(vec![inline(1, 0, 60, 0)], 1),
+            Code::InvalidArgument,
+            "checks[0].inline.limit",
+        ),
+        (
+            request(vec![inline(1, 5, 0, 0)], 1),
+            Code::InvalidArgument,
+            "checks[0].inline.window",
+        ),
+        (
+            request(vec![inline(99, 5, 60, 0)], 1),
+            Code::InvalidArgument,
+            "checks[0].inline.algorithm",
+        ),
+        (
+            request(vec![inline(1, 5, 60, 3)], 1),
+            Code::InvalidArgument,
+            "checks[0].inline.burst",
+        ),
+        (
+            request(vec![inline(1, 1_000_000, 60, 0)], 1),
+            Code::InvalidArgument,
+            "checks[0].inline.limit",
+        ),
+        (
+            request(vec![ok(), ok()], 1),
+            Code::InvalidArgument,
+            "checks[1]",
+        ),
+    ];
+    for (req, code, field) in cases {
+        let err = limiter
+            .client
+            .check_limit(req.clone())
+            .await
+            .expect_err(field);
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(
+            err.message().contains(field),
+            "{field} named in: {}",
+            err.message()
+        );
+    }
+    // Nothing was consumed by any of them.
+    let r = limiter
+        .client
+        .check_limit(request(vec![ok()], 5))
+        .await?
+        .into_inner();
+    assert!(r.allowed, "the whole limit is still there");
+    limiter.service.stop().await
+}
