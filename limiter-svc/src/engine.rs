@@ -65,12 +65,13 @@ pub struct Engine {
     hot: Option<HotKeys>,
 }
 
+/// The figures of a check nobody counted: its capacity, nothing else (the proto documents
+/// that only `limit` is filled in then).
 fn verdict_only_limit(check: &Resolved) -> Verdict {
-    let capacity = check.policy.limit.capacity();
     Verdict {
         allowed: true,
-        limit: capacity,
-        remaining: capacity,
+        limit: check.policy.limit.capacity(),
+        remaining: 0,
         reset_after: Duration::ZERO,
         retry_after: Duration::ZERO,
     }

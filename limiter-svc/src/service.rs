@@ -74,11 +74,12 @@ fn counter_for(
     policy: &Arc<Policy>,
     cost: u64,
     field: &str,
+    cost_field: &str,
 ) -> Result<Resolved> {
     let limit = policy.limit;
     if cost > limit.capacity() {
         return Err(Error::invalid(
-            "cost",
+            cost_field,
             format!(
                 "{cost} is above {field}'s capacity of {}: such a request could never pass",
                 limit.capacity()
@@ -159,7 +160,7 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
                 ))
             })?,
         };
-        let r = counter_for(&check.scope, &check.subject, &policy, cost, &field)?;
+        let r = counter_for(&check.scope, &check.subject, &policy, cost, &field, "cost")?;
         if let Some(j) = resolved.iter().position(|p| p.counter.key == r.counter.key) {
             return Err(Error::invalid(
                 field,
@@ -402,6 +403,7 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
         let request_cost = u64::from(request.hits_addend);
         // (descriptor index, resolved check) for every descriptor a rule matches.
         let mut matched: Vec<(usize, Resolved)> = Vec::new();
+        let mut impossible: Vec<(usize, Arc<Policy>)> = Vec::new();
         for (i, descriptor) in request.descriptors.iter().enumerate() {
             let field = format!("descriptors[{i}]");
             if descriptor.entries.is_empty() || descriptor.entries.len() > MAX_ENTRIES {
@@ -454,7 +456,17 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                 }),
                 None => rule.policy.clone(),
             };
-            matched.push((i, counter_for("rls", &subject, &policy, cost, &field)?));
+            if cost > policy.limit.capacity() {
+                // More hits than the limit holds can never pass: over limit, not an error
+                // (Envoy lets a request through when its rate limit service errs).
+                impossible.push((i, policy));
+                continue;
+            }
+            let cost_field = format!("{field}.hits_addend");
+            matched.push((
+                i,
+                counter_for("rls", &subject, &policy, cost, &field, &cost_field)?,
+            ));
         }
         let mut statuses: Vec<DescriptorStatus> = request
             .descriptors
@@ -465,7 +477,22 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
             })
             .collect();
         let mut headers = Vec::new();
-        let overall = if matched.is_empty() {
+        let current_limit = |policy: &Policy| RateLimit {
+            name: policy.name.clone(),
+            requests_per_unit: u32::try_from(policy.limit.limit).unwrap_or(u32::MAX),
+            unit: unit_of(policy.limit.window).into(),
+        };
+        let overall = if !impossible.is_empty() {
+            // Nothing is consumed: the request as a whole cannot pass.
+            for (i, check) in &matched {
+                statuses[*i].current_limit = Some(current_limit(&check.policy));
+            }
+            for (i, policy) in &impossible {
+                statuses[*i].code = Code::OverLimit.into();
+                statuses[*i].current_limit = Some(current_limit(policy));
+            }
+            Code::OverLimit
+        } else if matched.is_empty() {
             Code::Ok
         } else {
             let checks: Vec<Resolved> = matched.iter().map(|(_, r)| r.clone()).collect();

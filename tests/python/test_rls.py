@@ -254,6 +254,15 @@ def check_hits_addend(c):
     expect(r.statuses[0].limit_remaining == 2, "descriptor 0 (own hits_addend=1) should take 1", r)
     expect(r.statuses[1].limit_remaining == 1, "descriptor 1 (request hits_addend=2) should take 2", r)
 
+    # More hits than the limit holds can never pass: OVER_LIMIT (not an error, which Envoy
+    # would let through), and the other descriptor of the request is not charged.
+    r = c.call([descriptor(("remote_address", c.ip(201)), hits_addend=4), descriptor(("remote_address", c.ip(202)))])
+    expect(r.overall_code == OVER_LIMIT, "hits_addend=4 on a 3/min rule should be OVER_LIMIT", r)
+    expect(r.statuses[0].code == OVER_LIMIT, "the 4-hit descriptor is the one over the limit", r)
+    expect(r.statuses[1].code == OK, "the other descriptor did not deny", r)
+    r = c.call([descriptor(("remote_address", c.ip(202)))], hits_addend=3)
+    expect(r.overall_code == OK, "the other descriptor was not charged: 3 hits still fit", r)
+
 
 def check_multi_descriptor_all_or_nothing(c):
     full, fresh = c.ip(9), c.ip(10)

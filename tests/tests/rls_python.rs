@@ -1,0 +1,71 @@
+//! Envoy RLS against a client that shares no code with Sluice: Python's grpcio with Envoy's
+//! protos from the `xds-protos` package (tests/python/test_rls.py), in the venv `.ci/run`
+//! creates at `.venv` (or the interpreter named by `SLUICE_PYTHON`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sluice_testkit::limiter::{Limiter, StoreKind};
+use sluice_testkit::{RedisCluster, RedisServer};
+
+fn python_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+fn interpreter() -> anyhow::Result<PathBuf> {
+    let python = std::env::var_os("SLUICE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing: run .ci/run once (it creates the venv with tests/python/requirements.txt)",
+        python.display()
+    );
+    Ok(python)
+}
+
+async fn run_python_suite(store: StoreKind) -> anyhow::Result<()> {
+    let python = interpreter()?;
+    let limits = std::fs::read_to_string(python_dir().join("rls_limits.toml"))?;
+    let limiter = Limiter::start(&store, &limits, &[]).await?;
+    let run_id = format!("{}-{}", std::process::id(), limiter.service.grpc.port());
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(python_dir().join("test_rls.py"))
+            .arg(limiter.service.grpc.to_string())
+            .arg(&run_id)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    anyhow::ensure!(
+        output.status.success(),
+        "test_rls.py failed:\n{stdout}\n{stderr}"
+    );
+    anyhow::ensure!(
+        stdout.contains(" 0 failed"),
+        "unexpected summary:\n{stdout}"
+    );
+    limiter.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_envoy_client_on_the_embedded_store() -> anyhow::Result<()> {
+    run_python_suite(StoreKind::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_envoy_client_on_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    run_python_suite(StoreKind::Redis(redis.url())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_envoy_client_on_a_cluster() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start().await?;
+    run_python_suite(StoreKind::Redis(cluster.url())).await
+}
