@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod error;
+pub mod limit_layer;
 pub mod pool;
 pub mod script;
 pub mod server;

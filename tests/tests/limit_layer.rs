@@ -1,0 +1,132 @@
+//! The tower layer a Rust service puts in front of its handlers: a real limiter-svc decides,
+//! denied gRPC calls get RESOURCE_EXHAUSTED with RetryInfo, denied HTTP requests 429 with
+//! Retry-After and RateLimit headers; allowed ones reach the handler.
+
+use sluice::limit_layer::{Protocol, RateLimitLayer};
+use sluice::proto::sluice::limiter::v1::{Check, check};
+use sluice_testkit::limiter::{Limiter, StoreKind};
+use sluice_testkit::probe;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_types::StatusExt;
+
+const LIMITS: &str = "[policies.two]\nlimit = 2\nwindow = \"1h\"\n";
+
+fn by_user(headers: &http::HeaderMap, _uri: &http::Uri) -> Option<Vec<Check>> {
+    let user = headers.get("x-user")?.to_str().ok()?;
+    Some(vec![Check {
+        scope: "user".into(),
+        subject: user.into(),
+        limit: Some(check::Limit::Policy("two".into())),
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_denials_carry_retry_info() -> anyhow::Result<()> {
+    let limiter = Limiter::start(&StoreKind::Embedded, LIMITS, &[]).await?;
+    let layer = RateLimitLayer::new(limiter.client.clone(), Protocol::Grpc, by_user);
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(layer)
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    let mut client = HealthClient::new(probe::channel(&format!("http://{addr}")).await?);
+    let call = |user: &str| {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-user", user.parse().expect("ascii"));
+        request
+    };
+    client.check(call("ann")).await?;
+    client.check(call("ann")).await?;
+    let denied = client
+        .check(call("ann"))
+        .await
+        .expect_err("the third call is over the limit");
+    assert_eq!(denied.code(), tonic::Code::ResourceExhausted, "{denied:?}");
+    let retry = denied
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(retry > std::time::Duration::ZERO, "{retry:?}");
+    client
+        .check(call("bob"))
+        .await
+        .map_err(|e| anyhow::anyhow!("another user is not limited: {e}"))?;
+    let unchecked = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    client
+        .check(unchecked)
+        .await
+        .map_err(|e| anyhow::anyhow!("no x-user: no check: {e}"))?;
+    stop.cancel();
+    server.await??;
+    limiter.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_denials_are_429_with_retry_after_and_ratelimit_headers() -> anyhow::Result<()> {
+    let limiter = Limiter::start(&StoreKind::Embedded, LIMITS, &[]).await?;
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "hello" }))
+        .layer(RateLimitLayer::new(
+            limiter.client.clone(),
+            Protocol::Http,
+            by_user,
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let get = |user: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nHost: x\r\nx-user: {user}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        anyhow::Ok(text.to_ascii_lowercase())
+    };
+    for _ in 0..2 {
+        let ok = get("ann").await?;
+        assert!(
+            ok.starts_with("http/1.1 200") && ok.ends_with("hello"),
+            "{ok}"
+        );
+    }
+    let denied = get("ann").await?;
+    assert!(denied.starts_with("http/1.1 429"), "{denied}");
+    assert!(denied.contains("\r\nretry-after: "), "{denied}");
+    assert!(
+        denied.contains("\r\nratelimit-policy: \"sluice\";q=2"),
+        "{denied}"
+    );
+    assert!(
+        denied.contains("\r\nratelimit: \"sluice\";r=0;t="),
+        "{denied}"
+    );
+    assert!(!denied.contains("hello"), "the handler did not run");
+    stop.cancel();
+    server.await??;
+    limiter.service.stop().await
+}
