@@ -189,10 +189,16 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        // A malformed traceparent yields an empty context: the call starts a new trace.
-        let _ = span.set_parent(telemetry::extract_from_headers(request.headers()));
-        if let Some(trace_id) = telemetry::trace_id(&span) {
-            span.record("trace_id", trace_id.as_str());
+        if !span.is_disabled() {
+            // A malformed traceparent yields an empty context: the call starts a new trace.
+            let _ = span.set_parent(telemetry::extract_from_headers(request.headers()));
+            match telemetry::trace_id(&span) {
+                Some(trace_id) => span.record("trace_id", trace_id.as_str()),
+                None => span.record(
+                    "trace_id",
+                    telemetry::trace_id_from_headers(request.headers()),
+                ),
+            };
         }
         let started = Instant::now();
         let future = self.inner.call(request);

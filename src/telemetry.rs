@@ -53,9 +53,6 @@ impl TelemetryGuard {
 }
 
 /// A tracer provider exporting to `endpoint` (OTLP/gRPC), or exporting nothing when `None`.
-///
-/// Spans are still created without an endpoint, so logs carry trace ids and incoming trace
-/// context is propagated onwards.
 pub fn tracer_provider(
     service_name: &str,
     endpoint: Option<&str>,
@@ -97,9 +94,14 @@ pub fn init(default_service_name: &str, args: &TelemetryArgs) -> anyhow::Result<
         LogFormat::Pretty => fmt.pretty().boxed(),
         _ => fmt.compact().boxed(),
     };
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("sluice"))
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    // Spans are built only when they go somewhere: without an endpoint the OpenTelemetry layer
+    // would cost every call span bookkeeping for nothing (logs then take the caller's trace id
+    // from its `traceparent`, see `crate::server`).
+    let otel = args.otlp_endpoint.is_some().then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("sluice"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
     // The log filter applies to logs only: `--log warn` must not silence exported traces.
     tracing_subscriber::registry()
         .with(logs.with_filter(filter))
@@ -166,6 +168,13 @@ impl Extractor for MapReader<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(String::as_str).collect()
     }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_from_headers(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let trace_id = value.split('-').nth(1)?;
+    (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace_id)
 }
 
 /// Writes `span`'s trace context into HTTP/gRPC headers.
@@ -236,7 +245,9 @@ where
             rpc.service = %service,
             rpc.method = %method,
         );
-        inject_into_headers(&span, request.headers_mut());
+        if !span.is_disabled() {
+            inject_into_headers(&span, request.headers_mut());
+        }
         self.inner.call(request).instrument(span)
     }
 }

@@ -5,7 +5,6 @@
 //! `start + warmup + duration` on, and the calls still in flight then are awaited (each is
 //! bounded by `--timeout`) and recorded.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -95,7 +94,10 @@ pub trait Workload: Send + Sync + 'static {
 
 /// Connects, runs the load described by `args` and returns what was measured.
 pub async fn run<W: Workload>(args: &RunArgs, workload: W) -> anyhow::Result<Report> {
-    anyhow::ensure!(!args.duration.is_zero(), "--duration must be greater than 0");
+    anyhow::ensure!(
+        !args.duration.is_zero(),
+        "--duration must be greater than 0"
+    );
     anyhow::ensure!(!args.timeout.is_zero(), "--timeout must be greater than 0");
     let mode = match (args.mode.concurrency, args.mode.rate) {
         (Some(concurrency), _) => Mode::Closed { concurrency },
@@ -289,9 +291,9 @@ fn schedule<W: Workload>(
             }
             continue;
         }
-        let shared = Arc::clone(shared);
+        let task_shared = Arc::clone(shared);
         in_flight.spawn_on(
-            async move { shared.request(seq, scheduled).await },
+            async move { task_shared.request(seq, scheduled).await },
             handle,
         );
     }

@@ -67,10 +67,10 @@ async fn main() -> anyhow::Result<()> {
     if run.json {
         // stdout carries only the JSON line, so `sluice-bench … --json | jq` works; the human
         // block still goes to the terminal.
-        eprint!("{}", report.human());
+        eprint!("{report}");
         println!("{}", report.json());
     } else {
-        print!("{}", report.human());
+        print!("{report}");
     }
     Ok(())
 }
