@@ -85,6 +85,17 @@ pub struct RedisArgs {
     /// Bound on one Redis command or script call, reply included.
     #[arg(long, env = "SLUICE_REDIS_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub redis_command_timeout: Duration,
+
+    /// PEM file of the CA that signs Redis's certificate (rediss:// URLs); unset: the
+    /// system's trusted roots. Passwords go in the URL: rediss://user:pass@host:port.
+    #[arg(long, env = "SLUICE_REDIS_TLS_CA", value_name = "FILE")]
+    pub redis_tls_ca: Option<PathBuf>,
+}
+
+/// Reads a PEM file named by an option, with an error naming the option.
+pub fn read_pem(path: &std::path::Path, option: &str) -> Result<Vec<u8>, crate::Error> {
+    std::fs::read(path)
+        .map_err(|e| crate::Error::invalid(option, format!("{}: {e}", path.display())))
 }
 
 impl std::fmt::Debug for RedisArgs {
@@ -97,19 +108,28 @@ impl std::fmt::Debug for RedisArgs {
             .field("redis_pool_size", &self.redis_pool_size)
             .field("redis_connect_timeout", &self.redis_connect_timeout)
             .field("redis_command_timeout", &self.redis_command_timeout)
+            .field("redis_tls_ca", &self.redis_tls_ca)
             .finish()
     }
 }
 
 impl RedisArgs {
     /// The pool configuration, or `None` for the embedded store.
-    pub fn redis_config(&self) -> Option<RedisConfig> {
-        self.redis_url.as_ref().map(|url| RedisConfig {
+    pub fn redis_config(&self) -> Result<Option<RedisConfig>, crate::Error> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let tls_ca = match &self.redis_tls_ca {
+            Some(path) => Some(read_pem(path, "redis-tls-ca")?),
+            None => None,
+        };
+        Ok(Some(RedisConfig {
             url: url.clone(),
             pool_size: self.redis_pool_size,
             connect_timeout: self.redis_connect_timeout,
             command_timeout: self.redis_command_timeout,
-        })
+            tls_ca,
+        }))
     }
 }
 

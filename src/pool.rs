@@ -32,6 +32,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one command or script call, reply included.
     pub command_timeout: Duration,
+    /// PEM root certificate(s) that sign the server's certificate, for `rediss://` with a
+    /// private CA; `None` trusts the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -41,6 +44,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<pem>"))
             .finish()
     }
 }
@@ -227,10 +231,19 @@ impl RedisPool {
     /// Builds the pool without dialling: a service starts while Redis is down and reports
     /// itself degraded until the first connection succeeds.
     pub fn new(config: &RedisConfig) -> Result<Self> {
+        // rustls needs one process-wide crypto provider; a second install is a no-op error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: config.tls_ca.clone(),
+        };
         let (backend, cluster) = match Topology::parse(&config.url)? {
             Topology::Standalone(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
+                let client = match &config.tls_ca {
+                    Some(_) => redis::Client::build_with_tls(url.as_str(), certs()),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
                 let conn_config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(Some(config.command_timeout));
@@ -243,7 +256,15 @@ impl RedisPool {
                 )
             }
             Topology::Cluster(nodes) => {
-                let client = ClusterClient::builder(nodes)
+                let tls = nodes.iter().any(|n| n.starts_with("rediss://"));
+                let mut builder = ClusterClient::builder(nodes);
+                if tls {
+                    builder = builder.tls(redis::TlsMode::Secure);
+                    if config.tls_ca.is_some() {
+                        builder = builder.certs(certs());
+                    }
+                }
+                let client = builder
                     .connection_timeout(config.connect_timeout)
                     .response_timeout(config.command_timeout)
                     .retries(2)
@@ -308,7 +329,7 @@ impl RedisPool {
 
 /// The Redis pool `args` configure, or `None` for the embedded store; logs which it is.
 pub fn from_args(args: &crate::config::RedisArgs) -> Result<Option<RedisPool>> {
-    match args.redis_config() {
+    match args.redis_config()? {
         Some(config) => {
             let pool = RedisPool::new(&config)?;
             tracing::info!(redis = ?config, cluster = pool.is_cluster(), "store: Redis");

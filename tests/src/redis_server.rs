@@ -17,6 +17,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     args: Vec<String>,
     child: Option<Child>,
+    /// For a TLS server: the CA that signed its certificate, and its password.
+    tls: Option<(Vec<u8>, String)>,
 }
 
 impl RedisServer {
@@ -39,15 +41,63 @@ impl RedisServer {
             dir,
             args,
             child: None,
+            tls: None,
         };
         server.spawn().await?;
         Ok(server)
     }
 
+    /// A server that speaks only TLS (certificate signed by a CA made for the test, see
+    /// [`RedisServer::tls_ca_path`]) and requires `password`.
+    pub async fn start_tls(password: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-redis-tls-")
+            .tempdir()?;
+        make_certificates(dir.path())?;
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let args = vec![
+            "--save".to_owned(),
+            String::new(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path("redis.crt"),
+            "--tls-key-file".to_owned(),
+            path("redis.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+            "--requirepass".to_owned(),
+            password.to_owned(),
+        ];
+        let ca = std::fs::read(dir.path().join("ca.crt"))?;
+        let mut server = Self {
+            port: 0,
+            dir,
+            args,
+            child: None,
+            tls: Some((ca, password.to_owned())),
+        };
+        server.port = port;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// The CA certificate (PEM) of a TLS server, for `--redis-tls-ca`.
+    pub fn tls_ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        // A TLS server listens on --tls-port only.
+        let plain_port = if self.tls.is_some() { 0 } else { self.port };
         let child = Command::new("redis-server")
             .arg("--port")
-            .arg(self.port.to_string())
+            .arg(plain_port.to_string())
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -68,12 +118,13 @@ impl RedisServer {
             .context("starting redis-server (is it installed? .ci/run installs it)")?;
         self.child = Some(child);
         let url = self.url();
+        let ca = self.tls.as_ref().map(|(ca, _)| ca.clone());
         let ready = eventually(
             Duration::from_secs(10),
             "redis-server to answer PING",
             || {
-                let url = url.clone();
-                async move { ping(&url).await.then_some(()) }
+                let (url, ca) = (url.clone(), ca.clone());
+                async move { ping(&url, ca).await.then_some(()) }
             },
         )
         .await;
@@ -91,9 +142,12 @@ impl RedisServer {
         Ok(())
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://:PASSWORD@127.0.0.1:PORT` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.tls {
+            Some((_, password)) => format!("rediss://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The server's port.
@@ -174,8 +228,18 @@ impl Drop for RedisServer {
     }
 }
 
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
+async fn ping(url: &str, ca: Option<Vec<u8>>) -> bool {
+    let client = match ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            },
+        ),
+        None => redis::Client::open(url),
+    };
+    let Ok(client) = client else {
         return false;
     };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
@@ -185,6 +249,74 @@ async fn ping(url: &str) -> bool {
         redis::cmd("PING").query_async::<String>(&mut conn).await,
         Ok(pong) if pong == "PONG"
     )
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command line.
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    let steps: [&[&str]; 5] = [
+        &["genrsa", "-out", "ca.key", "2048"],
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Sluice test CA",
+            "-out",
+            "ca.crt",
+        ],
+        &["genrsa", "-out", "redis.key", "2048"],
+        &[
+            "req",
+            "-new",
+            "-key",
+            "redis.key",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-out",
+            "redis.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "redis.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "redis.crt",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (.ci/run installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// A 3-master Redis Cluster (no replicas) of [`RedisServer`]s, slots split evenly.

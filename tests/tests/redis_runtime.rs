@@ -17,6 +17,7 @@ fn pool(url: String) -> RedisPool {
         pool_size: 2,
         connect_timeout: Duration::from_millis(500),
         command_timeout: Duration::from_millis(500),
+        tls_ca: None,
     })
     .expect("valid URL")
 }
@@ -139,5 +140,49 @@ async fn the_pool_reconnects_after_redis_is_killed_and_restarted() -> anyhow::Re
     })
     .await?;
     assert_eq!(value, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_run_over_tls_with_a_password() -> anyhow::Result<()> {
+    let redis = RedisServer::start_tls("s3cret").await?;
+    let config = |url: String, tls_ca: Option<Vec<u8>>| RedisConfig {
+        url,
+        pool_size: 2,
+        connect_timeout: Duration::from_millis(500),
+        command_timeout: Duration::from_millis(500),
+        tls_ca,
+    };
+    let ca = std::fs::read(redis.tls_ca_path())?;
+    let pool = RedisPool::new(&config(redis.url(), Some(ca.clone())))?;
+    let script = Script::new("incr_by", INCR_BY);
+    let value: i64 = script.call().key("t:tls").arg(4).invoke(&pool).await?;
+    assert_eq!(value, 4);
+
+    let wrong = RedisPool::new(&config(
+        redis.url().replace("s3cret", "nope"),
+        Some(ca.clone()),
+    ))?;
+    assert!(
+        script
+            .call()
+            .key("t:tls")
+            .arg(1)
+            .invoke::<i64>(&wrong)
+            .await
+            .is_err(),
+        "a wrong password is refused"
+    );
+    let untrusted = RedisPool::new(&config(redis.url(), None))?;
+    assert!(
+        script
+            .call()
+            .key("t:tls")
+            .arg(1)
+            .invoke::<i64>(&untrusted)
+            .await
+            .is_err(),
+        "a certificate from an unknown CA is refused"
+    );
     Ok(())
 }
