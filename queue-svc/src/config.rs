@@ -1,6 +1,9 @@
 //! queue-svc's options: `queue-svc --help` lists them all.
 
-use sluice::config::{AFTER_HELP, CommonArgs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sluice::config::{AFTER_HELP, CommonArgs, parse_duration};
 
 /// Defaults of the options whose defaults differ between binaries.
 pub const DEFAULTS: &[(&str, &str)] = &[
@@ -14,6 +17,16 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
+
+    /// Queues file (TOML): per-queue max size, processing timeout, max attempts, retry policy,
+    /// retention. Absent: the defaults for every queue (max size 1,000,000, processing timeout
+    /// 10 minutes, 3 attempts, exponential backoff from 1 s with full jitter, 24 h retention).
+    #[arg(long, env = "SLUICE_QUEUES", value_name = "FILE")]
+    pub queues: Option<PathBuf>,
+
+    /// How often the reaper returns expired leases, promotes due tasks and applies retention.
+    #[arg(long, env = "SLUICE_REAPER_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub reaper_interval: Duration,
 }
 
 impl Config {

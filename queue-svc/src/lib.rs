@@ -1,23 +1,38 @@
-//! queue-svc: holds tasks: enqueue, lease, complete, fail, retry, dead-letter.
+//! queue-svc: holds tasks — enqueue, lease, complete, fail, retry with backoff, dead-letter —
+//! over gRPC (`sluice.queue.v1.Queue`).
 //!
-//! Modules:
-//! - [`config`]: the binary's options (server, store, telemetry).
-//!
-//! Flow of a call: tonic server (span + metrics, `sluice::server`) → handler → store.
-//! The binary serves gRPC health and reflection; the `sluice.queue.v1.Queue` service joins
-//! the router as it lands.
+//! Modules, in the order a request meets them:
+//! - [`service`]: the gRPC edge: validation, queue settings, answers;
+//! - [`queues`]: the queues file (per-queue limits, timeouts, retries, retention);
+//! - [`model`]: the task record, priorities, states and the retry backoff formula;
+//! - [`store`]: one typed wrapper per Lua script in `lua/`;
+//! - [`keys`]: every Redis key name; [`reaper`]: lease expiry, promotion, retention;
+//! - [`config`]: the binary's options.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod keys;
+pub mod model;
+pub mod queues;
+pub mod reaper;
+pub mod service;
+pub mod store;
 
+use std::sync::Arc;
+
+use sluice::proto::sluice::queue::v1::queue_server::QueueServer;
+use sluice::server::Listeners;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use sluice::server::Listeners;
 
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "queue-svc";
+
+/// Largest request message: a batch of 1,000 tasks with their payloads (see the contract).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Runs queue-svc on `listeners` until `shutdown` is cancelled, then drains within the
 /// configured grace.
@@ -26,15 +41,49 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let common = config.common;
-    let _store = sluice::pool::from_args(&common.redis)?;
-    let (router, _health) = sluice::server::router(&[sluice::proto::FILE_DESCRIPTOR_SET], &[])?;
-    sluice::server::run(
+    let common = &config.common;
+    let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
+    let tasks = TaskTracker::new();
+    let mut services = Vec::new();
+    let store = match sluice::pool::from_args(&common.redis)? {
+        Some(pool) => {
+            services.push("sluice.queue.v1.Queue");
+            Some(Arc::new(store::RedisQueue::new(pool)))
+        }
+        None => {
+            tracing::warn!(
+                "the task queue needs --redis-url: only health and reflection are served"
+            );
+            None
+        }
+    };
+    let (router, _health) =
+        sluice::server::router(&[sluice::proto::FILE_DESCRIPTOR_SET], &services)?;
+    let router = match store {
+        Some(store) => {
+            tasks.spawn(reaper::run(
+                store.clone(),
+                queues.clone(),
+                config.reaper_interval,
+                shutdown.clone(),
+            ));
+            router.add_service(
+                QueueServer::new(service::QueueService::new(store, queues))
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
+        }
+        None => router,
+    };
+    let result = sluice::server::run(
         SERVICE_NAME,
         router,
         listeners,
-        shutdown,
+        shutdown.clone(),
         common.server.shutdown_grace,
     )
-    .await
+    .await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result
 }

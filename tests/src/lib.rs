@@ -18,6 +18,7 @@ pub mod binary;
 pub mod limiter;
 pub mod otlp;
 pub mod probe;
+pub mod queue;
 pub mod redis_server;
 pub mod service;
 

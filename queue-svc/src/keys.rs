@@ -1,0 +1,45 @@
+//! Every Redis key queue-svc touches is named here, and nowhere else.
+//!
+//! Hash-tag rule: all keys of one queue are `sluice:q:{<project>/<queue>}:<part>`; the tag is
+//! the project and the queue, so one queue's keys share a Redis Cluster slot and every script
+//! (which always receives all eleven, see `lua/common.lua`) runs there. Project and queue
+//! names are validated to `[A-Za-z0-9_.-]` (no `/`, `{`, `}`), so no name can reach another
+//! project's keys or break the tag. The registry of known queues is the one key outside any
+//! queue's tag; no script touches it.
+
+/// The parts of a queue, in the order the scripts expect them as KEYS.
+const PARTS: [&str; 11] = [
+    "tasks", "payloads", "ready", "sched", "leased", "dead", "done", "idem", "idemx", "meta",
+    "results",
+];
+
+/// The eleven keys of one queue.
+pub fn queue(project: &str, queue: &str) -> Vec<String> {
+    PARTS
+        .iter()
+        .map(|part| format!("sluice:q:{{{project}/{queue}}}:{part}"))
+        .collect()
+}
+
+/// The set of every `<project>/<queue>` that has seen an enqueue, walked by the reaper.
+pub const REGISTRY: &str = "sluice:q:registry";
+
+/// A registry member.
+pub fn registry_member(project: &str, queue: &str) -> String {
+    format!("{project}/{queue}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_tag_per_queue() {
+        let keys = queue("acme", "emails");
+        assert_eq!(keys.len(), 11);
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("sluice:q:{acme/emails}:"))
+        );
+    }
+}

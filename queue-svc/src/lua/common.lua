@@ -1,0 +1,110 @@
+-- common: prepended to every queue script. Every script receives the same eleven keys, all
+-- of one queue and one hash tag {<project>/<queue>}, so every script runs on Redis Cluster.
+--   KEYS[1]  tasks     hash: task id -> task record (JSON, short field names)
+--   KEYS[2]  payloads  hash: task id -> payload bytes
+--   KEYS[3]  ready     zset: task id, score priority * 2^40 + enqueue sequence (ZPOPMIN order)
+--   KEYS[4]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
+--   KEYS[5]  leased    zset: task id, score = lease deadline (ms)
+--   KEYS[6]  dead      zset: task id, score = ms it was dead-lettered
+--   KEYS[7]  done      zset: task id, score = ms it finished (succeeded, cancelled): retention
+--   KEYS[8]  idem      hash: idempotency key -> task id
+--   KEYS[9]  idemx     zset: idempotency key, score = ms it expires
+--   KEYS[10] meta      hash: seq, paused, per-minute counters
+--   KEYS[11] results   hash: task id -> result bytes
+-- The clock is Redis's TIME, in milliseconds.
+local K_TASKS, K_PAYLOADS, K_READY, K_SCHED, K_LEASED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_DEAD, K_DONE, K_IDEM, K_IDEMX, K_META, K_RESULTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local PRIORITY_SPAN = 1099511627776 -- 2^40 sequence numbers per priority level
+local MAX_ERRORS = 10
+
+local function load(id)
+  local raw = redis.call('HGET', K_TASKS, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save(task)
+  redis.call('HSET', K_TASKS, task.id, cjson.encode(task))
+end
+
+local function count(what)
+  local minute = math.floor(now / 60000)
+  redis.call('HINCRBY', K_META, what .. ':' .. minute, 1)
+  -- Keep the current and the previous minute only.
+  redis.call('HDEL', K_META, what .. ':' .. (minute - 2))
+end
+
+local function make_ready(task)
+  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+  task.st = 'ready'
+  task.sch = nil
+  redis.call('ZADD', K_READY, task.p * PRIORITY_SPAN + seq, task.id)
+end
+
+local function schedule(task, at)
+  task.st = 'scheduled'
+  task.sch = at
+  redis.call('ZADD', K_SCHED, at, task.id)
+end
+
+local function finish(task, state)
+  task.st = state
+  task.ltok = task.tok
+  task.tok = nil
+  redis.call('ZREM', K_LEASED, task.id)
+  redis.call('ZADD', K_DONE, now, task.id)
+end
+
+local function dead_letter(task)
+  task.st = 'dead'
+  task.dd = now
+  task.ltok = task.tok
+  task.tok = nil
+  redis.call('ZREM', K_LEASED, task.id)
+  redis.call('ZADD', K_DEAD, now, task.id)
+  count('dead')
+end
+
+-- Moves up to `limit` scheduled tasks whose time has come to ready.
+local function promote(limit)
+  local due = redis.call('ZRANGEBYSCORE', K_SCHED, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', K_SCHED, id)
+    local task = load(id)
+    if task and task.st == 'scheduled' then
+      make_ready(task)
+      save(task)
+    end
+  end
+  return #due
+end
+
+-- A failed attempt (by the worker, or its lease expiring): record the error, then retry
+-- after the task's backoff for this attempt, or dead-letter it. Returns the outcome.
+local function fail_attempt(task, category, message, retryable)
+  local errors = task.err or {}
+  errors[#errors + 1] = { a = task.att, c = category, m = message, r = retryable, t = now }
+  while #errors > MAX_ERRORS do table.remove(errors, 1) end
+  task.err = errors
+  task.fl = now
+  task.dl = nil
+  count('failed')
+  if task.cr then
+    finish(task, 'cancelled')
+    task.cx = now
+    return 'cancelled'
+  end
+  if not retryable or category == 'permanent' or task.att >= task.max then
+    dead_letter(task)
+    return 'dead'
+  end
+  task.ltok = task.tok
+  task.tok = nil
+  redis.call('ZREM', K_LEASED, task.id)
+  local delays = task.dly or {}
+  local delay = delays[task.att] or delays[#delays] or 0
+  schedule(task, now + delay)
+  return 'retry'
+end

@@ -1,0 +1,53 @@
+-- dead: dead-letter operations, bounded by ARGV[2] tasks per call.
+-- ARGV[1] op: 'list' | 'redrive' | 'purge'
+-- ARGV[2] limit; ARGV[3] offset (list only)
+-- ARGV[4] selector: 'id' | 'all' | 'filter'; ARGV[5] task id (id) or category ('' = any);
+-- ARGV[6] dead before (ms, 0 = any).
+-- list returns {total, then per task: record JSON, payload}; redrive and purge return
+-- {count, more (0/1)}. Redrive resets attempts and makes the task ready again.
+local op, limit, offset = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local selector, arg, before = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local function matches(task)
+  if selector == 'all' then return true end
+  if selector == 'id' then return task.id == arg end
+  if arg ~= '' then
+    local last = task.err and task.err[#task.err]
+    if not last or last.c ~= arg then return false end
+  end
+  if before > 0 and (task.dd or 0) >= before then return false end
+  return true
+end
+if op == 'list' then
+  local ids = redis.call('ZRANGE', K_DEAD, offset, offset + limit - 1)
+  local out = { redis.call('ZCARD', K_DEAD) }
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', K_TASKS, id)
+    if raw then
+      out[#out + 1] = raw
+      out[#out + 1] = redis.call('HGET', K_PAYLOADS, id) or ''
+    end
+  end
+  return out
+end
+local candidates
+if selector == 'id' then candidates = { arg } else candidates = redis.call('ZRANGE', K_DEAD, 0, -1) end
+local done, more = 0, 0
+for _, id in ipairs(candidates) do
+  local task = load(id)
+  if task and task.st == 'dead' and matches(task) then
+    if done >= limit then more = 1 break end
+    redis.call('ZREM', K_DEAD, id)
+    if op == 'redrive' then
+      task.att = 0
+      task.dd = nil
+      make_ready(task)
+      save(task)
+    else
+      redis.call('HDEL', K_TASKS, id)
+      redis.call('HDEL', K_PAYLOADS, id)
+      redis.call('HDEL', K_RESULTS, id)
+    end
+    done = done + 1
+  end
+end
+return { done, more }

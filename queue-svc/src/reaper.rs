@@ -1,0 +1,64 @@
+//! The reaper: expired leases back to their queue (as a timeout attempt), due scheduled tasks
+//! to ready, finished tasks past retention removed. Every instance runs it; each step is one
+//! atomic, bounded script per queue, so instances running it at once do no harm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::queues::Queues;
+use crate::store::RedisQueue;
+
+/// Tasks handled per queue per step.
+const BATCH: u64 = 500;
+
+/// Runs the reaper every `interval` until `shutdown`.
+pub async fn run(
+    store: Arc<RedisQueue>,
+    queues: Arc<Queues>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let registered = match store.registered().await {
+            Ok(registered) => registered,
+            Err(err) => {
+                tracing::debug!(error = %err, "reaper: store unavailable");
+                continue;
+            }
+        };
+        for (project, queue) in registered {
+            let settings = queues.get(&project, &queue);
+            let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            match store
+                .reap(
+                    &project,
+                    &queue,
+                    BATCH,
+                    ms(settings.retention),
+                    ms(settings.dead_retention),
+                )
+                .await
+            {
+                Ok((expired, _, _)) if expired > 0 => {
+                    metrics::counter!("sluice_queue_lease_expiries_total", "queue" => queue.clone()).increment(expired);
+                    tracing::info!(
+                        project,
+                        queue,
+                        expired,
+                        "leases expired; tasks returned to their queue"
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(project, queue, error = %err, "reaper step failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! The gRPC edge of `sluice.queue.v1.Queue`: validation, queue settings, shaping of answers.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice::error::{Error, Result};
+use sluice::proto::sluice::queue::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::model::{
+    self, MAX_ATTEMPTS, MAX_BATCH, MAX_ERROR_MESSAGE, MAX_PAYLOAD, Record, RetryPolicy,
+    category_name, duration, proto_duration, timestamp, validate_name, validate_task_id,
+};
+use crate::queues::Queues;
+use crate::store::{DeadSelector, Enqueued, FailOutcome, NewTask, RedisQueue};
+
+/// Most tasks one Dequeue leases.
+pub const MAX_DEQUEUE: u32 = 256;
+/// Longest Dequeue long-poll.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// The Queue service on one store.
+#[derive(Debug, Clone)]
+pub struct QueueService {
+    store: Arc<RedisQueue>,
+    queues: Arc<Queues>,
+    registered: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A random number in [0, 1), from a UUIDv7's random bits.
+fn uniform() -> f64 {
+    let bits = uuid::Uuid::now_v7().as_u128() & ((1u128 << 53) - 1);
+    bits as f64 / (1u64 << 53) as f64
+}
+
+/// An unguessable lease token.
+fn token() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+fn enqueue_response(e: Enqueued) -> pb::EnqueueResponse {
+    pb::EnqueueResponse {
+        task_id: e.id,
+        duplicate: e.duplicate,
+        state: model::state_to_proto(&e.state).into(),
+    }
+}
+
+/// The wire form of a stored task.
+pub fn task_to_proto(
+    project: &str,
+    queue: &str,
+    r: Record,
+    payload: Vec<u8>,
+    result: Vec<u8>,
+) -> pb::Task {
+    pb::Task {
+        id: r.id,
+        project: project.to_owned(),
+        queue: queue.to_owned(),
+        payload_size: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+        payload,
+        content_type: r.ct,
+        priority: model::priority_to_proto(r.p).into(),
+        state: model::state_to_proto(&r.st).into(),
+        attempts: r.att,
+        max_attempts: r.max,
+        headers: r.hd,
+        enqueued_at: r.enq.map(timestamp),
+        scheduled_for: r.sch.map(timestamp),
+        leased_at: r.lsd.map(timestamp),
+        succeeded_at: r.ok.map(timestamp),
+        failed_at: r.fl.map(timestamp),
+        dead_at: r.dd.map(timestamp),
+        cancelled_at: r.cx.map(timestamp),
+        lease_deadline: r.dl.map(timestamp),
+        result,
+        errors: r
+            .err
+            .into_iter()
+            .map(|e| pb::TaskError {
+                attempt: e.attempt,
+                category: model::category_to_proto(&e.category).into(),
+                message: e.message,
+                retryable: e.retryable,
+                at: Some(timestamp(e.at)),
+            })
+            .collect(),
+        cancel_requested: r.cr,
+        processing_timeout: Some(proto_duration(Duration::from_millis(r.to))),
+        retry: Some(r.rp.to_proto()),
+        idempotency_key: r.idem.unwrap_or_default(),
+        worker_id: r.wk.unwrap_or_default(),
+    }
+}
+
+fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result<u64> {
+    match d {
+        None => Ok(0),
+        Some(d) => {
+            let d = duration(d, field)?;
+            if d < Duration::from_secs(1) || d > Duration::from_secs(24 * 3600) {
+                return Err(Error::invalid(field, "must be 1 second to 24 hours"));
+            }
+            Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        }
+    }
+}
+
+impl QueueService {
+    /// A service on `store` with `queues` settings.
+    pub fn new(store: Arc<RedisQueue>, queues: Arc<Queues>) -> Self {
+        Self {
+            store,
+            queues,
+            registered: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    async fn register(&self, project: &str, queue: &str) -> Result<()> {
+        let member = format!("{project}/{queue}");
+        let known = self
+            .registered
+            .lock()
+            .map(|set| set.contains(&member))
+            .unwrap_or(false);
+        if !known {
+            self.store.register(project, queue).await?;
+            if let Ok(mut set) = self.registered.lock() {
+                set.insert(member);
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates one spec into a task to store.
+    fn new_task(
+        &self,
+        spec: &pb::TaskSpec,
+        project: &str,
+        queue: &str,
+        field: &str,
+    ) -> Result<NewTask> {
+        let settings = self.queues.get(project, queue);
+        model::validate_spec_strings(spec, field)?;
+        let max = match spec.max_attempts {
+            0 => settings.max_attempts,
+            n if n > MAX_ATTEMPTS => {
+                return Err(Error::invalid(
+                    format!("{field}.max_attempts"),
+                    format!("{n} is above {MAX_ATTEMPTS}"),
+                ));
+            }
+            n => n,
+        };
+        let retry = match &spec.retry {
+            Some(r) => RetryPolicy::from_proto(r, &settings.retry, &format!("{field}.retry"))?,
+            None => settings.retry,
+        };
+        let timeout = match &spec.processing_timeout {
+            Some(d) => lease_ms(Some(d), &format!("{field}.processing_timeout"))?,
+            None => u64::try_from(settings.processing_timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        let (not_before_ms, delay_ms) = match &spec.schedule {
+            None => (0, 0),
+            Some(pb::task_spec::Schedule::Delay(d)) => {
+                let d = duration(d, &format!("{field}.delay"))?;
+                if d > Duration::from_secs(366 * 24 * 3600) {
+                    return Err(Error::invalid(format!("{field}.delay"), "at most 366 days"));
+                }
+                (0, u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            }
+            Some(pb::task_spec::Schedule::NotBefore(t)) => {
+                if t.seconds < 0 {
+                    return Err(Error::invalid(
+                        format!("{field}.not_before"),
+                        "must not be before 1970",
+                    ));
+                }
+                let ms =
+                    t.seconds.unsigned_abs() * 1000 + u64::from(t.nanos.unsigned_abs() / 1_000_000);
+                (ms, 0)
+            }
+        };
+        let record = Record {
+            id: uuid::Uuid::now_v7().hyphenated().to_string(),
+            p: model::priority_from_proto(spec.priority, &format!("{field}.priority"))?,
+            ct: spec.content_type.clone(),
+            max,
+            hd: spec.headers.clone(),
+            to: timeout,
+            dly: (1..max)
+                .map(|attempt| retry.delay_ms(attempt, uniform()))
+                .collect(),
+            rp: retry,
+            idem: (!spec.idempotency_key.is_empty()).then(|| spec.idempotency_key.clone()),
+            ..Record::default()
+        };
+        Ok(NewTask {
+            record,
+            payload: spec.payload.clone(),
+            not_before_ms,
+            delay_ms,
+        })
+    }
+
+    async fn enqueue_tasks(
+        &self,
+        project: &str,
+        queue: &str,
+        tasks: &[NewTask],
+    ) -> Result<Vec<Enqueued>> {
+        validate_name(project, "project")?;
+        validate_name(queue, "queue")?;
+        self.register(project, queue).await?;
+        let settings = self.queues.get(project, queue);
+        let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+        let result = self
+            .store
+            .enqueue(project, queue, tasks, settings.max_size, retention)
+            .await;
+        if let Ok(enqueued) = &result {
+            metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned())
+                .increment(enqueued.iter().filter(|e| !e.duplicate).count() as u64);
+        }
+        result
+    }
+
+    fn task_ref<'a>(project: &'a str, queue: &'a str, id: &'a str) -> Result<()> {
+        validate_name(project, "project")?;
+        validate_name(queue, "queue")?;
+        validate_task_id(id, "task_id")
+    }
+
+    fn selector(&self, selector: Option<&pb::DeadLetterSelector>) -> Result<DeadSelector> {
+        use pb::dead_letter_selector::Selector;
+        match selector.and_then(|s| s.selector.as_ref()) {
+            Some(Selector::TaskId(id)) => {
+                validate_task_id(id, "selector.task_id")?;
+                Ok(DeadSelector::Id(id.clone()))
+            }
+            Some(Selector::All(true)) => Ok(DeadSelector::All),
+            Some(Selector::All(false)) => {
+                Err(Error::invalid("selector.all", "must be true when set"))
+            }
+            Some(Selector::Filter(f)) => {
+                let category = match f.category {
+                    0 => String::new(),
+                    c => category_name(c).to_owned(),
+                };
+                let dead_before_ms = f
+                    .dead_before
+                    .as_ref()
+                    .map(|t| t.seconds.max(0).unsigned_abs() * 1000)
+                    .unwrap_or(0);
+                if category.is_empty() && dead_before_ms == 0 {
+                    return Err(Error::invalid(
+                        "selector.filter",
+                        "is empty; set a category or dead_before, or use all",
+                    ));
+                }
+                Ok(DeadSelector::Filter {
+                    category,
+                    dead_before_ms,
+                })
+            }
+            None => Err(Error::invalid("selector", "choose task_id, filter or all")),
+        }
+    }
+}
+
+fn limit_of(limit: u32) -> Result<u64> {
+    match limit {
+        0 => Ok(1000),
+        n if n > 10_000 => Err(Error::invalid("limit", "at most 10000")),
+        n => Ok(u64::from(n)),
+    }
+}
+
+type LeaseStream =
+    Pin<Box<dyn futures::Stream<Item = std::result::Result<pb::LeaseResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::queue_server::Queue for QueueService {
+    async fn enqueue(
+        &self,
+        request: Request<pb::EnqueueRequest>,
+    ) -> std::result::Result<Response<pb::EnqueueResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .task
+            .ok_or_else(|| Error::invalid("task", "is required"))?;
+        validate_name(&spec.project, "task.project")?;
+        validate_name(&spec.queue, "task.queue")?;
+        let task = self.new_task(&spec, &spec.project, &spec.queue, "task")?;
+        let mut enqueued = self
+            .enqueue_tasks(&spec.project, &spec.queue, &[task])
+            .await?;
+        let first = enqueued
+            .pop()
+            .ok_or_else(|| Error::Internal("enqueue answered nothing".into()))?;
+        Ok(Response::new(enqueue_response(first)))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        request: Request<pb::EnqueueBatchRequest>,
+    ) -> std::result::Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let request = request.into_inner();
+        validate_name(&request.project, "project")?;
+        validate_name(&request.queue, "queue")?;
+        if request.tasks.is_empty() || request.tasks.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "tasks",
+                format!("send 1 to {MAX_BATCH} tasks, not {}", request.tasks.len()),
+            )
+            .into());
+        }
+        let mut tasks = Vec::with_capacity(request.tasks.len());
+        for (i, spec) in request.tasks.iter().enumerate() {
+            let field = format!("tasks[{i}]");
+            for (name, value, batch) in [
+                ("project", &spec.project, &request.project),
+                ("queue", &spec.queue, &request.queue),
+            ] {
+                if !value.is_empty() && value != batch {
+                    return Err(Error::invalid(
+                        format!("{field}.{name}"),
+                        format!("must be empty or `{batch}`"),
+                    )
+                    .into());
+                }
+            }
+            tasks.push(self.new_task(spec, &request.project, &request.queue, &field)?);
+        }
+        let results = self
+            .enqueue_tasks(&request.project, &request.queue, &tasks)
+            .await?;
+        Ok(Response::new(pb::EnqueueBatchResponse {
+            results: results.into_iter().map(enqueue_response).collect(),
+        }))
+    }
+
+    async fn dequeue(
+        &self,
+        request: Request<pb::DequeueRequest>,
+    ) -> std::result::Result<Response<pb::DequeueResponse>, Status> {
+        let request = request.into_inner();
+        validate_name(&request.project, "project")?;
+        if request.queues.is_empty() || request.queues.len() > 16 {
+            return Err(Error::invalid("queues", "name 1 to 16 queues").into());
+        }
+        for (i, q) in request.queues.iter().enumerate() {
+            validate_name(q, &format!("queues[{i}]"))?;
+        }
+        let max = match request.max_tasks {
+            0 => 1,
+            n if n > MAX_DEQUEUE => {
+                return Err(Error::invalid("max_tasks", format!("at most {MAX_DEQUEUE}")).into());
+            }
+            n => n,
+        };
+        let wait = match &request.wait {
+            None => Duration::ZERO,
+            Some(w) => duration(w, "wait")?,
+        };
+        if wait > MAX_WAIT {
+            return Err(Error::invalid("wait", "at most 30 seconds").into());
+        }
+        let lease = lease_ms(request.lease_duration.as_ref(), "lease_duration")?;
+        if request.worker_id.len() > 128 {
+            return Err(Error::invalid("worker_id", "at most 128 bytes").into());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        // Queues take turns starting, so one busy queue does not always go first.
+        let start = usize::try_from(uuid::Uuid::now_v7().as_u128() % request.queues.len() as u128)
+            .unwrap_or(0);
+        loop {
+            let mut leases = Vec::new();
+            for k in 0..request.queues.len() {
+                let queue = &request.queues[(start + k) % request.queues.len()];
+                let want = max as usize - leases.len();
+                if want == 0 {
+                    break;
+                }
+                let tokens: Vec<String> = (0..want).map(|_| token()).collect();
+                for (record, payload) in self
+                    .store
+                    .dequeue(&request.project, queue, lease, &request.worker_id, &tokens)
+                    .await?
+                {
+                    let attempt = record.att;
+                    let token = record.tok.clone().unwrap_or_default();
+                    let deadline = record.dl.map(timestamp);
+                    leases.push(pb::TaskLease {
+                        task: Some(task_to_proto(
+                            &request.project,
+                            queue,
+                            record,
+                            payload,
+                            Vec::new(),
+                        )),
+                        attempt,
+                        lease_token: token,
+                        deadline,
+                    });
+                }
+            }
+            if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
+                metrics::counter!("sluice_queue_leased_total").increment(leases.len() as u64);
+                return Ok(Response::new(pb::DequeueResponse { leases }));
+            }
+            // Long poll: check again soon, backing off to 100 ms, never past the deadline.
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::sleep(pause.min(remaining)).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> std::result::Result<Response<pb::CompleteResponse>, Status> {
+        let r = request.into_inner();
+        Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        if r.result.len() > MAX_PAYLOAD {
+            return Err(Error::invalid("result", format!("at most {MAX_PAYLOAD} bytes")).into());
+        }
+        self.store
+            .complete(&r.project, &r.queue, &r.task_id, &r.lease_token, &r.result)
+            .await?;
+        metrics::counter!("sluice_queue_completed_total", "queue" => r.queue).increment(1);
+        Ok(Response::new(pb::CompleteResponse {}))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> std::result::Result<Response<pb::FailResponse>, Status> {
+        let r = request.into_inner();
+        Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        let category = category_name(r.category);
+        // A forgotten `retryable` must not dead-letter a task: only "permanent" defaults to no.
+        let retryable = r.retryable.unwrap_or(category != "permanent");
+        let mut message = r.message;
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let outcome = self
+            .store
+            .fail(
+                &r.project,
+                &r.queue,
+                &r.task_id,
+                &r.lease_token,
+                category,
+                &message,
+                retryable,
+            )
+            .await?;
+        metrics::counter!("sluice_queue_failed_total", "queue" => r.queue.clone(), "category" => category).increment(1);
+        use pb::fail_response::Outcome;
+        let response = match outcome {
+            FailOutcome::Retry { at, attempt } => {
+                metrics::counter!("sluice_queue_retries_total", "queue" => r.queue).increment(1);
+                pb::FailResponse {
+                    outcome: Outcome::RetryScheduled.into(),
+                    retry_at: Some(timestamp(at)),
+                    attempt,
+                }
+            }
+            FailOutcome::Dead { attempt } => {
+                metrics::counter!("sluice_queue_dead_lettered_total", "queue" => r.queue)
+                    .increment(1);
+                pb::FailResponse {
+                    outcome: Outcome::DeadLettered.into(),
+                    retry_at: None,
+                    attempt,
+                }
+            }
+            FailOutcome::Cancelled { attempt } => pb::FailResponse {
+                outcome: Outcome::Cancelled.into(),
+                retry_at: None,
+                attempt,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> std::result::Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        let by = lease_ms(r.extend_by.as_ref(), "extend_by")?;
+        if by == 0 {
+            return Err(Error::invalid("extend_by", "is required").into());
+        }
+        let (deadline, cancel_requested) = self
+            .store
+            .extend(&r.project, &r.queue, &r.task_id, &r.lease_token, by)
+            .await?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            deadline: Some(timestamp(deadline)),
+            cancel_requested,
+        }))
+    }
+
+    type LeaseStream = LeaseStream;
+
+    async fn lease(
+        &self,
+        _request: Request<tonic::Streaming<pb::LeaseRequest>>,
+    ) -> std::result::Result<Response<Self::LeaseStream>, Status> {
+        // Status: UNIMPLEMENTED tells clients to fall back to Dequeue / Complete / Fail.
+        Err(Status::unimplemented(
+            "the Lease stream is not served by this version of queue-svc; use Dequeue, Complete, Fail and ExtendLease",
+        ))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> std::result::Result<Response<pb::GetTaskResponse>, Status> {
+        let r = request.into_inner();
+        Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        let (record, payload, result) = self
+            .store
+            .get(&r.project, &r.queue, &r.task_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no task {} in {}/{}",
+                    r.task_id, r.project, r.queue
+                ))
+            })?;
+        Ok(Response::new(pb::GetTaskResponse {
+            task: Some(task_to_proto(&r.project, &r.queue, record, payload, result)),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> std::result::Result<Response<pb::CancelTaskResponse>, Status> {
+        let r = request.into_inner();
+        Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        let now = self.store.cancel(&r.project, &r.queue, &r.task_id).await?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            state: if now {
+                pb::TaskState::Cancelled
+            } else {
+                pb::TaskState::Leased
+            }
+            .into(),
+            cancel_requested: !now,
+        }))
+    }
+
+    async fn get_queue_stats(
+        &self,
+        request: Request<pb::GetQueueStatsRequest>,
+    ) -> std::result::Result<Response<pb::GetQueueStatsResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let s = self.store.stats(&r.project, &r.queue).await?;
+        Ok(Response::new(pb::GetQueueStatsResponse {
+            stats: Some(pb::QueueStats {
+                ready_by_priority: (0u8..5)
+                    .map(|p| pb::PriorityDepth {
+                        priority: model::priority_to_proto(p).into(),
+                        ready: s.ready[usize::from(p)],
+                    })
+                    .collect(),
+                ready: s.ready.iter().sum(),
+                scheduled: s.scheduled,
+                leased: s.leased,
+                dead: s.dead,
+                succeeded_retained: s.done,
+                cancelled_retained: 0,
+                paused: s.paused,
+                enqueued_per_sec: s.last_minute[0] as f64 / 60.0,
+                completed_per_sec: s.last_minute[1] as f64 / 60.0,
+                failed_per_sec: s.last_minute[2] as f64 / 60.0,
+                max_size: self.queues.get(&r.project, &r.queue).max_size,
+                sampled_at: None,
+                project: r.project,
+                queue: r.queue,
+            }),
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        // Workers appear here through the Lease stream; Dequeue callers are not tracked.
+        Err(Status::unimplemented(
+            "ListWorkers lists Lease-stream workers, which this version of queue-svc does not serve",
+        ))
+    }
+
+    async fn pause_queue(
+        &self,
+        request: Request<pb::PauseQueueRequest>,
+    ) -> std::result::Result<Response<pb::PauseQueueResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let paused = self.store.set_paused(&r.project, &r.queue, true).await?;
+        Ok(Response::new(pb::PauseQueueResponse { paused }))
+    }
+
+    async fn resume_queue(
+        &self,
+        request: Request<pb::ResumeQueueRequest>,
+    ) -> std::result::Result<Response<pb::ResumeQueueResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let paused = self.store.set_paused(&r.project, &r.queue, false).await?;
+        Ok(Response::new(pb::ResumeQueueResponse { paused }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> std::result::Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let page = match r.page_size {
+            0 => 100,
+            n if n > 500 => return Err(Error::invalid("page_size", "at most 500").into()),
+            n => u64::from(n),
+        };
+        let offset: u64 = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .map_err(|_| Error::invalid("page_token", "not a token this service issued"))?
+        };
+        let category = (r.category != 0).then(|| category_name(r.category));
+        let (total, tasks) = self
+            .store
+            .list_dead(&r.project, &r.queue, offset, page)
+            .await?;
+        let tasks = tasks
+            .into_iter()
+            .filter(|(record, _)| {
+                category.is_none_or(|c| record.err.last().is_some_and(|e| e.category == c))
+            })
+            .map(|(record, payload)| {
+                let payload = if r.include_payload {
+                    payload
+                } else {
+                    Vec::new()
+                };
+                task_to_proto(&r.project, &r.queue, record, payload, Vec::new())
+            })
+            .collect();
+        let next = offset + page;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            tasks,
+            next_page_token: if next < total {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<pb::RedriveDeadLettersRequest>,
+    ) -> std::result::Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let selector = self.selector(r.selector.as_ref())?;
+        let (n, more) = self
+            .store
+            .redrive_or_purge(&r.project, &r.queue, true, limit_of(r.limit)?, &selector)
+            .await?;
+        Ok(Response::new(pb::RedriveDeadLettersResponse {
+            redriven: u32::try_from(n).unwrap_or(u32::MAX),
+            more,
+        }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<pb::PurgeDeadLettersRequest>,
+    ) -> std::result::Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        validate_name(&r.project, "project")?;
+        validate_name(&r.queue, "queue")?;
+        let selector = self.selector(r.selector.as_ref())?;
+        let (n, more) = self
+            .store
+            .redrive_or_purge(&r.project, &r.queue, false, limit_of(r.limit)?, &selector)
+            .await?;
+        Ok(Response::new(pb::PurgeDeadLettersResponse {
+            purged: u32::try_from(n).unwrap_or(u32::MAX),
+            more,
+        }))
+    }
+}

@@ -1,0 +1,519 @@
+//! The queue in Redis: one typed wrapper per script in `lua/`, each owning its argument order
+//! and checking its reply's shape.
+
+use sluice::error::{Error, Result};
+use sluice::pool::RedisPool;
+use sluice::script::{Call, Script};
+
+use crate::keys;
+use crate::model::Record;
+
+macro_rules! script {
+    ($name:literal, $file:literal) => {
+        Script::new(
+            concat!("queue.", $name),
+            concat!(include_str!("lua/common.lua"), include_str!($file)),
+        )
+    };
+}
+
+/// A task to store.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its initial record.
+    pub record: Record,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Not before this time (ms since the epoch), or 0.
+    pub not_before_ms: u64,
+    /// After this delay (ms), or 0.
+    pub delay_ms: u64,
+}
+
+/// What Enqueue did for one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The task's id (the first task's, for a duplicate).
+    pub id: String,
+    /// The idempotency key matched an existing task.
+    pub duplicate: bool,
+    /// Its state.
+    pub state: String,
+}
+
+/// What Fail did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailOutcome {
+    /// Retried at (ms).
+    Retry { at: f64, attempt: u32 },
+    /// Dead-lettered.
+    Dead { attempt: u32 },
+    /// Ended cancelled (cancel was requested while leased).
+    Cancelled { attempt: u32 },
+}
+
+/// Queue depth and rates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Ready tasks per stored priority (0 critical … 4 background).
+    pub ready: [u64; 5],
+    /// Scheduled (delayed or waiting for a retry).
+    pub scheduled: u64,
+    /// Leased.
+    pub leased: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Finished tasks still retained.
+    pub done: u64,
+    /// Paused.
+    pub paused: bool,
+    /// Enqueued, completed, failed during the previous minute.
+    pub last_minute: [u64; 3],
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadSelector {
+    /// One task.
+    Id(String),
+    /// Every dead letter.
+    All,
+    /// By the category of the last failure ("" = any) and dead before (ms, 0 = any).
+    Filter {
+        category: String,
+        dead_before_ms: u64,
+    },
+}
+
+/// The queue store on Redis.
+#[derive(Debug)]
+pub struct RedisQueue {
+    pool: RedisPool,
+    enqueue: Script,
+    dequeue: Script,
+    complete: Script,
+    fail: Script,
+    extend: Script,
+    reap: Script,
+    get: Script,
+    cancel: Script,
+    stats: Script,
+    pause: Script,
+    dead: Script,
+}
+
+fn status_error(reply: &[redis::Value], what: &str) -> Error {
+    let state = reply
+        .get(1)
+        .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .unwrap_or_default();
+    match reply
+        .first()
+        .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .as_deref()
+    {
+        Some("nf") => Error::NotFound(format!("no such task in this project and queue ({what})")),
+        Some("stale") => Error::FailedPrecondition(format!(
+            "the lease token is not the task's live lease (the task is {state}; its lease expired, \
+             was taken over, or it finished): {what} changed nothing"
+        )),
+        other => Error::Internal(format!("{what}: unexpected reply {other:?}")),
+    }
+}
+
+fn text(value: Option<&redis::Value>, what: &str) -> Result<String> {
+    value
+        .cloned()
+        .map(redis::from_redis_value::<String>)
+        .transpose()
+        .map_err(|e| Error::Internal(format!("{what}: {e}")))?
+        .ok_or_else(|| Error::Internal(format!("{what}: short reply")))
+}
+
+fn bytes(value: Option<&redis::Value>, what: &str) -> Result<Vec<u8>> {
+    value
+        .cloned()
+        .map(redis::from_redis_value::<Vec<u8>>)
+        .transpose()
+        .map_err(|e| Error::Internal(format!("{what}: {e}")))?
+        .ok_or_else(|| Error::Internal(format!("{what}: short reply")))
+}
+
+fn number(value: Option<&redis::Value>, what: &str) -> Result<f64> {
+    value
+        .cloned()
+        .map(redis::from_redis_value::<f64>)
+        .transpose()
+        .map_err(|e| Error::Internal(format!("{what}: {e}")))?
+        .ok_or_else(|| Error::Internal(format!("{what}: short reply")))
+}
+
+fn record(json: &str) -> Result<Record> {
+    serde_json::from_str(json).map_err(|e| Error::Internal(format!("stored task record: {e}")))
+}
+
+impl RedisQueue {
+    /// A queue store on `pool`.
+    pub fn new(pool: RedisPool) -> Self {
+        Self {
+            pool,
+            enqueue: script!("enqueue", "lua/enqueue.lua"),
+            dequeue: script!("dequeue", "lua/dequeue.lua"),
+            complete: script!("complete", "lua/complete.lua"),
+            fail: script!("fail", "lua/fail.lua"),
+            extend: script!("extend", "lua/extend.lua"),
+            reap: script!("reap", "lua/reap.lua"),
+            get: script!("get", "lua/get.lua"),
+            cancel: script!("cancel", "lua/cancel.lua"),
+            stats: script!("stats", "lua/stats.lua"),
+            pause: script!("pause", "lua/pause.lua"),
+            dead: script!("dead", "lua/dead.lua"),
+        }
+    }
+
+    fn call<'s>(script: &'s Script, project: &str, queue: &str) -> Call<'s> {
+        let mut call = script.call();
+        for key in keys::queue(project, queue) {
+            call = call.key(key);
+        }
+        call
+    }
+
+    /// Adds the queue to the registry the reaper walks.
+    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
+        let _: i64 = self
+            .pool
+            .query(
+                redis::cmd("SADD")
+                    .arg(keys::REGISTRY)
+                    .arg(keys::registry_member(project, queue)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every registered `(project, queue)`.
+    pub async fn registered(&self) -> Result<Vec<(String, String)>> {
+        let members: Vec<String> = self
+            .pool
+            .query(redis::cmd("SMEMBERS").arg(keys::REGISTRY))
+            .await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|m| m.split_once('/').map(|(p, q)| (p.to_owned(), q.to_owned())))
+            .collect())
+    }
+
+    /// Stores `tasks` all or none. `Err(ResourceExhausted)` when the queue is full.
+    pub async fn enqueue(
+        &self,
+        project: &str,
+        queue: &str,
+        tasks: &[NewTask],
+        max_size: u64,
+        idempotency_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        let mut call = Self::call(&self.enqueue, project, queue)
+            .arg(max_size)
+            .arg(idempotency_ms)
+            .arg(tasks.len());
+        for task in tasks {
+            let json =
+                serde_json::to_string(&task.record).map_err(|e| Error::Internal(e.to_string()))?;
+            call = call
+                .arg(json)
+                .arg(task.payload.as_slice())
+                .arg(task.not_before_ms)
+                .arg(task.delay_ms);
+        }
+        let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
+        match text(reply.first(), "enqueue")?.as_str() {
+            "full" => Err(Error::ResourceExhausted(format!(
+                "queue `{queue}` holds {} tasks, its maximum allows no {} more; retry later or raise max_size",
+                number(reply.get(1), "enqueue")?,
+                tasks.len()
+            ))),
+            "ok" if reply.len() == 1 + 3 * tasks.len() => reply[1..]
+                .chunks_exact(3)
+                .map(|c| {
+                    Ok(Enqueued {
+                        id: text(c.first(), "enqueue")?,
+                        duplicate: number(c.get(1), "enqueue")? == 1.0,
+                        state: text(c.get(2), "enqueue")?,
+                    })
+                })
+                .collect(),
+            other => Err(Error::Internal(format!(
+                "enqueue: unexpected reply {other}"
+            ))),
+        }
+    }
+
+    /// Leases up to `tokens.len()` ready tasks.
+    pub async fn dequeue(
+        &self,
+        project: &str,
+        queue: &str,
+        lease_ms: u64,
+        worker: &str,
+        tokens: &[String],
+    ) -> Result<Vec<(Record, Vec<u8>)>> {
+        let mut call = Self::call(&self.dequeue, project, queue)
+            .arg(tokens.len())
+            .arg(lease_ms)
+            .arg(worker);
+        for token in tokens {
+            call = call.arg(token);
+        }
+        let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
+        reply
+            .chunks_exact(2)
+            .map(|c| {
+                Ok((
+                    record(&text(c.first(), "dequeue")?)?,
+                    bytes(c.get(1), "dequeue")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Completes a leased task.
+    pub async fn complete(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        result: &[u8],
+    ) -> Result<()> {
+        let reply: Vec<redis::Value> = Self::call(&self.complete, project, queue)
+            .arg(id)
+            .arg(token)
+            .arg(result)
+            .invoke(&self.pool)
+            .await?;
+        match text(reply.first(), "complete")?.as_str() {
+            "ok" => Ok(()),
+            _ => Err(status_error(&reply, "Complete")),
+        }
+    }
+
+    /// Fails a leased task's attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fail(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        category: &str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        let reply: Vec<redis::Value> = Self::call(&self.fail, project, queue)
+            .arg(id)
+            .arg(token)
+            .arg(category)
+            .arg(message)
+            .arg(if retryable { "1" } else { "0" })
+            .invoke(&self.pool)
+            .await?;
+        let attempt = || number(reply.get(2), "fail").map(|a| a as u32);
+        match text(reply.first(), "fail")?.as_str() {
+            "retry" => Ok(FailOutcome::Retry {
+                at: number(reply.get(1), "fail")?,
+                attempt: attempt()?,
+            }),
+            "dead" => Ok(FailOutcome::Dead {
+                attempt: attempt()?,
+            }),
+            "cancelled" => Ok(FailOutcome::Cancelled {
+                attempt: attempt()?,
+            }),
+            _ => Err(status_error(&reply, "Fail")),
+        }
+    }
+
+    /// Extends a live lease; returns (deadline ms, cancel requested).
+    pub async fn extend(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        by_ms: u64,
+    ) -> Result<(f64, bool)> {
+        let reply: Vec<redis::Value> = Self::call(&self.extend, project, queue)
+            .arg(id)
+            .arg(token)
+            .arg(by_ms)
+            .invoke(&self.pool)
+            .await?;
+        match text(reply.first(), "extend")?.as_str() {
+            "ok" => Ok((
+                number(reply.get(1), "extend")?,
+                number(reply.get(2), "extend")? == 1.0,
+            )),
+            _ => Err(status_error(&reply, "ExtendLease")),
+        }
+    }
+
+    /// One task with its payload and result.
+    pub async fn get(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+    ) -> Result<Option<(Record, Vec<u8>, Vec<u8>)>> {
+        let reply: Vec<redis::Value> = Self::call(&self.get, project, queue)
+            .arg(id)
+            .invoke(&self.pool)
+            .await?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((
+            record(&text(reply.first(), "get")?)?,
+            bytes(reply.get(1), "get")?,
+            bytes(reply.get(2), "get")?,
+        )))
+    }
+
+    /// Cancels a task: Ok(true) cancelled now, Ok(false) requested (leased).
+    pub async fn cancel(&self, project: &str, queue: &str, id: &str) -> Result<bool> {
+        let reply: Vec<redis::Value> = Self::call(&self.cancel, project, queue)
+            .arg(id)
+            .invoke(&self.pool)
+            .await?;
+        match text(reply.first(), "cancel")?.as_str() {
+            "cancelled" => Ok(true),
+            "requested" => Ok(false),
+            "nf" => Err(status_error(&reply, "CancelTask")),
+            "final" => Err(Error::FailedPrecondition(format!(
+                "the task is {}: only scheduled, ready or leased tasks can be cancelled",
+                text(reply.get(1), "cancel")?
+            ))),
+            other => Err(Error::Internal(format!("cancel: unexpected reply {other}"))),
+        }
+    }
+
+    /// Depth and rates.
+    pub async fn stats(&self, project: &str, queue: &str) -> Result<Stats> {
+        let r: Vec<u64> = Self::call(&self.stats, project, queue)
+            .invoke(&self.pool)
+            .await?;
+        if r.len() != 13 {
+            return Err(Error::Internal(format!("stats: {} numbers", r.len())));
+        }
+        Ok(Stats {
+            ready: [r[0], r[1], r[2], r[3], r[4]],
+            scheduled: r[5],
+            leased: r[6],
+            dead: r[7],
+            done: r[8],
+            paused: r[9] == 1,
+            last_minute: [r[10], r[11], r[12]],
+        })
+    }
+
+    /// Pauses (true) or resumes (false).
+    pub async fn set_paused(&self, project: &str, queue: &str, paused: bool) -> Result<bool> {
+        let flag: i64 = Self::call(&self.pause, project, queue)
+            .arg(u8::from(paused))
+            .invoke(&self.pool)
+            .await?;
+        Ok(flag == 1)
+    }
+
+    /// Runs the reaper once over one queue: (expired, promoted, removed).
+    pub async fn reap(
+        &self,
+        project: &str,
+        queue: &str,
+        limit: u64,
+        retention_ms: u64,
+        dead_ms: u64,
+    ) -> Result<(u64, u64, u64)> {
+        let r: Vec<u64> = Self::call(&self.reap, project, queue)
+            .arg(limit)
+            .arg(retention_ms)
+            .arg(dead_ms)
+            .invoke(&self.pool)
+            .await?;
+        match r.as_slice() {
+            [a, b, c] => Ok((*a, *b, *c)),
+            _ => Err(Error::Internal(format!("reap: {} numbers", r.len()))),
+        }
+    }
+
+    fn dead_call<'s>(
+        &'s self,
+        project: &str,
+        queue: &str,
+        op: &str,
+        limit: u64,
+        offset: u64,
+        selector: &DeadSelector,
+    ) -> Call<'s> {
+        let (kind, arg, before) = match selector {
+            DeadSelector::Id(id) => ("id", id.clone(), 0),
+            DeadSelector::All => ("all", String::new(), 0),
+            DeadSelector::Filter {
+                category,
+                dead_before_ms,
+            } => ("filter", category.clone(), *dead_before_ms),
+        };
+        Self::call(&self.dead, project, queue)
+            .arg(op)
+            .arg(limit)
+            .arg(offset)
+            .arg(kind)
+            .arg(arg)
+            .arg(before)
+    }
+
+    /// A page of dead letters: (total, tasks with payloads).
+    pub async fn list_dead(
+        &self,
+        project: &str,
+        queue: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(u64, Vec<(Record, Vec<u8>)>)> {
+        let reply: Vec<redis::Value> = self
+            .dead_call(project, queue, "list", limit, offset, &DeadSelector::All)
+            .invoke(&self.pool)
+            .await?;
+        let total = number(reply.first(), "dead list")? as u64;
+        let tasks = reply[1..]
+            .chunks_exact(2)
+            .map(|c| {
+                Ok((
+                    record(&text(c.first(), "dead list")?)?,
+                    bytes(c.get(1), "dead list")?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((total, tasks))
+    }
+
+    /// Redrives (`redrive = true`) or purges dead letters: (count, more left).
+    pub async fn redrive_or_purge(
+        &self,
+        project: &str,
+        queue: &str,
+        redrive: bool,
+        limit: u64,
+        selector: &DeadSelector,
+    ) -> Result<(u64, bool)> {
+        let op = if redrive { "redrive" } else { "purge" };
+        let r: Vec<u64> = self
+            .dead_call(project, queue, op, limit, 0, selector)
+            .invoke(&self.pool)
+            .await?;
+        match r.as_slice() {
+            [n, more] => Ok((*n, *more == 1)),
+            _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
+        }
+    }
+}

@@ -1,0 +1,691 @@
+//! queue-svc against real redis-server processes (standalone, and the 3-master cluster for the
+//! behaviours that must hold there), through real gRPC.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice::proto::sluice::queue::v1 as pb;
+use sluice_testkit::queue::{Queue, dequeue, spec};
+use sluice_testkit::{RedisCluster, RedisServer, eventually};
+use tonic::Code;
+
+const PRIORITIES: [pb::Priority; 5] = [
+    pb::Priority::Critical,
+    pb::Priority::High,
+    pb::Priority::Normal,
+    pb::Priority::Low,
+    pb::Priority::Background,
+];
+
+fn prio_rank(p: i32) -> usize {
+    PRIORITIES
+        .iter()
+        .position(|x| i32::from(*x) == p)
+        .unwrap_or(usize::MAX)
+}
+
+async fn ordering(url: String) -> anyhow::Result<()> {
+    let mut q = Queue::start(&url, "", &[]).await?;
+    // 5,000 tasks across 5 priorities and 3 projects, enqueued in batches with mixed priorities.
+    let projects = ["alpha", "beta", "gamma"];
+    let mut order: HashMap<String, (usize, usize)> = HashMap::new(); // id -> (priority, enqueue index)
+    for (pi, project) in projects.iter().enumerate() {
+        let count = if pi == 0 { 1666 } else { 1667 };
+        let mut index = 0;
+        for batch in [1000, count - 1000] {
+            let tasks: Vec<pb::TaskSpec> = (0..batch)
+                .map(|j| {
+                    spec(
+                        "",
+                        "",
+                        format!("{project}-{index}-{j}").as_bytes(),
+                        PRIORITIES[(j * 7 + pi) % 5],
+                    )
+                })
+                .collect();
+            let reply = q
+                .client
+                .enqueue_batch(pb::EnqueueBatchRequest {
+                    project: project.to_string(),
+                    queue: "work".into(),
+                    tasks: tasks.clone(),
+                })
+                .await?
+                .into_inner();
+            for (r, t) in reply.results.iter().zip(&tasks) {
+                order.insert(r.task_id.clone(), (prio_rank(t.priority), index));
+                index += 1;
+            }
+        }
+    }
+    assert_eq!(order.len(), 5000);
+    for project in projects {
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        loop {
+            let leases = q
+                .client
+                .dequeue(dequeue(project, "work", 256))
+                .await?
+                .into_inner()
+                .leases;
+            if leases.is_empty() {
+                break;
+            }
+            for lease in leases {
+                let task = lease.task.expect("a task");
+                assert_eq!(
+                    task.project, project,
+                    "isolation: only this project's tasks"
+                );
+                seen.push(order[&task.id]);
+            }
+        }
+        assert!(
+            seen.len() >= 1666,
+            "{project}: every task leased once: {}",
+            seen.len()
+        );
+        for pair in seen.windows(2) {
+            assert!(
+                pair[0] <= pair[1],
+                "{project}: priority first, then FIFO: {pair:?}"
+            );
+        }
+    }
+    q.service.stop().await
+}
+
+async fn lease_expiry_fences_the_old_holder(url: String) -> anyhow::Result<()> {
+    let mut q = Queue::start(&url, "", &[]).await?;
+    let id = q
+        .client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "q", b"job", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let mut first = dequeue("p", "q", 1);
+    first.lease_duration = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let old = q.client.dequeue(first).await?.into_inner().leases.remove(0);
+    assert_eq!(old.attempt, 1);
+    // The holder goes silent; the reaper returns the task once its lease expires.
+    let client = q.client.clone();
+    let new = eventually(
+        Duration::from_secs(10),
+        "the task to be redelivered",
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .dequeue(dequeue("p", "q", 1))
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .leases
+                    .pop()
+            }
+        },
+    )
+    .await?;
+    assert_eq!(new.attempt, 2);
+    assert_eq!(new.task.as_ref().map(|t| t.id.as_str()), Some(id.as_str()));
+    let complete = |token: &str| pb::CompleteRequest {
+        project: "p".into(),
+        queue: "q".into(),
+        task_id: id.clone(),
+        lease_token: token.into(),
+        result: b"done".to_vec(),
+    };
+    let refused = q
+        .client
+        .complete(complete(&old.lease_token))
+        .await
+        .expect_err("the old holder is fenced");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    q.client.complete(complete(&new.lease_token)).await?;
+    q.client
+        .complete(complete(&new.lease_token))
+        .await
+        .map_err(|e| anyhow::anyhow!("a repeated complete is answered ok: {e}"))?;
+    let task = q
+        .client
+        .get_task(pb::GetTaskRequest {
+            project: "p".into(),
+            queue: "q".into(),
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .expect("task");
+    assert_eq!(task.state, i32::from(pb::TaskState::Succeeded));
+    assert_eq!(task.attempts, 2);
+    assert_eq!(task.result, b"done");
+    assert_eq!(task.errors.len(), 1, "the expired lease is recorded");
+    assert_eq!(
+        task.errors[0].category,
+        i32::from(pb::FailureCategory::Timeout)
+    );
+    q.service.stop().await
+}
+
+async fn retries_follow_the_policy_then_dead_letters_and_redrive(
+    url: String,
+) -> anyhow::Result<()> {
+    let mut q = Queue::start(&url, "", &[]).await?;
+    let mut s = spec("p", "retry", b"flaky", pb::Priority::High);
+    s.max_attempts = 5;
+    s.retry = Some(pb::RetryPolicy {
+        kind: pb::BackoffKind::Exponential.into(),
+        initial_delay: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        max_delay: Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        multiplier: Some(2.0),
+        jitter: Some(0.0),
+    });
+    let id = q
+        .client
+        .enqueue(pb::EnqueueRequest { task: Some(s) })
+        .await?
+        .into_inner()
+        .task_id;
+    let client = q.client.clone();
+    let next = || {
+        let client = client.clone();
+        eventually(
+            Duration::from_secs(10),
+            "the retry to become ready",
+            move || {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .dequeue(dequeue("p", "retry", 1))
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .leases
+                        .pop()
+                }
+            },
+        )
+    };
+    for (attempt, expected_delay_ms) in [(1u32, 100i64), (2, 200)] {
+        let lease = next().await?;
+        assert_eq!(lease.attempt, attempt);
+        let failed = q
+            .client
+            .fail(pb::FailRequest {
+                project: "p".into(),
+                queue: "retry".into(),
+                task_id: id.clone(),
+                lease_token: lease.lease_token,
+                message: format!("boom {attempt}"),
+                category: pb::FailureCategory::Transient.into(),
+                retryable: None,
+            })
+            .await?
+            .into_inner();
+        assert_eq!(
+            failed.outcome,
+            i32::from(pb::fail_response::Outcome::RetryScheduled)
+        );
+        let task = q
+            .client
+            .get_task(pb::GetTaskRequest {
+                project: "p".into(),
+                queue: "retry".into(),
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner()
+            .task
+            .expect("task");
+        let ms = |t: &prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+        let delay = ms(task.scheduled_for.as_ref().expect("scheduled"))
+            - ms(task.failed_at.as_ref().expect("failed"));
+        assert_eq!(
+            delay, expected_delay_ms,
+            "exponential 100 ms × 2^(n-1), no jitter"
+        );
+        assert_eq!(task.state, i32::from(pb::TaskState::Scheduled));
+    }
+    let third = next().await?;
+    assert_eq!(third.attempt, 3);
+    q.client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            task_id: id.clone(),
+            lease_token: third.lease_token,
+            result: vec![],
+        })
+        .await?;
+    let task = q
+        .client
+        .get_task(pb::GetTaskRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner()
+        .task
+        .expect("task");
+    assert_eq!(
+        (task.state, task.attempts),
+        (i32::from(pb::TaskState::Succeeded), 3)
+    );
+
+    // A permanent failure goes straight to the dead letters; redrive brings it back.
+    let doomed = q
+        .client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "retry", b"bad", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let lease = next().await?;
+    let failed = q
+        .client
+        .fail(pb::FailRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            task_id: doomed.clone(),
+            lease_token: lease.lease_token,
+            message: "malformed input".into(),
+            category: pb::FailureCategory::Permanent.into(),
+            retryable: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        failed.outcome,
+        i32::from(pb::fail_response::Outcome::DeadLettered)
+    );
+    let dead = q
+        .client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            category: pb::FailureCategory::Permanent.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        dead.tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        vec![doomed.as_str()]
+    );
+    assert_eq!(dead.tasks[0].errors[0].message, "malformed input");
+    let redriven = q
+        .client
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            selector: Some(pb::DeadLetterSelector {
+                selector: Some(pb::dead_letter_selector::Selector::TaskId(doomed.clone())),
+            }),
+            limit: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(redriven.redriven, 1);
+    let again = next().await?;
+    assert_eq!(again.attempt, 1, "redrive resets attempts");
+    q.client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+            task_id: doomed.clone(),
+            lease_token: again.lease_token,
+            result: vec![],
+        })
+        .await?;
+    let stats = q
+        .client
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "retry".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(
+        (stats.ready, stats.scheduled, stats.leased, stats.dead),
+        (0, 0, 0, 0)
+    );
+    q.service.stop().await
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let redis = RedisServer::start().await?;
+                    super::$name(redis.url()).await
+                }
+            )*
+        }
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let cluster = RedisCluster::start().await?;
+                    super::$name(cluster.url()).await
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    ordering,
+    lease_expiry_fences_the_old_holder,
+    retries_follow_the_policy_then_dead_letters_and_redrive
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_32_dequeuers_20000_tasks_each_succeeds_once() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let a = Queue::start(&redis.url(), "", &[]).await?;
+    let b = Queue::start(&redis.url(), "", &[]).await?;
+    let mut producer = a.client.clone();
+    for _ in 0..20 {
+        let tasks = (0..1000)
+            .map(|i| spec("", "", format!("t{i}").as_bytes(), PRIORITIES[i % 5]))
+            .collect();
+        producer
+            .enqueue_batch(pb::EnqueueBatchRequest {
+                project: "p".into(),
+                queue: "bulk".into(),
+                tasks,
+            })
+            .await?;
+    }
+    let leased: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..32 {
+        let mut client = if w % 2 == 0 {
+            a.client.clone()
+        } else {
+            b.client.clone()
+        };
+        let leased = leased.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            loop {
+                let leases = client
+                    .dequeue(dequeue("p", "bulk", 16))
+                    .await?
+                    .into_inner()
+                    .leases;
+                if leases.is_empty() {
+                    return anyhow::Ok(done);
+                }
+                for lease in leases {
+                    let task = lease.task.expect("task");
+                    let fresh = leased
+                        .lock()
+                        .map(|mut s| s.insert(task.id.clone()))
+                        .unwrap_or(false);
+                    anyhow::ensure!(fresh, "task {} leased twice", task.id);
+                    client
+                        .complete(pb::CompleteRequest {
+                            project: "p".into(),
+                            queue: "bulk".into(),
+                            task_id: task.id,
+                            lease_token: lease.lease_token,
+                            result: vec![],
+                        })
+                        .await?;
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await??;
+    }
+    assert_eq!(total, 20_000, "every task completed exactly once");
+    let stats = a
+        .client
+        .clone()
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "bulk".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(
+        (
+            stats.ready,
+            stats.scheduled,
+            stats.leased,
+            stats.dead,
+            stats.succeeded_retained
+        ),
+        (0, 0, 0, 0, 20_000)
+    );
+    a.service.stop().await?;
+    b.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_enqueues_survive_kill_9_with_appendfsync_always() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ])
+    .await?;
+    let mut q = Queue::start(&redis.url(), "", &[]).await?;
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        let reply = q
+            .client
+            .enqueue(pb::EnqueueRequest {
+                task: Some(spec(
+                    "p",
+                    "durable",
+                    format!("job {i}").as_bytes(),
+                    pb::Priority::Normal,
+                )),
+            })
+            .await?;
+        ids.push(reply.into_inner().task_id);
+    }
+    redis.kill()?;
+    redis.restart().await?;
+    let client = q.client.clone();
+    let stats = eventually(
+        Duration::from_secs(10),
+        "queue-svc to reach the restarted Redis",
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .get_queue_stats(pb::GetQueueStatsRequest {
+                        project: "p".into(),
+                        queue: "durable".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .stats
+            }
+        },
+    )
+    .await?;
+    assert_eq!(stats.ready, 1000, "every acknowledged enqueue is there");
+    for id in ids.iter().step_by(97) {
+        let task = q
+            .client
+            .get_task(pb::GetTaskRequest {
+                project: "p".into(),
+                queue: "durable".into(),
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner()
+            .task
+            .expect("task");
+        assert_eq!(task.state, i32::from(pb::TaskState::Ready));
+    }
+    q.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(&redis.url(), "[queues.small]\nmax_size = 2\n", &[]).await?;
+    let ok = || spec("p", "q", b"x", pb::Priority::Normal);
+    let id = q
+        .client
+        .enqueue(pb::EnqueueRequest { task: Some(ok()) })
+        .await?
+        .into_inner()
+        .task_id;
+    let with = |f: &dyn Fn(&mut pb::TaskSpec)| {
+        let mut s = ok();
+        f(&mut s);
+        pb::EnqueueRequest { task: Some(s) }
+    };
+    let cases: Vec<(pb::EnqueueRequest, Code, &str)> = vec![
+        (
+            with(&|s| s.payload.clear()),
+            Code::InvalidArgument,
+            "task.payload",
+        ),
+        (
+            with(&|s| s.payload = vec![0; 1024 * 1024 + 1]),
+            Code::InvalidArgument,
+            "task.payload",
+        ),
+        (
+            with(&|s| s.project = "a/b".into()),
+            Code::InvalidArgument,
+            "task.project",
+        ),
+        (
+            with(&|s| s.queue = String::new()),
+            Code::InvalidArgument,
+            "task.queue",
+        ),
+        (
+            with(&|s| s.queue = "{x}".into()),
+            Code::InvalidArgument,
+            "task.queue",
+        ),
+        (
+            with(&|s| s.priority = 42),
+            Code::InvalidArgument,
+            "task.priority",
+        ),
+        (
+            with(&|s| s.max_attempts = 1000),
+            Code::InvalidArgument,
+            "task.max_attempts",
+        ),
+        (
+            pb::EnqueueRequest { task: None },
+            Code::InvalidArgument,
+            "task",
+        ),
+    ];
+    for (request, code, field) in cases {
+        let err = q.client.enqueue(request).await.expect_err(field);
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field} named in: {}",
+            err.message()
+        );
+    }
+    let lease = q
+        .client
+        .dequeue(dequeue("p", "q", 1))
+        .await?
+        .into_inner()
+        .leases
+        .remove(0);
+    let complete = |task_id: &str, token: &str| pb::CompleteRequest {
+        project: "p".into(),
+        queue: "q".into(),
+        task_id: task_id.into(),
+        lease_token: token.into(),
+        result: vec![],
+    };
+    let err = q
+        .client
+        .complete(complete(&id, "not-the-token"))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let unknown = "01890a5d-ac96-774b-bcce-b302099a8057";
+    let err = q
+        .client
+        .complete(complete(unknown, "t"))
+        .await
+        .expect_err("unknown task");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = q
+        .client
+        .complete(complete("nope", "t"))
+        .await
+        .expect_err("malformed id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("task_id"));
+    // Nothing changed: the task is still leased under the real token, which still works.
+    q.client.complete(complete(&id, &lease.lease_token)).await?;
+
+    // A full queue is backpressure: RESOURCE_EXHAUSTED, and nothing stored.
+    for _ in 0..2 {
+        q.client
+            .enqueue(pb::EnqueueRequest {
+                task: Some(spec("p", "small", b"x", pb::Priority::Normal)),
+            })
+            .await?;
+    }
+    let err = q
+        .client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "small", b"x", pb::Priority::Normal)),
+        })
+        .await
+        .expect_err("full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let stats = q
+        .client
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "small".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(stats.ready, 2);
+    q.service.stop().await
+}
