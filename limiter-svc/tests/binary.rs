@@ -3,5 +3,12 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_explains_options_serves_health_and_reflection_and_stops_on_sigterm()
 -> anyhow::Result<()> {
-    sluice_testkit::binary::check_service_binary(env!("CARGO_BIN_EXE_limiter-svc"), &[]).await
+    sluice_testkit::binary::check_service_binary(
+        env!("CARGO_BIN_EXE_limiter-svc"),
+        &[
+            "sluice.limiter.v1.Limiter",
+            "envoy.service.ratelimit.v3.RateLimitService",
+        ],
+    )
+    .await
 }

@@ -5,13 +5,15 @@
 //! - [`service`]: the gRPC edge: validation, queue settings, answers;
 //! - [`queues`]: the queues file (per-queue limits, timeouts, retries, retention);
 //! - [`model`]: the task record, priorities, states and the retry backoff formula;
-//! - [`store`]: one typed wrapper per Lua script in `lua/`;
+//! - [`store`]: one typed wrapper per Lua script in `lua/`, and the store enum;
+//! - [`embedded`]: the same semantics in this process (no Redis needed);
 //! - [`keys`]: every Redis key name; [`reaper`]: lease expiry, promotion, retention;
 //! - [`config`]: the binary's options.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod embedded;
 pub mod keys;
 pub mod model;
 pub mod queues;
@@ -44,36 +46,24 @@ pub async fn run(
     let common = &config.common;
     let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
     let tasks = TaskTracker::new();
-    let mut services = Vec::new();
-    let store = match sluice::pool::from_args(&common.redis)? {
-        Some(pool) => {
-            services.push("sluice.queue.v1.Queue");
-            Some(Arc::new(store::RedisQueue::new(pool)))
-        }
-        None => {
-            tracing::warn!(
-                "the task queue needs --redis-url: only health and reflection are served"
-            );
-            None
-        }
-    };
-    let (router, _health) =
-        sluice::server::router(&[sluice::proto::FILE_DESCRIPTOR_SET], &services)?;
-    let router = match store {
-        Some(store) => {
-            tasks.spawn(reaper::run(
-                store.clone(),
-                queues.clone(),
-                config.reaper_interval,
-                shutdown.clone(),
-            ));
-            router.add_service(
-                QueueServer::new(service::QueueService::new(store, queues))
-                    .max_decoding_message_size(MAX_MESSAGE),
-            )
-        }
-        None => router,
-    };
+    let store = Arc::new(match sluice::pool::from_args(&common.redis)? {
+        Some(pool) => store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool))),
+        None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),
+    });
+    tasks.spawn(reaper::run(
+        store.clone(),
+        queues.clone(),
+        config.reaper_interval,
+        shutdown.clone(),
+    ));
+    let (router, _health) = sluice::server::router(
+        &[sluice::proto::FILE_DESCRIPTOR_SET],
+        &["sluice.queue.v1.Queue"],
+    )?;
+    let router = router.add_service(
+        QueueServer::new(service::QueueService::new(store, queues))
+            .max_decoding_message_size(MAX_MESSAGE),
+    );
     let result = sluice::server::run(
         SERVICE_NAME,
         router,

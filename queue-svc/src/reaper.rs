@@ -8,14 +8,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::queues::Queues;
-use crate::store::RedisQueue;
+use crate::store::QueueStore;
 
 /// Tasks handled per queue per step.
 const BATCH: u64 = 500;
 
 /// Runs the reaper every `interval` until `shutdown`.
 pub async fn run(
-    store: Arc<RedisQueue>,
+    store: Arc<QueueStore>,
     queues: Arc<Queues>,
     interval: Duration,
     shutdown: CancellationToken,

@@ -14,7 +14,7 @@ use crate::model::{
     category_name, duration, proto_duration, timestamp, validate_name, validate_task_id,
 };
 use crate::queues::Queues;
-use crate::store::{DeadSelector, Enqueued, FailOutcome, NewTask, RedisQueue};
+use crate::store::{DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
 
 /// Most tasks one Dequeue leases.
 pub const MAX_DEQUEUE: u32 = 256;
@@ -24,7 +24,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// The Queue service on one store.
 #[derive(Debug, Clone)]
 pub struct QueueService {
-    store: Arc<RedisQueue>,
+    store: Arc<QueueStore>,
     queues: Arc<Queues>,
     registered: Arc<Mutex<HashSet<String>>>,
 }
@@ -111,7 +111,7 @@ fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result<u64> {
 
 impl QueueService {
     /// A service on `store` with `queues` settings.
-    pub fn new(store: Arc<RedisQueue>, queues: Arc<Queues>) -> Self {
+    pub fn new(store: Arc<QueueStore>, queues: Arc<Queues>) -> Self {
         Self {
             store,
             queues,

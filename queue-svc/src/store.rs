@@ -17,6 +17,11 @@ macro_rules! script {
     };
 }
 
+/// A stored task with its payload.
+pub type Leased = (Record, Vec<u8>);
+/// A stored task with its payload and result.
+pub type Full = (Record, Vec<u8>, Vec<u8>);
+
 /// A task to store.
 #[derive(Debug, Clone)]
 pub struct NewTask {
@@ -257,7 +262,7 @@ impl RedisQueue {
         lease_ms: u64,
         worker: &str,
         tokens: &[String],
-    ) -> Result<Vec<(Record, Vec<u8>)>> {
+    ) -> Result<Vec<Leased>> {
         let mut call = Self::call(&self.dequeue, project, queue)
             .arg(tokens.len())
             .arg(lease_ms)
@@ -359,12 +364,7 @@ impl RedisQueue {
     }
 
     /// One task with its payload and result.
-    pub async fn get(
-        &self,
-        project: &str,
-        queue: &str,
-        id: &str,
-    ) -> Result<Option<(Record, Vec<u8>, Vec<u8>)>> {
+    pub async fn get(&self, project: &str, queue: &str, id: &str) -> Result<Option<Full>> {
         let reply: Vec<redis::Value> = Self::call(&self.get, project, queue)
             .arg(id)
             .invoke(&self.pool)
@@ -479,7 +479,7 @@ impl RedisQueue {
         queue: &str,
         offset: u64,
         limit: u64,
-    ) -> Result<(u64, Vec<(Record, Vec<u8>)>)> {
+    ) -> Result<(u64, Vec<Leased>)> {
         let reply: Vec<redis::Value> = self
             .dead_call(project, queue, "list", limit, offset, &DeadSelector::All)
             .invoke(&self.pool)
@@ -515,5 +515,168 @@ impl RedisQueue {
             [n, more] => Ok((*n, *more == 1)),
             _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
         }
+    }
+}
+
+/// The store behind the queue: Redis, or this process.
+#[derive(Debug)]
+pub enum QueueStore {
+    /// Redis or Redis Cluster.
+    Redis(Box<RedisQueue>),
+    /// In-process: one instance only, nothing persisted.
+    Embedded(crate::embedded::EmbeddedQueue),
+}
+
+macro_rules! delegate {
+    ($self:ident, $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            QueueStore::Redis(store) => store.$method($($arg),*).await,
+            QueueStore::Embedded(store) => store.$method($($arg),*),
+        }
+    };
+}
+
+impl QueueStore {
+    /// Adds the queue to the registry the reaper walks (the embedded store knows its queues).
+    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.register(project, queue).await,
+            Self::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// Every known `(project, queue)`.
+    pub async fn registered(&self) -> Result<Vec<(String, String)>> {
+        match self {
+            Self::Redis(store) => store.registered().await,
+            Self::Embedded(store) => Ok(store.registered()),
+        }
+    }
+
+    /// See [`RedisQueue::enqueue`].
+    pub async fn enqueue(
+        &self,
+        project: &str,
+        queue: &str,
+        tasks: &[NewTask],
+        max_size: u64,
+        idempotency_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        delegate!(
+            self,
+            enqueue(project, queue, tasks, max_size, idempotency_ms)
+        )
+    }
+
+    /// See [`RedisQueue::dequeue`].
+    pub async fn dequeue(
+        &self,
+        project: &str,
+        queue: &str,
+        lease_ms: u64,
+        worker: &str,
+        tokens: &[String],
+    ) -> Result<Vec<Leased>> {
+        delegate!(self, dequeue(project, queue, lease_ms, worker, tokens))
+    }
+
+    /// See [`RedisQueue::complete`].
+    pub async fn complete(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        result: &[u8],
+    ) -> Result<()> {
+        delegate!(self, complete(project, queue, id, token, result))
+    }
+
+    /// See [`RedisQueue::fail`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fail(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        category: &str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        delegate!(
+            self,
+            fail(project, queue, id, token, category, message, retryable)
+        )
+    }
+
+    /// See [`RedisQueue::extend`].
+    pub async fn extend(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        by_ms: u64,
+    ) -> Result<(f64, bool)> {
+        delegate!(self, extend(project, queue, id, token, by_ms))
+    }
+
+    /// See [`RedisQueue::get`].
+    pub async fn get(&self, project: &str, queue: &str, id: &str) -> Result<Option<Full>> {
+        delegate!(self, get(project, queue, id))
+    }
+
+    /// See [`RedisQueue::cancel`].
+    pub async fn cancel(&self, project: &str, queue: &str, id: &str) -> Result<bool> {
+        delegate!(self, cancel(project, queue, id))
+    }
+
+    /// See [`RedisQueue::stats`].
+    pub async fn stats(&self, project: &str, queue: &str) -> Result<Stats> {
+        delegate!(self, stats(project, queue))
+    }
+
+    /// See [`RedisQueue::set_paused`].
+    pub async fn set_paused(&self, project: &str, queue: &str, paused: bool) -> Result<bool> {
+        delegate!(self, set_paused(project, queue, paused))
+    }
+
+    /// See [`RedisQueue::reap`].
+    pub async fn reap(
+        &self,
+        project: &str,
+        queue: &str,
+        limit: u64,
+        retention_ms: u64,
+        dead_ms: u64,
+    ) -> Result<(u64, u64, u64)> {
+        delegate!(self, reap(project, queue, limit, retention_ms, dead_ms))
+    }
+
+    /// See [`RedisQueue::list_dead`].
+    pub async fn list_dead(
+        &self,
+        project: &str,
+        queue: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(u64, Vec<Leased>)> {
+        delegate!(self, list_dead(project, queue, offset, limit))
+    }
+
+    /// See [`RedisQueue::redrive_or_purge`].
+    pub async fn redrive_or_purge(
+        &self,
+        project: &str,
+        queue: &str,
+        redrive: bool,
+        limit: u64,
+        selector: &DeadSelector,
+    ) -> Result<(u64, bool)> {
+        delegate!(
+            self,
+            redrive_or_purge(project, queue, redrive, limit, selector)
+        )
     }
 }

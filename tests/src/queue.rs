@@ -16,19 +16,26 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Starts queue-svc on `redis_url` with the queues file `queues` (TOML) and extra flags.
-    pub async fn start(redis_url: &str, queues: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    /// Starts queue-svc on `redis_url` (`None`: the embedded store) with the queues file
+    /// `queues` (TOML) and extra flags.
+    pub async fn start(
+        redis_url: Option<&str>,
+        queues: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::fs::write(file.path(), queues)?;
         let mut args = vec![
             "queue-svc".to_owned(),
             "--queues".to_owned(),
             file.path().display().to_string(),
-            "--redis-url".to_owned(),
-            redis_url.to_owned(),
             "--reaper-interval".to_owned(),
             "100ms".to_owned(),
         ];
+        if let Some(url) = redis_url {
+            args.push("--redis-url".to_owned());
+            args.push(url.to_owned());
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = queue_svc::Config::from_args(args)?;
         let mut service = Service::start(|l, s| queue_svc::run(l, config, s)).await?;

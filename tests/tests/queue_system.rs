@@ -25,8 +25,8 @@ fn prio_rank(p: i32) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-async fn ordering(url: String) -> anyhow::Result<()> {
-    let mut q = Queue::start(&url, "", &[]).await?;
+async fn ordering(url: Option<String>) -> anyhow::Result<()> {
+    let mut q = Queue::start(url.as_deref(), "", &[]).await?;
     // 5,000 tasks across 5 priorities and 3 projects, enqueued in batches with mixed priorities.
     let projects = ["alpha", "beta", "gamma"];
     let mut order: HashMap<String, (usize, usize)> = HashMap::new(); // id -> (priority, enqueue index)
@@ -96,8 +96,8 @@ async fn ordering(url: String) -> anyhow::Result<()> {
     q.service.stop().await
 }
 
-async fn lease_expiry_fences_the_old_holder(url: String) -> anyhow::Result<()> {
-    let mut q = Queue::start(&url, "", &[]).await?;
+async fn lease_expiry_fences_the_old_holder(url: Option<String>) -> anyhow::Result<()> {
+    let mut q = Queue::start(url.as_deref(), "", &[]).await?;
     let id = q
         .client
         .enqueue(pb::EnqueueRequest {
@@ -175,9 +175,9 @@ async fn lease_expiry_fences_the_old_holder(url: String) -> anyhow::Result<()> {
 }
 
 async fn retries_follow_the_policy_then_dead_letters_and_redrive(
-    url: String,
+    url: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut q = Queue::start(&url, "", &[]).await?;
+    let mut q = Queue::start(url.as_deref(), "", &[]).await?;
     let mut s = spec("p", "retry", b"flaky", pb::Priority::High);
     s.max_attempts = 5;
     s.retry = Some(pb::RetryPolicy {
@@ -369,15 +369,23 @@ async fn retries_follow_the_policy_then_dead_letters_and_redrive(
     q.service.stop().await
 }
 
-macro_rules! on_both {
+macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name(None).await
+                }
+            )*
+        }
         mod standalone {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> anyhow::Result<()> {
                     let redis = RedisServer::start().await?;
-                    super::$name(redis.url()).await
+                    super::$name(Some(redis.url())).await
                 }
             )*
         }
@@ -387,14 +395,14 @@ macro_rules! on_both {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> anyhow::Result<()> {
                     let cluster = RedisCluster::start().await?;
-                    super::$name(cluster.url()).await
+                    super::$name(Some(cluster.url())).await
                 }
             )*
         }
     };
 }
 
-on_both!(
+on_every_store!(
     ordering,
     lease_expiry_fences_the_old_holder,
     retries_follow_the_policy_then_dead_letters_and_redrive
@@ -403,8 +411,8 @@ on_both!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_32_dequeuers_20000_tasks_each_succeeds_once() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let a = Queue::start(&redis.url(), "", &[]).await?;
-    let b = Queue::start(&redis.url(), "", &[]).await?;
+    let a = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let b = Queue::start(Some(&redis.url()), "", &[]).await?;
     let mut producer = a.client.clone();
     for _ in 0..20 {
         let tasks = (0..1000)
@@ -500,7 +508,7 @@ async fn acknowledged_enqueues_survive_kill_9_with_appendfsync_always() -> anyho
         "",
     ])
     .await?;
-    let mut q = Queue::start(&redis.url(), "", &[]).await?;
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
     let mut ids = Vec::new();
     for i in 0..1000 {
         let reply = q
@@ -559,7 +567,7 @@ async fn acknowledged_enqueues_survive_kill_9_with_appendfsync_always() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let mut q = Queue::start(&redis.url(), "[queues.small]\nmax_size = 2\n", &[]).await?;
+    let mut q = Queue::start(Some(&redis.url()), "[queues.small]\nmax_size = 2\n", &[]).await?;
     let ok = || spec("p", "q", b"x", pb::Priority::Normal);
     let id = q
         .client

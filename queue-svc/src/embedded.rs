@@ -1,0 +1,611 @@
+//! The queue in this process, with the semantics of the Lua scripts (the shared test suite
+//! runs against both). One instance only; nothing survives a restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use sluice::error::{Error, Result};
+
+use crate::model::{ErrorRecord, Record};
+use crate::store::{DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats};
+
+const MAX_ERRORS: usize = 10;
+
+#[derive(Debug, Default)]
+struct Queue {
+    tasks: HashMap<String, Record>,
+    payloads: HashMap<String, Vec<u8>>,
+    results: HashMap<String, Vec<u8>>,
+    /// (priority, sequence) -> id: most urgent first, FIFO within a level.
+    ready: BTreeMap<(u8, u64), String>,
+    sched: BTreeSet<(u64, String)>,
+    leased: BTreeSet<(u64, String)>,
+    dead: BTreeSet<(u64, String)>,
+    done: BTreeSet<(u64, String)>,
+    idem: HashMap<String, (String, u64)>,
+    seq: u64,
+    paused: bool,
+    /// (what, minute) -> count.
+    counters: HashMap<(&'static str, u64), u64>,
+}
+
+fn ms(t: f64) -> u64 {
+    t.max(0.0) as u64
+}
+
+impl Queue {
+    fn count(&mut self, what: &'static str, now: u64) {
+        let minute = now / 60_000;
+        *self.counters.entry((what, minute)).or_default() += 1;
+        self.counters.retain(|(_, m), _| *m + 2 > minute);
+    }
+
+    fn make_ready(&mut self, task: &mut Record) {
+        self.seq += 1;
+        task.st = "ready".into();
+        task.sch = None;
+        self.ready.insert((task.p, self.seq), task.id.clone());
+    }
+
+    fn schedule(&mut self, task: &mut Record, at: u64) {
+        task.st = "scheduled".into();
+        task.sch = Some(at as f64);
+        self.sched.insert((at, task.id.clone()));
+    }
+
+    fn unlease(&mut self, task: &Record) {
+        if let Some(dl) = task.dl {
+            self.leased.remove(&(ms(dl), task.id.clone()));
+        }
+    }
+
+    fn finish(&mut self, task: &mut Record, state: &str, now: u64) {
+        self.unlease(task);
+        task.st = state.into();
+        task.ltok = task.tok.take();
+        self.done.insert((now, task.id.clone()));
+    }
+
+    fn dead_letter(&mut self, task: &mut Record, now: u64) {
+        self.unlease(task);
+        task.st = "dead".into();
+        task.dd = Some(now as f64);
+        task.ltok = task.tok.take();
+        self.dead.insert((now, task.id.clone()));
+        self.count("dead", now);
+    }
+
+    fn promote(&mut self, now: u64, limit: usize) -> u64 {
+        let due: Vec<(u64, String)> = self
+            .sched
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(limit)
+            .cloned()
+            .collect();
+        for entry in &due {
+            self.sched.remove(entry);
+            if let Some(mut task) = self.tasks.remove(&entry.1) {
+                if task.st == "scheduled" {
+                    self.make_ready(&mut task);
+                }
+                self.tasks.insert(task.id.clone(), task);
+            }
+        }
+        due.len() as u64
+    }
+
+    fn fail_attempt(
+        &mut self,
+        task: &mut Record,
+        category: &str,
+        message: &str,
+        retryable: bool,
+        now: u64,
+    ) -> FailOutcome {
+        task.err.push(ErrorRecord {
+            attempt: task.att,
+            category: category.into(),
+            message: message.into(),
+            retryable,
+            at: now as f64,
+        });
+        if task.err.len() > MAX_ERRORS {
+            task.err.remove(0);
+        }
+        task.fl = Some(now as f64);
+        self.count("failed", now);
+        let attempt = task.att;
+        if task.cr {
+            self.finish(task, "cancelled", now);
+            task.dl = None;
+            task.cx = Some(now as f64);
+            return FailOutcome::Cancelled { attempt };
+        }
+        if !retryable || category == "permanent" || task.att >= task.max {
+            self.dead_letter(task, now);
+            task.dl = None;
+            return FailOutcome::Dead { attempt };
+        }
+        self.unlease(task);
+        task.dl = None;
+        task.ltok = task.tok.take();
+        let index = usize::try_from(task.att)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1);
+        let delay = task
+            .dly
+            .get(index)
+            .or(task.dly.last())
+            .copied()
+            .unwrap_or(0);
+        self.schedule(task, now + delay);
+        FailOutcome::Retry {
+            at: (now + delay) as f64,
+            attempt,
+        }
+    }
+
+    /// The task behind `id` if `token` is its live lease.
+    fn leased_task(&mut self, id: &str, token: &str, now: u64) -> Result<Record> {
+        let task = self
+            .tasks
+            .get(id)
+            .ok_or_else(|| Error::NotFound("no such task in this project and queue".into()))?;
+        if task.st != "leased"
+            || task.tok.as_deref() != Some(token)
+            || task.dl.is_some_and(|dl| ms(dl) < now)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "the lease token is not the task's live lease (the task is {}; its lease expired, was taken over, or it finished)",
+                task.st
+            )));
+        }
+        self.tasks
+            .remove(id)
+            .ok_or_else(|| Error::Internal("task vanished".into()))
+    }
+}
+
+/// The embedded queue store.
+#[derive(Debug)]
+pub struct EmbeddedQueue {
+    queues: Mutex<HashMap<(String, String), Queue>>,
+    epoch_ms: u64,
+    started: tokio::time::Instant,
+}
+
+impl Default for EmbeddedQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmbeddedQueue {
+    /// An empty store.
+    pub fn new() -> Self {
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        Self {
+            queues: Mutex::new(HashMap::new()),
+            epoch_ms,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch_ms + u64::try_from(self.started.elapsed().as_millis()).unwrap_or(0)
+    }
+
+    fn with<T>(
+        &self,
+        project: &str,
+        queue: &str,
+        f: impl FnOnce(&mut Queue, u64) -> Result<T>,
+    ) -> Result<T> {
+        let now = self.now();
+        let mut queues = self
+            .queues
+            .lock()
+            .map_err(|_| Error::Internal("embedded queue lock poisoned".into()))?;
+        let q = queues
+            .entry((project.to_owned(), queue.to_owned()))
+            .or_default();
+        f(q, now)
+    }
+
+    /// Every queue that holds anything.
+    pub fn registered(&self) -> Vec<(String, String)> {
+        self.queues
+            .lock()
+            .map(|q| q.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// See `RedisQueue::enqueue`.
+    pub fn enqueue(
+        &self,
+        project: &str,
+        queue: &str,
+        tasks: &[NewTask],
+        max_size: u64,
+        idempotency_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        self.with(project, queue, |q, now| {
+            let mut seen: HashMap<String, String> = HashMap::new();
+            let mut plan = Vec::with_capacity(tasks.len());
+            let mut fresh = 0;
+            for task in tasks {
+                let existing = task.record.idem.as_ref().and_then(|key| {
+                    seen.get(key).cloned().or_else(|| {
+                        q.idem.get(key).filter(|(id, exp)| *exp > now && q.tasks.contains_key(id)).map(|(id, _)| id.clone())
+                    })
+                });
+                if existing.is_none() {
+                    fresh += 1;
+                    if let Some(key) = &task.record.idem {
+                        seen.insert(key.clone(), task.record.id.clone());
+                    }
+                }
+                plan.push(existing);
+            }
+            let size = (q.ready.len() + q.sched.len() + q.leased.len()) as u64;
+            if max_size > 0 && size + fresh > max_size {
+                return Err(Error::ResourceExhausted(format!(
+                    "queue `{queue}` holds {size} tasks, its maximum allows no {} more; retry later or raise max_size",
+                    tasks.len()
+                )));
+            }
+            let mut out = Vec::with_capacity(tasks.len());
+            for (task, existing) in tasks.iter().zip(plan) {
+                if let Some(id) = existing {
+                    let state = q.tasks.get(&id).map(|t| t.st.clone()).unwrap_or_else(|| "ready".into());
+                    out.push(Enqueued { id, duplicate: true, state });
+                    continue;
+                }
+                let mut record = task.record.clone();
+                record.enq = Some(now as f64);
+                record.att = 0;
+                q.payloads.insert(record.id.clone(), task.payload.clone());
+                let at = if task.delay_ms > 0 { now + task.delay_ms } else { task.not_before_ms };
+                if at > now {
+                    q.schedule(&mut record, at);
+                } else {
+                    q.make_ready(&mut record);
+                }
+                if let Some(key) = &record.idem {
+                    q.idem.insert(key.clone(), (record.id.clone(), now + idempotency_ms));
+                }
+                q.count("enqueued", now);
+                out.push(Enqueued { id: record.id.clone(), duplicate: false, state: record.st.clone() });
+                q.tasks.insert(record.id.clone(), record);
+            }
+            Ok(out)
+        })
+    }
+
+    /// See `RedisQueue::dequeue`.
+    pub fn dequeue(
+        &self,
+        project: &str,
+        queue: &str,
+        lease_ms: u64,
+        worker: &str,
+        tokens: &[String],
+    ) -> Result<Vec<Leased>> {
+        self.with(project, queue, |q, now| {
+            if q.paused {
+                return Ok(Vec::new());
+            }
+            q.promote(now, 1000);
+            let mut out = Vec::new();
+            while out.len() < tokens.len() {
+                let Some((_, id)) = q.ready.pop_first() else {
+                    break;
+                };
+                let Some(mut task) = q.tasks.remove(&id) else {
+                    continue;
+                };
+                if task.st == "ready" {
+                    task.att += 1;
+                    task.st = "leased".into();
+                    task.lsd = Some(now as f64);
+                    task.tok = Some(tokens[out.len()].clone());
+                    let lease = if lease_ms > 0 { lease_ms } else { task.to };
+                    task.dl = Some((now + lease) as f64);
+                    task.wk = Some(worker.to_owned());
+                    q.leased.insert((now + lease, id.clone()));
+                    out.push((
+                        task.clone(),
+                        q.payloads.get(&id).cloned().unwrap_or_default(),
+                    ));
+                }
+                q.tasks.insert(id, task);
+            }
+            Ok(out)
+        })
+    }
+
+    /// See `RedisQueue::complete`.
+    pub fn complete(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        result: &[u8],
+    ) -> Result<()> {
+        self.with(project, queue, |q, now| {
+            if let Some(task) = q.tasks.get(id)
+                && task.st == "succeeded"
+                && task.ltok.as_deref() == Some(token)
+            {
+                return Ok(());
+            }
+            let mut task = q.leased_task(id, token, now)?;
+            q.finish(&mut task, "succeeded", now);
+            task.ok = Some(now as f64);
+            task.dl = None;
+            if !result.is_empty() {
+                q.results.insert(id.to_owned(), result.to_vec());
+            }
+            q.count("completed", now);
+            q.tasks.insert(id.to_owned(), task);
+            Ok(())
+        })
+    }
+
+    /// See `RedisQueue::fail`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fail(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        category: &str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        self.with(project, queue, |q, now| {
+            let mut task = q.leased_task(id, token, now)?;
+            let outcome = q.fail_attempt(&mut task, category, message, retryable, now);
+            q.tasks.insert(id.to_owned(), task);
+            Ok(outcome)
+        })
+    }
+
+    /// See `RedisQueue::extend`.
+    pub fn extend(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        by_ms: u64,
+    ) -> Result<(f64, bool)> {
+        self.with(project, queue, |q, now| {
+            let mut task = q.leased_task(id, token, now)?;
+            q.unlease(&task);
+            let deadline = task.dl.map_or(0, ms).max(now + by_ms);
+            task.dl = Some(deadline as f64);
+            q.leased.insert((deadline, id.to_owned()));
+            let cancel = task.cr;
+            q.tasks.insert(id.to_owned(), task);
+            Ok((deadline as f64, cancel))
+        })
+    }
+
+    /// See `RedisQueue::get`.
+    pub fn get(&self, project: &str, queue: &str, id: &str) -> Result<Option<Full>> {
+        self.with(project, queue, |q, _| {
+            Ok(q.tasks.get(id).map(|t| {
+                (
+                    t.clone(),
+                    q.payloads.get(id).cloned().unwrap_or_default(),
+                    q.results.get(id).cloned().unwrap_or_default(),
+                )
+            }))
+        })
+    }
+
+    /// See `RedisQueue::cancel`.
+    pub fn cancel(&self, project: &str, queue: &str, id: &str) -> Result<bool> {
+        self.with(project, queue, |q, now| {
+            let mut task = q.tasks.remove(id).ok_or_else(|| {
+                Error::NotFound("no such task in this project and queue (CancelTask)".into())
+            })?;
+            let result = match task.st.as_str() {
+                "scheduled" | "ready" => {
+                    if let Some(at) = task.sch {
+                        q.sched.remove(&(ms(at), id.to_owned()));
+                    }
+                    q.ready.retain(|_, v| v != id);
+                    q.finish(&mut task, "cancelled", now);
+                    task.cx = Some(now as f64);
+                    Ok(true)
+                }
+                "leased" => {
+                    task.cr = true;
+                    Ok(false)
+                }
+                state => Err(Error::FailedPrecondition(format!(
+                    "the task is {state}: only scheduled, ready or leased tasks can be cancelled"
+                ))),
+            };
+            q.tasks.insert(id.to_owned(), task);
+            result
+        })
+    }
+
+    /// See `RedisQueue::stats`.
+    pub fn stats(&self, project: &str, queue: &str) -> Result<Stats> {
+        self.with(project, queue, |q, now| {
+            let mut ready = [0u64; 5];
+            for (p, _) in q.ready.keys() {
+                ready[usize::from(*p).min(4)] += 1;
+            }
+            let minute = now / 60_000 - 1;
+            let get = |what| q.counters.get(&(what, minute)).copied().unwrap_or(0);
+            Ok(Stats {
+                ready,
+                scheduled: q.sched.len() as u64,
+                leased: q.leased.len() as u64,
+                dead: q.dead.len() as u64,
+                done: q.done.len() as u64,
+                paused: q.paused,
+                last_minute: [get("enqueued"), get("completed"), get("failed")],
+            })
+        })
+    }
+
+    /// See `RedisQueue::set_paused`.
+    pub fn set_paused(&self, project: &str, queue: &str, paused: bool) -> Result<bool> {
+        self.with(project, queue, |q, _| {
+            q.paused = paused;
+            Ok(paused)
+        })
+    }
+
+    /// See `RedisQueue::reap`.
+    pub fn reap(
+        &self,
+        project: &str,
+        queue: &str,
+        limit: u64,
+        retention_ms: u64,
+        dead_ms: u64,
+    ) -> Result<(u64, u64, u64)> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.with(project, queue, |q, now| {
+            let expired: Vec<(u64, String)> = q
+                .leased
+                .iter()
+                .take_while(|(dl, _)| *dl < now)
+                .take(limit)
+                .cloned()
+                .collect();
+            for (_, id) in &expired {
+                if let Some(mut task) = q.tasks.remove(id) {
+                    if task.st == "leased" {
+                        q.fail_attempt(
+                            &mut task,
+                            "timeout",
+                            "lease expired before the task was completed or failed",
+                            true,
+                            now,
+                        );
+                    }
+                    q.tasks.insert(id.clone(), task);
+                }
+            }
+            for entry in &expired {
+                q.leased.remove(entry);
+            }
+            let promoted = q.promote(now, limit);
+            let mut removed = 0;
+            for (set, before) in [
+                (&mut q.done, now.saturating_sub(retention_ms)),
+                (&mut q.dead, now.saturating_sub(dead_ms)),
+            ] {
+                let old: Vec<(u64, String)> = set
+                    .iter()
+                    .take_while(|(at, _)| *at <= before)
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                for entry in old {
+                    set.remove(&entry);
+                    q.tasks.remove(&entry.1);
+                    q.payloads.remove(&entry.1);
+                    q.results.remove(&entry.1);
+                    removed += 1;
+                }
+            }
+            q.idem.retain(|_, (_, exp)| *exp > now);
+            Ok((expired.len() as u64, promoted, removed))
+        })
+    }
+
+    /// See `RedisQueue::list_dead`.
+    pub fn list_dead(
+        &self,
+        project: &str,
+        queue: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(u64, Vec<Leased>)> {
+        self.with(project, queue, |q, _| {
+            let tasks = q
+                .dead
+                .iter()
+                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .filter_map(|(_, id)| {
+                    q.tasks
+                        .get(id)
+                        .map(|t| (t.clone(), q.payloads.get(id).cloned().unwrap_or_default()))
+                })
+                .collect();
+            Ok((q.dead.len() as u64, tasks))
+        })
+    }
+
+    /// See `RedisQueue::redrive_or_purge`.
+    pub fn redrive_or_purge(
+        &self,
+        project: &str,
+        queue: &str,
+        redrive: bool,
+        limit: u64,
+        selector: &DeadSelector,
+    ) -> Result<(u64, bool)> {
+        self.with(project, queue, |q, _| {
+            let matches = |task: &Record| match selector {
+                DeadSelector::All => true,
+                DeadSelector::Id(id) => &task.id == id,
+                DeadSelector::Filter {
+                    category,
+                    dead_before_ms,
+                } => {
+                    (category.is_empty()
+                        || task.err.last().is_some_and(|e| &e.category == category))
+                        && (*dead_before_ms == 0
+                            || task.dd.is_some_and(|d| ms(d) < *dead_before_ms))
+                }
+            };
+            let chosen: Vec<(u64, String)> = q
+                .dead
+                .iter()
+                .filter(|(_, id)| {
+                    q.tasks
+                        .get(id)
+                        .is_some_and(|t| t.st == "dead" && matches(t))
+                })
+                .cloned()
+                .collect();
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let more = chosen.len() > limit;
+            let mut n = 0;
+            for entry in chosen.into_iter().take(limit) {
+                q.dead.remove(&entry);
+                let id = entry.1;
+                if redrive {
+                    if let Some(mut task) = q.tasks.remove(&id) {
+                        task.att = 0;
+                        task.dd = None;
+                        q.make_ready(&mut task);
+                        q.tasks.insert(id, task);
+                    }
+                } else {
+                    q.tasks.remove(&id);
+                    q.payloads.remove(&id);
+                    q.results.remove(&id);
+                }
+                n += 1;
+            }
+            Ok((n, more))
+        })
+    }
+}
