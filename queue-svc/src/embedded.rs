@@ -439,6 +439,17 @@ impl EmbeddedQueue {
         })
     }
 
+    /// See `RedisQueue::head`.
+    pub fn head(&self, project: &str, queue: &str) -> Result<Option<u8>> {
+        self.with(project, queue, |q, now| {
+            if q.paused {
+                return Ok(None);
+            }
+            q.promote(now, 1000);
+            Ok(q.ready.keys().next().map(|(p, _)| *p))
+        })
+    }
+
     /// See `RedisQueue::stats`.
     pub fn stats(&self, project: &str, queue: &str) -> Result<Stats> {
         self.with(project, queue, |q, now| {

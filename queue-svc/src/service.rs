@@ -27,6 +27,8 @@ pub struct QueueService {
     store: Arc<QueueStore>,
     queues: Arc<Queues>,
     registered: Arc<Mutex<HashSet<String>>>,
+    /// Where the next multi-project Dequeue starts its turn.
+    cursor: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A random number in [0, 1), from a UUIDv7's random bits.
@@ -116,6 +118,7 @@ impl QueueService {
             store,
             queues,
             registered: Arc::new(Mutex::new(HashSet::new())),
+            cursor: Arc::default(),
         }
     }
 
@@ -226,6 +229,75 @@ impl QueueService {
                 .increment(enqueued.iter().filter(|e| !e.duplicate).count() as u64);
         }
         result
+    }
+
+    /// Leases up to `max` tasks from `targets` (project, queue). One target: straight from it.
+    /// Several: the most urgent ready priority among them first, and within it the targets
+    /// in turn, one task each, starting where the previous call left off.
+    async fn lease_from(
+        &self,
+        targets: &[(String, String)],
+        max: usize,
+        lease: u64,
+        worker: &str,
+    ) -> Result<Vec<pb::TaskLease>> {
+        let mut leases = Vec::new();
+        let mut push = |project: &str, queue: &str, found: Vec<crate::store::Leased>| {
+            for (record, payload) in found {
+                let attempt = record.att;
+                let token = record.tok.clone().unwrap_or_default();
+                let deadline = record.dl.map(timestamp);
+                leases.push(pb::TaskLease {
+                    task: Some(task_to_proto(project, queue, record, payload, Vec::new())),
+                    attempt,
+                    lease_token: token,
+                    deadline,
+                });
+            }
+        };
+        if let [(project, queue)] = targets {
+            let tokens: Vec<String> = (0..max).map(|_| token()).collect();
+            push(
+                project,
+                queue,
+                self.store
+                    .dequeue(project, queue, lease, worker, &tokens)
+                    .await?,
+            );
+            return Ok(leases);
+        }
+        let mut taken = 0;
+        while taken < max {
+            let mut heads = Vec::with_capacity(targets.len());
+            for (project, queue) in targets {
+                heads.push(self.store.head(project, queue).await?);
+            }
+            let Some(best) = heads.iter().flatten().min().copied() else {
+                break;
+            };
+            let start = self
+                .cursor
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut round = 0;
+            for k in 0..targets.len() {
+                let i = (start + k) % targets.len();
+                if heads[i] != Some(best) || taken >= max {
+                    continue;
+                }
+                let (project, queue) = &targets[i];
+                let found = self
+                    .store
+                    .dequeue(project, queue, lease, worker, &[token()])
+                    .await?;
+                round += found.len();
+                taken += found.len();
+                push(project, queue, found);
+            }
+            if round == 0 {
+                break;
+            }
+        }
+        Ok(leases)
     }
 
     fn task_ref<'a>(project: &'a str, queue: &'a str, id: &'a str) -> Result<()> {
@@ -349,6 +421,16 @@ impl pb::queue_server::Queue for QueueService {
     ) -> std::result::Result<Response<pb::DequeueResponse>, Status> {
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
+        let mut projects = vec![request.project.clone()];
+        for (i, p) in request.also_projects.iter().enumerate() {
+            validate_name(p, &format!("also_projects[{i}]"))?;
+            if !projects.contains(p) {
+                projects.push(p.clone());
+            }
+        }
+        if projects.len() > 16 {
+            return Err(Error::invalid("also_projects", "at most 16 projects in all").into());
+        }
         if request.queues.is_empty() || request.queues.len() > 16 {
             return Err(Error::invalid("queues", "name 1 to 16 queues").into());
         }
@@ -360,7 +442,7 @@ impl pb::queue_server::Queue for QueueService {
             n if n > MAX_DEQUEUE => {
                 return Err(Error::invalid("max_tasks", format!("at most {MAX_DEQUEUE}")).into());
             }
-            n => n,
+            n => n as usize,
         };
         let wait = match &request.wait {
             None => Duration::ZERO,
@@ -373,42 +455,16 @@ impl pb::queue_server::Queue for QueueService {
         if request.worker_id.len() > 128 {
             return Err(Error::invalid("worker_id", "at most 128 bytes").into());
         }
+        let targets: Vec<(String, String)> = projects
+            .iter()
+            .flat_map(|p| request.queues.iter().map(move |q| (p.clone(), q.clone())))
+            .collect();
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(5);
-        // Queues take turns starting, so one busy queue does not always go first.
-        let start = usize::try_from(uuid::Uuid::now_v7().as_u128() % request.queues.len() as u128)
-            .unwrap_or(0);
         loop {
-            let mut leases = Vec::new();
-            for k in 0..request.queues.len() {
-                let queue = &request.queues[(start + k) % request.queues.len()];
-                let want = max as usize - leases.len();
-                if want == 0 {
-                    break;
-                }
-                let tokens: Vec<String> = (0..want).map(|_| token()).collect();
-                for (record, payload) in self
-                    .store
-                    .dequeue(&request.project, queue, lease, &request.worker_id, &tokens)
-                    .await?
-                {
-                    let attempt = record.att;
-                    let token = record.tok.clone().unwrap_or_default();
-                    let deadline = record.dl.map(timestamp);
-                    leases.push(pb::TaskLease {
-                        task: Some(task_to_proto(
-                            &request.project,
-                            queue,
-                            record,
-                            payload,
-                            Vec::new(),
-                        )),
-                        attempt,
-                        lease_token: token,
-                        deadline,
-                    });
-                }
-            }
+            let leases = self
+                .lease_from(&targets, max, lease, &request.worker_id)
+                .await?;
             if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
                 metrics::counter!("sluice_queue_leased_total").increment(leases.len() as u64);
                 return Ok(Response::new(pb::DequeueResponse { leases }));

@@ -105,6 +105,7 @@ pub struct RedisQueue {
     stats: Script,
     pause: Script,
     dead: Script,
+    head: Script,
 }
 
 fn status_error(reply: &[redis::Value], what: &str) -> Error {
@@ -173,6 +174,7 @@ impl RedisQueue {
             stats: script!("stats", "lua/stats.lua"),
             pause: script!("pause", "lua/pause.lua"),
             dead: script!("dead", "lua/dead.lua"),
+            head: script!("head", "lua/head.lua"),
         }
     }
 
@@ -395,6 +397,15 @@ impl RedisQueue {
             ))),
             other => Err(Error::Internal(format!("cancel: unexpected reply {other}"))),
         }
+    }
+
+    /// The most urgent ready priority (after promoting due tasks); `None` when nothing is
+    /// ready or the queue is paused.
+    pub async fn head(&self, project: &str, queue: &str) -> Result<Option<u8>> {
+        let p: i64 = Self::call(&self.head, project, queue)
+            .invoke(&self.pool)
+            .await?;
+        Ok(u8::try_from(p).ok())
     }
 
     /// Depth and rates.
@@ -630,6 +641,11 @@ impl QueueStore {
     /// See [`RedisQueue::cancel`].
     pub async fn cancel(&self, project: &str, queue: &str, id: &str) -> Result<bool> {
         delegate!(self, cancel(project, queue, id))
+    }
+
+    /// See [`RedisQueue::head`].
+    pub async fn head(&self, project: &str, queue: &str) -> Result<Option<u8>> {
+        delegate!(self, head(project, queue))
     }
 
     /// See [`RedisQueue::stats`].

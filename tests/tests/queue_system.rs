@@ -60,36 +60,86 @@ async fn ordering(url: Option<String>) -> anyhow::Result<()> {
         }
     }
     assert_eq!(order.len(), 5000);
-    for project in projects {
-        let mut seen: Vec<(usize, usize)> = Vec::new();
-        loop {
-            let leases = q
-                .client
-                .dequeue(dequeue(project, "work", 256))
-                .await?
-                .into_inner()
-                .leases;
-            if leases.is_empty() {
-                break;
-            }
-            for lease in leases {
-                let task = lease.task.expect("a task");
-                assert_eq!(
-                    task.project, project,
-                    "isolation: only this project's tasks"
-                );
-                seen.push(order[&task.id]);
-            }
+    // Isolation: a call for one project sees only that project's tasks.
+    let alpha_only = q
+        .client
+        .dequeue(dequeue("alpha", "work", 50))
+        .await?
+        .into_inner()
+        .leases;
+    assert!(
+        alpha_only
+            .iter()
+            .all(|l| l.task.as_ref().is_some_and(|t| t.project == "alpha"))
+    );
+    for lease in &alpha_only {
+        let task = lease.task.as_ref().expect("task");
+        q.client
+            .fail(pb::FailRequest {
+                project: "alpha".into(),
+                queue: "work".into(),
+                task_id: task.id.clone(),
+                lease_token: lease.lease_token.clone(),
+                message: "put back".into(),
+                category: pb::FailureCategory::Transient.into(),
+                retryable: Some(false),
+            })
+            .await?;
+    }
+    for lease in &alpha_only {
+        order.remove(&lease.task.as_ref().expect("task").id);
+    }
+    // One worker fleet serving the three projects: most urgent priority first, FIFO within a
+    // priority per project, and the projects in turn.
+    let mut all = dequeue("alpha", "work", 256);
+    all.also_projects = vec!["beta".into(), "gamma".into()];
+    let mut seen: Vec<(usize, String, usize)> = Vec::new(); // (priority, project, enqueue index)
+    loop {
+        let leases = q.client.dequeue(all.clone()).await?.into_inner().leases;
+        if leases.is_empty() {
+            break;
         }
+        for lease in leases {
+            let task = lease.task.expect("a task");
+            let (priority, index) = order[&task.id];
+            seen.push((priority, task.project, index));
+        }
+    }
+    assert_eq!(seen.len(), order.len(), "every task leased once");
+    for pair in seen.windows(2) {
         assert!(
-            seen.len() >= 1666,
-            "{project}: every task leased once: {}",
-            seen.len()
+            pair[0].0 <= pair[1].0,
+            "most urgent priority first: {pair:?}"
         );
-        for pair in seen.windows(2) {
+    }
+    for project in projects {
+        let mine: Vec<&(usize, String, usize)> = seen.iter().filter(|t| t.1 == project).collect();
+        for pair in mine.windows(2) {
             assert!(
-                pair[0] <= pair[1],
-                "{project}: priority first, then FIFO: {pair:?}"
+                pair[0].0 < pair[1].0 || pair[0].2 < pair[1].2,
+                "{project}: FIFO within a priority: {pair:?}"
+            );
+        }
+    }
+    for level in 0..5 {
+        let at_level: Vec<&String> = seen.iter().filter(|t| t.0 == level).map(|t| &t.1).collect();
+        let fewest = projects
+            .iter()
+            .map(|p| at_level.iter().filter(|x| x.as_str() == *p).count())
+            .min()
+            .unwrap_or(0);
+        // While every project still has tasks at this level, each round serves each project
+        // once (rounds rotate their first project); a Dequeue call can end mid-round, so any 7
+        // consecutive leases include all three projects.
+        // (Rounds rotate their starting project, so the last rounds before one project runs
+        // out are left out.)
+        let prefix = (3 * fewest).saturating_sub(9);
+        for window in at_level[..prefix].windows(7) {
+            let distinct: HashSet<&&String> = window.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                3,
+                "priority {level}: projects take turns: {window:?}"
             );
         }
     }
