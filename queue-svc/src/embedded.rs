@@ -43,7 +43,6 @@ impl Queue {
     fn make_ready(&mut self, task: &mut Record) {
         self.seq += 1;
         task.st = "ready".into();
-        task.sch = None;
         self.ready.insert((task.p, self.seq), task.id.clone());
     }
 
@@ -335,13 +334,13 @@ impl EmbeddedQueue {
         id: &str,
         token: &str,
         result: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         self.with(project, queue, |q, now| {
             if let Some(task) = q.tasks.get(id)
                 && task.st == "succeeded"
                 && task.ltok.as_deref() == Some(token)
             {
-                return Ok(());
+                return Ok(None);
             }
             let mut task = q.leased_task(id, token, now)?;
             q.finish(&mut task, "succeeded", now);
@@ -351,8 +350,9 @@ impl EmbeddedQueue {
                 q.results.insert(id.to_owned(), result.to_vec());
             }
             q.count("completed", now);
+            let ran = now.saturating_sub(task.lsd.map_or(now, ms));
             q.tasks.insert(id.to_owned(), task);
-            Ok(())
+            Ok(Some(ran))
         })
     }
 

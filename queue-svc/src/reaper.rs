@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::queues::Queues;
-use crate::store::QueueStore;
+use crate::store::{QueueStore, Stats};
 
 /// Tasks handled per queue per step.
 const BATCH: u64 = 500;
@@ -37,6 +37,9 @@ pub async fn run(
         for (project, queue) in registered {
             let settings = queues.get(&project, &queue);
             let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            if let Ok(stats) = store.stats(&project, &queue).await {
+                record_depth(&project, &queue, &stats);
+            }
             match store
                 .reap(
                     &project,
@@ -60,5 +63,22 @@ pub async fn run(
                 Err(err) => tracing::debug!(project, queue, error = %err, "reaper step failed"),
             }
         }
+    }
+}
+
+/// Depth gauges per queue, state and priority.
+fn record_depth(project: &str, queue: &str, stats: &Stats) {
+    const PRIORITIES: [&str; 5] = ["critical", "high", "normal", "low", "background"];
+    for (priority, ready) in PRIORITIES.iter().zip(stats.ready) {
+        metrics::gauge!("sluice_queue_depth", "project" => project.to_owned(), "queue" => queue.to_owned(), "state" => "ready", "priority" => *priority)
+            .set(ready as f64);
+    }
+    for (state, n) in [
+        ("scheduled", stats.scheduled),
+        ("leased", stats.leased),
+        ("dead", stats.dead),
+    ] {
+        metrics::gauge!("sluice_queue_depth", "project" => project.to_owned(), "queue" => queue.to_owned(), "state" => state, "priority" => "all")
+            .set(n as f64);
     }
 }

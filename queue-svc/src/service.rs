@@ -244,6 +244,10 @@ impl QueueService {
         let mut leases = Vec::new();
         let mut push = |project: &str, queue: &str, found: Vec<crate::store::Leased>| {
             for (record, payload) in found {
+                if let (Some(leased), Some(ready_since)) = (record.lsd, record.sch.or(record.enq)) {
+                    metrics::histogram!("sluice_queue_task_wait_seconds", "queue" => queue.to_owned())
+                        .record((leased - ready_since).max(0.0) / 1000.0);
+                }
                 let attempt = record.att;
                 let token = record.tok.clone().unwrap_or_default();
                 let deadline = record.dl.map(timestamp);

@@ -292,7 +292,7 @@ impl RedisQueue {
         id: &str,
         token: &str,
         result: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let reply: Vec<redis::Value> = Self::call(&self.complete, project, queue)
             .arg(id)
             .arg(token)
@@ -300,7 +300,7 @@ impl RedisQueue {
             .invoke(&self.pool)
             .await?;
         match text(reply.first(), "complete")?.as_str() {
-            "ok" => Ok(()),
+            "ok" => Ok(u64::try_from(number(reply.get(1), "complete")? as i64).ok()),
             _ => Err(status_error(&reply, "Complete")),
         }
     }
@@ -599,7 +599,7 @@ impl QueueStore {
         id: &str,
         token: &str,
         result: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         delegate!(self, complete(project, queue, id, token, result))
     }
 

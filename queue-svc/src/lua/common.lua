@@ -39,7 +39,6 @@ end
 local function make_ready(task)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   task.st = 'ready'
-  task.sch = nil
   redis.call('ZADD', K_READY, task.p * PRIORITY_SPAN + seq, task.id)
 end
 
