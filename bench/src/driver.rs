@@ -4,8 +4,13 @@
 //! `start + warmup` are made but not recorded; nothing new is sent from
 //! `start + warmup + duration` on, and the calls still in flight then are awaited (each is
 //! bounded by `--timeout`) and recorded.
+//!
+//! A run may end earlier: when `--requests` have all been sent and answered, or when every
+//! closed-loop worker was told to stop by its workload ([`Outcome::stop`], e.g. `drain
+//! --stop-when-empty`); in the open loop one such answer ends the schedule. The measured
+//! period then ends when the last call is answered.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -15,7 +20,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::report::{Mode, Recorder, Report};
+use crate::redis_info;
+use crate::report::{Mode, Recorder, Report, TaskCounting};
 
 /// Options every subcommand shares.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +58,12 @@ pub struct RunArgs {
     /// Also print the report as one JSON line on stdout (the text block then goes to stderr).
     #[arg(long)]
     pub json: bool,
+
+    /// Send at most N requests in all, warm-up included; the run then ends as soon as they
+    /// are answered, even before --duration (e.g. `enqueue-batch --batch 1000 --requests 100`
+    /// enqueues exactly 100,000 tasks).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
 }
 
 /// How load is generated: exactly one of the two.
@@ -78,22 +90,82 @@ pub enum Verdict {
     Unknown,
 }
 
+/// What a successful call reports to the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// Tasks the request carried (enqueued, or leased and completed); counted only by
+    /// workloads with [`Workload::TASKS`].
+    pub tasks: u64,
+    /// Whether the call's latency goes into the histogram (an empty Dequeue, say, does not).
+    pub timed: bool,
+    /// The sender should stop: its closed-loop worker sends nothing more, and in the open
+    /// loop the schedule ends.
+    pub stop: bool,
+}
+
+impl Outcome {
+    /// A timed call that carried `tasks` tasks.
+    pub fn tasks(verdict: Verdict, tasks: u64) -> Self {
+        Self {
+            verdict,
+            tasks,
+            timed: true,
+            stop: false,
+        }
+    }
+}
+
+/// A timed call that carried no task: what the limiter's workloads answer.
+impl From<Verdict> for Outcome {
+    fn from(verdict: Verdict) -> Self {
+        Self::tasks(verdict, 0)
+    }
+}
+
 /// One kind of request the driver can send.
 pub trait Workload: Send + Sync + 'static {
     /// Subcommand name, shown in the report.
     const NAME: &'static str;
 
+    /// Set by workloads that move tasks: the report then counts [`Outcome::tasks`] and shows
+    /// tasks/s.
+    const TASKS: Option<TaskCounting> = None;
+
     /// Makes request number `seq` (0, 1, 2, … over the whole run, warm-up included) on
-    /// `channel`. A failed call is an `Err`, never a panic.
+    /// `channel`. A failed call is an `Err`, never a panic. The open loop calls this.
     fn call(
         &self,
         channel: Channel,
         seq: u64,
-    ) -> impl Future<Output = Result<Verdict, tonic::Status>> + Send;
+    ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send;
+
+    /// The closed loop's form of [`Workload::call`]: request `seq` sent by worker `worker`
+    /// (0-based) of `workers`. Workloads whose requests depend on who sends them (`cycle`:
+    /// producers and consumers) override it; by default it is `call`.
+    fn call_as(
+        &self,
+        channel: Channel,
+        seq: u64,
+        _worker: u32,
+        _workers: u32,
+    ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
+        self.call(channel, seq)
+    }
 }
 
 /// Connects, runs the load described by `args` and returns what was measured.
 pub async fn run<W: Workload>(args: &RunArgs, workload: W) -> anyhow::Result<Report> {
+    run_probed(args, workload, None).await
+}
+
+/// [`run`], also reading Redis's CPU time and command counts when the measured period starts
+/// and when the run ends, if `redis` is given.
+pub async fn run_probed<W: Workload>(
+    args: &RunArgs,
+    workload: W,
+    redis: Option<redis_info::Probe>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(
         !args.duration.is_zero(),
         "--duration must be greater than 0"
@@ -120,20 +192,39 @@ pub async fn run<W: Workload>(args: &RunArgs, workload: W) -> anyhow::Result<Rep
         start,
         measure_start,
         end: measure_start + args.duration,
+        max_requests: args.requests,
+        stopped: AtomicBool::new(false),
     });
 
+    // The first Redis sample is taken when the warm-up ends, while the load runs.
+    let redis_before = redis.clone().map(|probe| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_start).await;
+            probe.sample().await
+        })
+    });
     let ticker = tokio::spawn(print_progress(Arc::clone(&shared)));
     let outcome = match mode {
-        Mode::Closed { concurrency } => closed_loop(&shared, concurrency).await.map(|()| 0),
+        Mode::Closed { concurrency } => closed_loop(&shared, concurrency)
+            .await
+            .map(|early| (0, early)),
         Mode::Open {
             rate,
             max_in_flight,
         } => open_loop(&shared, rate, max_in_flight).await,
     };
+    let finished = Instant::now();
     ticker.abort();
     // The ticker never returns on its own; its JoinError says it was cancelled as asked.
     let _cancelled = ticker.await;
-    let dropped = outcome?;
+    let (dropped, early) = outcome?;
+    let ended_early = early.then_some(finished);
+    let redis = match (redis, redis_before) {
+        (Some(probe), Some(before)) => {
+            Some(redis_usage(&probe, before, finished >= measure_start).await)
+        }
+        _ => None,
+    };
 
     let recorder = shared.recorder().clone();
     Ok(Report {
@@ -146,7 +237,32 @@ pub async fn run<W: Workload>(args: &RunArgs, workload: W) -> anyhow::Result<Rep
         measure_start,
         dropped,
         recorder,
+        tasks: W::TASKS,
+        ended_early,
+        redis,
     })
+}
+
+/// What Redis spent between the sample `before` (taken when the warm-up ended) and now.
+/// `reached_measure` is false when the run ended during the warm-up: nothing was measured.
+async fn redis_usage(
+    probe: &redis_info::Probe,
+    before: tokio::task::JoinHandle<anyhow::Result<redis_info::Sample>>,
+    reached_measure: bool,
+) -> Result<redis_info::Usage, String> {
+    if !reached_measure {
+        before.abort();
+        return Err("the run ended during the warm-up".to_owned());
+    }
+    let before = before
+        .await
+        .map_err(|e| format!("sampling Redis at the start: {e}"))?
+        .map_err(|e| format!("sampling Redis at the start: {e:#}"))?;
+    let after = probe
+        .sample()
+        .await
+        .map_err(|e| format!("sampling Redis at the end: {e:#}"))?;
+    Ok(after.since(&before))
 }
 
 /// Dials every connection up front, so a wrong `--target` fails before any load is sent.
@@ -183,23 +299,45 @@ struct Shared<W> {
     measure_start: Instant,
     /// No call is sent (or scheduled) from here on.
     end: Instant,
+    /// `--requests`: no request numbered this or above is sent.
+    max_requests: Option<u64>,
+    /// Open loop: a call answered [`Outcome::stop`]; nothing more is scheduled.
+    stopped: AtomicBool,
 }
 
 impl<W: Workload> Shared<W> {
     /// Sends request `seq`, whose latency counts from `started` (its send time in the closed
-    /// loop, its scheduled time in the open loop), and records the outcome.
-    async fn request(&self, seq: u64, started: Instant) {
+    /// loop, its scheduled time in the open loop), and records the outcome. `worker` is the
+    /// closed-loop worker sending it and the number of workers. Returns whether the sender
+    /// should stop ([`Outcome::stop`]).
+    async fn request(&self, seq: u64, started: Instant, worker: Option<(u32, u32)>) -> bool {
         // Round robin over the connections.
         let channel = self.channels[(seq % self.channels.len() as u64) as usize].clone();
-        let result = self.workload.call(channel, seq).await;
+        let result = match worker {
+            Some((worker, workers)) => self.workload.call_as(channel, seq, worker, workers).await,
+            None => self.workload.call(channel, seq).await,
+        };
         let finished = Instant::now();
         self.progress.done.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
-            self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(outcome) => {
+                self.progress
+                    .tasks
+                    .fetch_add(outcome.tasks, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.progress.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if started >= self.measure_start {
             self.recorder().record(started, finished, &result);
         }
+        result.is_ok_and(|outcome| outcome.stop)
+    }
+
+    /// Whether `--requests` forbids sending request `seq`.
+    fn over_limit(&self, seq: u64) -> bool {
+        self.max_requests.is_some_and(|max| seq >= max)
     }
 
     fn recorder(&self) -> MutexGuard<'_, Recorder> {
@@ -208,44 +346,60 @@ impl<W: Workload> Shared<W> {
     }
 }
 
-/// `concurrency` tasks, each sending back to back until the end of the run.
-async fn closed_loop<W: Workload>(shared: &Arc<Shared<W>>, concurrency: u32) -> anyhow::Result<()> {
+/// `concurrency` tasks, each sending back to back until the end of the run, until
+/// `--requests` are sent, or until its workload tells it to stop. Returns whether the run
+/// ended early: no worker was still sending when `--duration` ran out.
+async fn closed_loop<W: Workload>(
+    shared: &Arc<Shared<W>>,
+    concurrency: u32,
+) -> anyhow::Result<bool> {
     let next_seq = Arc::new(AtomicU64::new(0));
     let mut workers = JoinSet::new();
-    for _ in 0..concurrency {
+    for worker in 0..concurrency {
         let shared = Arc::clone(shared);
         let next_seq = Arc::clone(&next_seq);
+        // Each worker answers whether it stopped before the end of the run.
         workers.spawn(async move {
             loop {
                 let started = Instant::now();
                 if started >= shared.end {
-                    break;
+                    return false;
                 }
                 let seq = next_seq.fetch_add(1, Ordering::Relaxed);
-                shared.request(seq, started).await;
+                if shared.over_limit(seq) {
+                    return true;
+                }
+                if shared
+                    .request(seq, started, Some((worker, concurrency)))
+                    .await
+                {
+                    return true;
+                }
             }
         });
     }
+    let mut early = true;
     while let Some(joined) = workers.join_next().await {
-        joined.context("a closed-loop worker failed")?;
+        early &= joined.context("a closed-loop worker failed")?;
     }
-    Ok(())
+    Ok(early)
 }
 
 /// Requests on a fixed schedule, each on its own task. Returns how many measured requests
-/// were dropped because `max_in_flight` calls were outstanding.
+/// were dropped because `max_in_flight` calls were outstanding, and whether the schedule
+/// ended early (`--requests` sent, or a call answered [`Outcome::stop`]).
 async fn open_loop<W: Workload>(
     shared: &Arc<Shared<W>>,
     rate: f64,
     max_in_flight: u32,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, bool)> {
     let handle = tokio::runtime::Handle::current();
     let scheduler_shared = Arc::clone(shared);
     // The schedule runs on a blocking-pool thread with `std::thread::sleep`: tokio's timer
     // ticks in whole milliseconds, which would send each request up to 1 ms late and, since
     // latency counts from the scheduled time, add that to every figure. A thread sleep
     // overshoots by tens of microseconds.
-    let (mut in_flight, dropped) = tokio::task::spawn_blocking(move || {
+    let (mut in_flight, dropped, early) = tokio::task::spawn_blocking(move || {
         schedule(&scheduler_shared, &handle, rate, max_in_flight as usize)
     })
     .await
@@ -253,20 +407,22 @@ async fn open_loop<W: Workload>(
     while let Some(joined) = in_flight.join_next().await {
         joined.context("a request task failed")?;
     }
-    Ok(dropped)
+    Ok((dropped, early))
 }
 
 /// The open loop's scheduler (blocking thread). Request `seq` is due at `start + seq / rate`;
 /// when the thread falls behind, late requests go out at once and their lateness counts as
-/// latency. Returns the calls still in flight and the measured drops.
+/// latency. Returns the calls still in flight, the measured drops and whether the schedule
+/// ended early.
 fn schedule<W: Workload>(
     shared: &Arc<Shared<W>>,
     handle: &tokio::runtime::Handle,
     rate: f64,
     max_in_flight: usize,
-) -> anyhow::Result<(JoinSet<()>, u64)> {
+) -> anyhow::Result<(JoinSet<()>, u64, bool)> {
     let mut in_flight = JoinSet::new();
     let mut dropped = 0;
+    let mut early = false;
     for seq in 0_u64.. {
         // Computed from `seq`, not by adding an interval each time, so rounding never drifts.
         let Ok(offset) = Duration::try_from_secs_f64(seq as f64 / rate) else {
@@ -276,9 +432,17 @@ fn schedule<W: Workload>(
         if scheduled >= shared.end {
             break;
         }
+        if shared.over_limit(seq) {
+            early = true;
+            break;
+        }
         let now = Instant::now();
         if scheduled > now {
             std::thread::sleep(scheduled - now);
+        }
+        if shared.stopped.load(Ordering::Relaxed) {
+            early = true;
+            break;
         }
         // Reap finished tasks so that `len` counts only the calls still outstanding.
         while let Some(joined) = in_flight.try_join_next() {
@@ -293,11 +457,15 @@ fn schedule<W: Workload>(
         }
         let task_shared = Arc::clone(shared);
         in_flight.spawn_on(
-            async move { task_shared.request(seq, scheduled).await },
+            async move {
+                if task_shared.request(seq, scheduled, None).await {
+                    task_shared.stopped.store(true, Ordering::Relaxed);
+                }
+            },
             handle,
         );
     }
-    Ok((in_flight, dropped))
+    Ok((in_flight, dropped, early))
 }
 
 /// Counts over the whole run, warm-up included, for the progress line.
@@ -306,6 +474,8 @@ struct Progress {
     done: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    /// Tasks carried by the calls that answered OK.
+    tasks: AtomicU64,
 }
 
 /// Prints, every second, what completed during that second. Runs until aborted.
@@ -314,7 +484,7 @@ async fn print_progress<W: Workload>(shared: Arc<Shared<W>>) {
     let second = Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at(start + second, second);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut before = (0, 0, 0);
+    let mut before = (0, 0, 0, 0);
     loop {
         let now = ticker.tick().await;
         let progress = &shared.progress;
@@ -322,14 +492,19 @@ async fn print_progress<W: Workload>(shared: Arc<Shared<W>>) {
             progress.done.load(Ordering::Relaxed),
             progress.errors.load(Ordering::Relaxed),
             progress.dropped.load(Ordering::Relaxed),
+            progress.tasks.load(Ordering::Relaxed),
         );
         let phase = if now <= shared.measure_start {
             " (warm-up)"
         } else {
             ""
         };
+        let tasks = match W::TASKS {
+            Some(_) => format!("  {:>8} tasks/s", totals.3 - before.3),
+            None => String::new(),
+        };
         eprintln!(
-            "[{:>6.1}s] {:>8} req/s  {} errors  {} dropped{phase}",
+            "[{:>6.1}s] {:>8} req/s{tasks}  {} errors  {} dropped{phase}",
             now.saturating_duration_since(start).as_secs_f64(),
             totals.0 - before.0,
             totals.1 - before.1,

@@ -9,7 +9,7 @@ use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::Channel;
 
-use crate::driver::{Verdict, Workload};
+use crate::driver::{Outcome, Verdict, Workload};
 
 /// Options of `should-rate-limit`.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,18 +63,20 @@ impl Workload for ShouldRateLimit {
         &self,
         channel: Channel,
         seq: u64,
-    ) -> impl Future<Output = Result<Verdict, tonic::Status>> + Send {
+    ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         // Built before the future so that it borrows nothing from `self`.
         let request = self.request(seq);
         async move {
             let response = RateLimitServiceClient::new(channel)
                 .should_rate_limit(request)
                 .await?;
-            Ok(match Code::try_from(response.get_ref().overall_code) {
-                Ok(Code::Ok) => Verdict::Allowed,
-                Ok(Code::OverLimit) => Verdict::Denied,
-                Ok(Code::Unknown) | Err(_) => Verdict::Unknown,
-            })
+            Ok(Outcome::from(
+                match Code::try_from(response.get_ref().overall_code) {
+                    Ok(Code::Ok) => Verdict::Allowed,
+                    Ok(Code::OverLimit) => Verdict::Denied,
+                    Ok(Code::Unknown) | Err(_) => Verdict::Unknown,
+                },
+            ))
         }
     }
 }

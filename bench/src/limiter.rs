@@ -7,7 +7,7 @@ use sluice::proto::sluice::limiter::v1::limiter_client::LimiterClient;
 use sluice::proto::sluice::limiter::v1::{Algorithm, Check, CheckLimitRequest, InlineLimit, check};
 use tonic::transport::Channel;
 
-use crate::driver::{Verdict, Workload};
+use crate::driver::{Outcome, Verdict, Workload};
 
 /// The scopes of a request's checks, in order: the well-known ones, then custom ones so that
 /// up to 16 checks (the contract's maximum) each get their own counter.
@@ -135,16 +135,16 @@ impl Workload for CheckLimit {
         &self,
         channel: Channel,
         seq: u64,
-    ) -> impl Future<Output = Result<Verdict, tonic::Status>> + Send {
+    ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         // Built before the future so that it borrows nothing from `self`.
         let request = self.request(seq);
         async move {
             let response = LimiterClient::new(channel).check_limit(request).await?;
-            Ok(if response.get_ref().allowed {
+            Ok(Outcome::from(if response.get_ref().allowed {
                 Verdict::Allowed
             } else {
                 Verdict::Denied
-            })
+            }))
         }
     }
 }

@@ -6,19 +6,24 @@
 //!   and the open loop (`--rate`), warm-up, the per-second progress line;
 //! - [`report`]: counts and the latency histogram, printed as a block of text and a JSON line;
 //! - [`limiter`]: the `check-limit` workload (`sluice.limiter.v1.Limiter/CheckLimit`);
-//! - [`envoy`]: the `should-rate-limit` workload (Envoy's `RateLimitService/ShouldRateLimit`).
+//! - [`envoy`]: the `should-rate-limit` workload (Envoy's `RateLimitService/ShouldRateLimit`);
+//! - [`queue`]: the task queue's `enqueue`, `enqueue-batch`, `drain` and `cycle` workloads
+//!   (`sluice.queue.v1.Queue`), which count tasks as well as requests;
+//! - [`redis_info`]: `--redis-url`, Redis CPU time and commands per task over a run.
 //!
 //! A run flows: parse the subcommand → build its [`driver::Workload`] → [`driver::run`] calls it
 //! once per request with a sequence number and a channel → [`report::Report`].
 //!
-//! A new workload (the queue's `enqueue`, say) is one more module implementing
-//! [`driver::Workload`] and one more variant of [`Command`].
+//! A new workload is one more module implementing [`driver::Workload`] and one more variant of
+//! [`Command`].
 
 #![forbid(unsafe_code)]
 
 mod driver;
 mod envoy;
 mod limiter;
+mod queue;
+mod redis_info;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +52,45 @@ enum Command {
         #[command(flatten)]
         workload: envoy::ShouldRateLimitArgs,
     },
+    /// Enqueue one task per request (Queue/Enqueue), priorities spread over the five levels.
+    Enqueue {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: queue::EnqueueArgs,
+    },
+    /// Enqueue --batch tasks per request (Queue/EnqueueBatch); reports tasks/s and the latency
+    /// of each batch call.
+    EnqueueBatch {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: queue::EnqueueBatchArgs,
+    },
+    /// Dequeue up to --batch tasks and Complete them all, per request; reports tasks
+    /// completed per second. With --stop-when-empty, measures draining a pre-filled queue.
+    Drain {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: queue::DrainArgs,
+    },
+    /// Producers and consumers at once: half the --concurrency workers enqueue, half drain;
+    /// reports tasks completed per second and the enqueue latency.
+    Cycle {
+        #[command(flatten)]
+        run: driver::RunArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: queue::CycleArgs,
+    },
 }
 
 #[tokio::main]
@@ -61,6 +105,42 @@ async fn main() -> anyhow::Result<()> {
         Command::ShouldRateLimit { run, workload } => {
             let workload = envoy::ShouldRateLimit::new(&workload);
             let report = driver::run(&run, workload).await?;
+            (run, report)
+        }
+        Command::Enqueue {
+            run,
+            queue,
+            workload,
+        } => {
+            let workload = queue::Enqueue::new(&queue, &workload)?;
+            let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
+            (run, report)
+        }
+        Command::EnqueueBatch {
+            run,
+            queue,
+            workload,
+        } => {
+            let workload = queue::EnqueueBatch::new(&queue, &workload)?;
+            let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
+            (run, report)
+        }
+        Command::Drain {
+            run,
+            queue,
+            workload,
+        } => {
+            let workload = queue::Drain::new(&queue, &workload, &run)?;
+            let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
+            (run, report)
+        }
+        Command::Cycle {
+            run,
+            queue,
+            workload,
+        } => {
+            let workload = queue::Cycle::new(&queue, &workload, &run)?;
+            let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
             (run, report)
         }
     };

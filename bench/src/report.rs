@@ -6,7 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::driver::Verdict;
+use crate::driver::{Outcome, Verdict};
+use crate::redis_info::Usage;
 
 /// Latencies above this are recorded as this (a call is bounded by `--timeout` anyway).
 const HIGHEST_MICROS: u64 = 3_600_000_000;
@@ -18,11 +19,24 @@ pub enum Mode {
     Open { rate: f64, max_in_flight: u32 },
 }
 
+/// How a workload that moves tasks wants them reported. Workloads without tasks (the
+/// limiter's) have none, and their report has no task lines.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskCounting {
+    /// What happened to the counted tasks: "enqueued", "completed".
+    pub verb: &'static str,
+    /// What one latency sample is, plural: "EnqueueBatch calls".
+    pub timed: &'static str,
+    /// What a "denied" verdict means for this workload, if it can happen ("empty Dequeue").
+    pub denied: Option<&'static str>,
+}
+
 /// Counts and latencies of the measured calls (those sent after the warm-up).
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    /// Microseconds, 3 significant figures, of calls that answered OK. Failed calls are left
-    /// out: a refused connection fails in microseconds and would flatter every percentile.
+    /// Microseconds, 3 significant figures, of calls that answered OK and that the workload
+    /// times ([`Outcome::timed`]). Failed calls are left out: a refused connection fails in
+    /// microseconds and would flatter every percentile.
     latency: Histogram<u64>,
     /// Calls completed, OK or not.
     requests: u64,
@@ -30,6 +44,8 @@ pub struct Recorder {
     allowed: u64,
     denied: u64,
     unknown: u64,
+    /// Tasks carried by the calls that answered OK ([`Outcome::tasks`]).
+    tasks: u64,
     /// The first error's status code and message; later ones usually repeat it.
     first_error: Option<String>,
     last_finished: Option<Instant>,
@@ -46,6 +62,7 @@ impl Recorder {
             allowed: 0,
             denied: 0,
             unknown: 0,
+            tasks: 0,
             first_error: None,
             last_finished: None,
         })
@@ -56,20 +73,23 @@ impl Recorder {
         &mut self,
         started: Instant,
         finished: Instant,
-        result: &Result<Verdict, tonic::Status>,
+        result: &Result<Outcome, tonic::Status>,
     ) {
         self.requests += 1;
         self.last_finished = Some(self.last_finished.map_or(finished, |t| t.max(finished)));
         match result {
-            Ok(verdict) => {
-                match verdict {
+            Ok(outcome) => {
+                match outcome.verdict {
                     Verdict::Allowed => self.allowed += 1,
                     Verdict::Denied => self.denied += 1,
                     Verdict::Unknown => self.unknown += 1,
                 }
-                let micros = finished.saturating_duration_since(started).as_micros();
-                self.latency
-                    .saturating_record(u64::try_from(micros).unwrap_or(HIGHEST_MICROS));
+                self.tasks += outcome.tasks;
+                if outcome.timed {
+                    let micros = finished.saturating_duration_since(started).as_micros();
+                    self.latency
+                        .saturating_record(u64::try_from(micros).unwrap_or(HIGHEST_MICROS));
+                }
             }
             Err(status) => {
                 self.errors += 1;
@@ -95,6 +115,14 @@ pub struct Report {
     /// Open loop: measured requests not sent because `--max-in-flight` calls were outstanding.
     pub dropped: u64,
     pub recorder: Recorder,
+    /// Set when the workload counts tasks: the report then shows them and tasks/s.
+    pub tasks: Option<TaskCounting>,
+    /// When the run ended before `--duration` ran out (every worker stopped, or `--requests`
+    /// were all answered); the measured period then ends here.
+    pub ended_early: Option<Instant>,
+    /// What Redis spent over the measured period, when `--redis-url` was given; `Err` says
+    /// why it could not be read.
+    pub redis: Option<Result<Usage, String>>,
 }
 
 /// Latency percentiles of the calls that answered OK, in milliseconds.
@@ -109,16 +137,81 @@ struct Percentiles {
 impl Report {
     /// The measured period: at least `--duration`, longer by the tail of the calls that were
     /// still in flight when sending stopped.
+    /// A run that ended early is measured up to its end.
     fn measured(&self) -> Duration {
+        if let Some(ended) = self.ended_early {
+            return ended.saturating_duration_since(self.measure_start);
+        }
         let until_last = self.recorder.last_finished.map_or(Duration::ZERO, |t| {
             t.saturating_duration_since(self.measure_start)
         });
         until_last.max(self.duration)
     }
 
+    /// `count` per second of the measured period; 0 when nothing was measured (a run that
+    /// ended during its warm-up).
+    fn per_second(&self, count: u64) -> f64 {
+        let seconds = self.measured().as_secs_f64();
+        if seconds > 0.0 {
+            count as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
     /// Completed calls (OK or not) per second of the measured period.
     fn throughput(&self) -> f64 {
-        self.recorder.requests as f64 / self.measured().as_secs_f64()
+        self.per_second(self.recorder.requests)
+    }
+
+    /// Tasks carried by the calls that answered OK, per second of the measured period.
+    fn tasks_per_second(&self) -> f64 {
+        self.per_second(self.recorder.tasks)
+    }
+
+    /// Redis CPU microseconds and commands per counted task; `None` when no task was counted.
+    fn redis_per_task(&self, usage: &Usage) -> Option<(f64, f64)> {
+        let tasks = self.recorder.tasks;
+        (tasks > 0).then(|| {
+            (
+                usage.cpu_seconds * 1e6 / tasks as f64,
+                usage.commands as f64 / tasks as f64,
+            )
+        })
+    }
+
+    /// The JSON fields of task workloads, each preceded by a comma.
+    fn tasks_json(&self, counting: &TaskCounting) -> String {
+        let r = &self.recorder;
+        let redis = match &self.redis {
+            None => "null".to_owned(),
+            Some(Err(error)) => format!(r#"{{"error":{}}}"#, json_string(error)),
+            Some(Ok(usage)) => {
+                let (cpu, commands) = match self.redis_per_task(usage) {
+                    Some((cpu, commands)) => (format!("{cpu:.3}"), format!("{commands:.3}")),
+                    None => ("null".to_owned(), "null".to_owned()),
+                };
+                format!(
+                    concat!(
+                        r#"{{"cpu_s":{:.6},"commands":{},"script_calls":{},"#,
+                        r#""cpu_us_per_task":{},"commands_per_task":{}}}"#,
+                    ),
+                    usage.cpu_seconds, usage.commands, usage.script_calls, cpu, commands,
+                )
+            }
+        };
+        format!(
+            concat!(
+                r#","tasks":{},"tasks_counted":{},"tasks_per_s":{:.1},"#,
+                r#""timed_calls":{},"ended_early":{},"redis":{}"#,
+            ),
+            r.tasks,
+            json_string(counting.verb),
+            self.tasks_per_second(),
+            r.latency.len(),
+            self.ended_early.is_some(),
+            redis,
+        )
     }
 
     /// `None` when no measured call answered OK.
@@ -168,6 +261,11 @@ impl Report {
             ),
             None => "null".to_owned(),
         };
+        // Workloads without tasks keep exactly the fields they always had.
+        let tasks = self
+            .tasks
+            .as_ref()
+            .map_or_else(String::new, |counting| self.tasks_json(counting));
         format!(
             concat!(
                 r#"{{"workload":{},"target":{},"connections":{},"mode":"{}","#,
@@ -175,7 +273,7 @@ impl Report {
                 r#""warmup_s":{:.3},"duration_s":{:.3},"measured_s":{:.3},"#,
                 r#""requests":{},"errors":{},"first_error":{},"dropped":{},"#,
                 r#""allowed":{},"denied":{},"unknown":{},"#,
-                r#""throughput_rps":{:.1},"latency_ms":{}}}"#,
+                r#""throughput_rps":{:.1},"latency_ms":{}{}}}"#,
             ),
             json_string(self.workload),
             json_string(&self.target),
@@ -196,6 +294,7 @@ impl Report {
             r.unknown,
             self.throughput(),
             latency,
+            tasks,
         )
     }
 }
@@ -228,6 +327,12 @@ impl fmt::Display for Report {
             self.measured().as_secs_f64(),
             self.warmup.as_secs_f64()
         )?;
+        if self.ended_early.is_some() {
+            writeln!(
+                f,
+                "  ended        before --duration: the workload stopped (--stop-when-empty) or --requests were answered"
+            )?;
+        }
         writeln!(f, "  requests     {}", r.requests)?;
         writeln!(f, "  errors       {}", r.errors)?;
         if let Some(first) = &r.first_error {
@@ -244,15 +349,52 @@ impl fmt::Display for Report {
         if r.unknown > 0 {
             write!(f, ", no verdict {}", r.unknown)?;
         }
+        if let Some(denied) = self.tasks.as_ref().and_then(|t| t.denied) {
+            write!(f, " (denied = {denied})")?;
+        }
         writeln!(f)?;
         writeln!(f, "  throughput   {:.1} req/s", self.throughput())?;
+        if let Some(counting) = &self.tasks {
+            writeln!(
+                f,
+                "  tasks        {} {}, {:.1} tasks/s",
+                r.tasks,
+                counting.verb,
+                self.tasks_per_second()
+            )?;
+            writeln!(f, "  latency of   {} {}", r.latency.len(), counting.timed)?;
+        }
         match self.percentiles() {
             Some(p) => writeln!(
                 f,
                 "  latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
                 p.p50, p.p90, p.p99, p.p999, p.max
-            ),
-            None => writeln!(f, "  latency ms   n/a (no call answered OK)"),
+            )?,
+            None if self.tasks.is_some() => writeln!(f, "  latency ms   n/a (no timed call)")?,
+            None => writeln!(f, "  latency ms   n/a (no call answered OK)")?,
+        }
+        match &self.redis {
+            None => Ok(()),
+            Some(Err(error)) => writeln!(f, "  Redis        n/a: {error}"),
+            Some(Ok(usage)) => match self.redis_per_task(usage) {
+                Some((cpu, commands)) => {
+                    writeln!(
+                        f,
+                        "  Redis CPU per task: {cpu:.2} µs ({:.3} s in all)",
+                        usage.cpu_seconds
+                    )?;
+                    writeln!(
+                        f,
+                        "  Redis commands per task: {commands:.2} ({} in all, {} script calls)",
+                        usage.commands, usage.script_calls
+                    )
+                }
+                None => writeln!(
+                    f,
+                    "  Redis        {:.3} s CPU, {} commands ({} script calls), no task counted",
+                    usage.cpu_seconds, usage.commands, usage.script_calls
+                ),
+            },
         }
     }
 }
@@ -290,11 +432,11 @@ mod tests {
         let mut recorder = Recorder::new()?;
         let t0 = Instant::now();
         for micros in 1..=1000 {
-            let result = Ok(if micros % 10 == 0 {
+            let result = Ok(Outcome::from(if micros % 10 == 0 {
                 Verdict::Denied
             } else {
                 Verdict::Allowed
-            });
+            }));
             recorder.record(t0, t0 + Duration::from_micros(micros), &result);
         }
         recorder.record(t0, t0, &Err(tonic::Status::unavailable("store down")));
@@ -308,6 +450,9 @@ mod tests {
             measure_start: t0,
             dropped: 0,
             recorder,
+            tasks: None,
+            ended_early: None,
+            redis: None,
         };
         let p = report
             .percentiles()
@@ -322,6 +467,69 @@ mod tests {
             "{json}"
         );
         assert!(json.contains(r#""throughput_rps":1001.0,"#), "{json}");
+        assert!(!json.contains(r#""tasks""#), "{json}");
+        assert!(!report.to_string().contains("tasks"));
+        Ok(())
+    }
+
+    #[test]
+    fn task_workloads_report_tasks_per_second_and_redis_per_task() -> anyhow::Result<()> {
+        let mut recorder = Recorder::new()?;
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            let outcome = Outcome::tasks(Verdict::Allowed, 100);
+            recorder.record(t0, t0 + Duration::from_millis(2), &Ok(outcome));
+        }
+        // An empty Dequeue: denied, no task, not timed.
+        let empty = Outcome {
+            timed: false,
+            ..Outcome::tasks(Verdict::Denied, 0)
+        };
+        recorder.record(t0, t0 + Duration::from_micros(10), &Ok(empty));
+        let report = Report {
+            workload: "drain",
+            target: "http://127.0.0.1:1".into(),
+            connections: 1,
+            mode: Mode::Closed { concurrency: 1 },
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(10),
+            measure_start: t0,
+            dropped: 0,
+            recorder,
+            tasks: Some(TaskCounting {
+                verb: "completed",
+                timed: "rounds",
+                denied: Some("empty Dequeue"),
+            }),
+            // Ended after 2 s although --duration was 10 s.
+            ended_early: Some(t0 + Duration::from_secs(2)),
+            redis: Some(Ok(Usage {
+                cpu_seconds: 0.5,
+                commands: 3000,
+                script_calls: 1000,
+            })),
+        };
+        let json = report.json();
+        assert!(json.contains(r#""measured_s":2.000,"#), "{json}");
+        assert!(json.contains(r#""throughput_rps":5.5,"#), "{json}");
+        assert!(
+            json.contains(r#""tasks":1000,"tasks_counted":"completed","tasks_per_s":500.0,"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""timed_calls":10,"ended_early":true,"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""cpu_us_per_task":500.000,"commands_per_task":3.000}"#),
+            "{json}"
+        );
+        assert!(json.ends_with("}}"), "{json}");
+        let text = report.to_string();
+        assert!(text.contains("1000 completed, 500.0 tasks/s"), "{text}");
+        assert!(text.contains("Redis CPU per task: 500.00 µs"), "{text}");
+        assert!(text.contains("Redis commands per task: 3.00"), "{text}");
+        assert!(text.contains("(denied = empty Dequeue)"), "{text}");
         Ok(())
     }
 }

@@ -439,6 +439,25 @@ impl EmbeddedQueue {
         })
     }
 
+    /// See `RedisQueue::release`.
+    pub fn release(&self, project: &str, queue: &str, id: &str, token: &str) -> Result<()> {
+        self.with(project, queue, |q, now| {
+            let mut task = q.leased_task(id, token, now)?;
+            q.unlease(&task);
+            task.att = task.att.saturating_sub(1);
+            task.tok = None;
+            task.dl = None;
+            if task.cr {
+                q.finish(&mut task, "cancelled", now);
+                task.cx = Some(now as f64);
+            } else {
+                q.make_ready(&mut task);
+            }
+            q.tasks.insert(id.to_owned(), task);
+            Ok(())
+        })
+    }
+
     /// See `RedisQueue::head`.
     pub fn head(&self, project: &str, queue: &str) -> Result<Option<u8>> {
         self.with(project, queue, |q, now| {

@@ -7,6 +7,7 @@
 //! - [`model`]: the task record, priorities, states and the retry backoff formula;
 //! - [`store`]: one typed wrapper per Lua script in `lua/`, and the store enum;
 //! - [`embedded`]: the same semantics in this process (no Redis needed);
+//! - [`lease`]: the Lease stream (credits, push dispatch, heartbeats, acks, drain);
 //! - [`keys`]: every Redis key name; [`reaper`]: lease expiry, promotion, retention;
 //! - [`config`]: the binary's options.
 
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod embedded;
 pub mod keys;
+pub mod lease;
 pub mod model;
 pub mod queues;
 pub mod reaper;
@@ -61,7 +63,7 @@ pub async fn run(
         &["sluice.queue.v1.Queue"],
     )?;
     let router = router.add_service(
-        QueueServer::new(service::QueueService::new(store, queues))
+        QueueServer::new(service::QueueService::new(store, queues, shutdown.clone()))
             .max_decoding_message_size(MAX_MESSAGE),
     );
     let result = sluice::server::run(

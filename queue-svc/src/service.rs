@@ -29,6 +29,8 @@ pub struct QueueService {
     registered: Arc<Mutex<HashSet<String>>>,
     /// Where the next multi-project Dequeue starts its turn.
     cursor: Arc<std::sync::atomic::AtomicUsize>,
+    /// Lease streams: connected workers, wake-ups, shutdown.
+    streams: Arc<crate::lease::StreamState>,
 }
 
 /// A random number in [0, 1), from a UUIDv7's random bits.
@@ -98,7 +100,8 @@ pub fn task_to_proto(
     }
 }
 
-fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result<u64> {
+/// A lease duration in ms (0 when unset), validated to 1 s ..= 24 h.
+pub(crate) fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result<u64> {
     match d {
         None => Ok(0),
         Some(d) => {
@@ -113,13 +116,125 @@ fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result<u64> {
 
 impl QueueService {
     /// A service on `store` with `queues` settings.
-    pub fn new(store: Arc<QueueStore>, queues: Arc<Queues>) -> Self {
+    pub fn new(
+        store: Arc<QueueStore>,
+        queues: Arc<Queues>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
             store,
             queues,
             registered: Arc::new(Mutex::new(HashSet::new())),
             cursor: Arc::default(),
+            streams: crate::lease::StreamState::new(shutdown),
         }
+    }
+
+    /// The store.
+    pub(crate) fn store(&self) -> &QueueStore {
+        &self.store
+    }
+
+    /// Connected Lease-stream workers.
+    pub(crate) fn workers(&self) -> &crate::lease::Workers {
+        &self.streams.workers
+    }
+
+    /// The lease streams' shared state (wake-ups live there).
+    pub(crate) fn wakeups(&self) -> Arc<crate::lease::StreamState> {
+        self.streams.clone()
+    }
+
+    /// Wakes every lease stream waiting for work.
+    pub(crate) fn wake(&self) {
+        self.streams.wakeups.notify_waiters();
+    }
+
+    /// This instance's id.
+    pub(crate) fn instance(&self) -> &str {
+        &self.streams.instance
+    }
+
+    /// Cancelled when the instance shuts down.
+    pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.streams.shutdown.clone()
+    }
+
+    /// Gives back a lease that never reached its worker; logs instead of failing.
+    pub(crate) async fn release_quietly(&self, project: &str, queue: &str, id: &str, token: &str) {
+        match self.store.release(project, queue, id, token).await {
+            Ok(()) => self.wake(),
+            Err(err) => {
+                tracing::warn!(project, queue, task = id, error = %err, "could not release an unsent lease; it expires instead")
+            }
+        }
+    }
+
+    /// Completes a leased task (unary and stream), with its metrics.
+    pub(crate) async fn complete_task(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        result: &[u8],
+    ) -> Result<()> {
+        if result.len() > MAX_PAYLOAD {
+            return Err(Error::invalid(
+                "result",
+                format!("at most {MAX_PAYLOAD} bytes"),
+            ));
+        }
+        if let Some(ms) = self
+            .store
+            .complete(project, queue, id, token, result)
+            .await?
+        {
+            metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned())
+                .record(ms as f64 / 1000.0);
+            metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned())
+                .increment(1);
+        }
+        Ok(())
+    }
+
+    /// Fails a leased task's attempt (unary and stream), with its metrics.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fail_task(
+        &self,
+        project: &str,
+        queue: &str,
+        id: &str,
+        token: &str,
+        category: &'static str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<FailOutcome> {
+        let mut message = message.to_owned();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let outcome = self
+            .store
+            .fail(project, queue, id, token, category, &message, retryable)
+            .await?;
+        metrics::counter!("sluice_queue_failed_total", "queue" => queue.to_owned(), "category" => category).increment(1);
+        match outcome {
+            FailOutcome::Retry { .. } => {
+                metrics::counter!("sluice_queue_retries_total", "queue" => queue.to_owned())
+                    .increment(1)
+            }
+            FailOutcome::Dead { .. } => {
+                metrics::counter!("sluice_queue_dead_lettered_total", "queue" => queue.to_owned())
+                    .increment(1)
+            }
+            FailOutcome::Cancelled { .. } => {}
+        }
+        Ok(outcome)
     }
 
     async fn register(&self, project: &str, queue: &str) -> Result<()> {
@@ -225,6 +340,7 @@ impl QueueService {
             .enqueue(project, queue, tasks, settings.max_size, retention)
             .await;
         if let Ok(enqueued) = &result {
+            self.wake();
             metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned())
                 .increment(enqueued.iter().filter(|e| !e.duplicate).count() as u64);
         }
@@ -234,7 +350,7 @@ impl QueueService {
     /// Leases up to `max` tasks from `targets` (project, queue). One target: straight from it.
     /// Several: the most urgent ready priority among them first, and within it the targets
     /// in turn, one task each, starting where the previous call left off.
-    async fn lease_from(
+    pub(crate) async fn lease_from(
         &self,
         targets: &[(String, String)],
         max: usize,
@@ -486,13 +602,8 @@ impl pb::queue_server::Queue for QueueService {
     ) -> std::result::Result<Response<pb::CompleteResponse>, Status> {
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
-        if r.result.len() > MAX_PAYLOAD {
-            return Err(Error::invalid("result", format!("at most {MAX_PAYLOAD} bytes")).into());
-        }
-        self.store
-            .complete(&r.project, &r.queue, &r.task_id, &r.lease_token, &r.result)
+        self.complete_task(&r.project, &r.queue, &r.task_id, &r.lease_token, &r.result)
             .await?;
-        metrics::counter!("sluice_queue_completed_total", "queue" => r.queue).increment(1);
         Ok(Response::new(pb::CompleteResponse {}))
     }
 
@@ -505,46 +616,29 @@ impl pb::queue_server::Queue for QueueService {
         let category = category_name(r.category);
         // A forgotten `retryable` must not dead-letter a task: only "permanent" defaults to no.
         let retryable = r.retryable.unwrap_or(category != "permanent");
-        let mut message = r.message;
-        if message.len() > MAX_ERROR_MESSAGE {
-            let mut cut = MAX_ERROR_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
         let outcome = self
-            .store
-            .fail(
+            .fail_task(
                 &r.project,
                 &r.queue,
                 &r.task_id,
                 &r.lease_token,
                 category,
-                &message,
+                &r.message,
                 retryable,
             )
             .await?;
-        metrics::counter!("sluice_queue_failed_total", "queue" => r.queue.clone(), "category" => category).increment(1);
         use pb::fail_response::Outcome;
         let response = match outcome {
-            FailOutcome::Retry { at, attempt } => {
-                metrics::counter!("sluice_queue_retries_total", "queue" => r.queue).increment(1);
-                pb::FailResponse {
-                    outcome: Outcome::RetryScheduled.into(),
-                    retry_at: Some(timestamp(at)),
-                    attempt,
-                }
-            }
-            FailOutcome::Dead { attempt } => {
-                metrics::counter!("sluice_queue_dead_lettered_total", "queue" => r.queue)
-                    .increment(1);
-                pb::FailResponse {
-                    outcome: Outcome::DeadLettered.into(),
-                    retry_at: None,
-                    attempt,
-                }
-            }
+            FailOutcome::Retry { at, attempt } => pb::FailResponse {
+                outcome: Outcome::RetryScheduled.into(),
+                retry_at: Some(timestamp(at)),
+                attempt,
+            },
+            FailOutcome::Dead { attempt } => pb::FailResponse {
+                outcome: Outcome::DeadLettered.into(),
+                retry_at: None,
+                attempt,
+            },
             FailOutcome::Cancelled { attempt } => pb::FailResponse {
                 outcome: Outcome::Cancelled.into(),
                 retry_at: None,
@@ -578,12 +672,13 @@ impl pb::queue_server::Queue for QueueService {
 
     async fn lease(
         &self,
-        _request: Request<tonic::Streaming<pb::LeaseRequest>>,
+        request: Request<tonic::Streaming<pb::LeaseRequest>>,
     ) -> std::result::Result<Response<Self::LeaseStream>, Status> {
-        // Status: UNIMPLEMENTED tells clients to fall back to Dequeue / Complete / Fail.
-        Err(Status::unimplemented(
-            "the Lease stream is not served by this version of queue-svc; use Dequeue, Complete, Fail and ExtendLease",
-        ))
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(crate::lease::serve(self.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_task(
@@ -665,10 +760,14 @@ impl pb::queue_server::Queue for QueueService {
     ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
         let r = request.into_inner();
         validate_name(&r.project, "project")?;
-        // Workers appear here through the Lease stream; Dequeue callers are not tracked.
-        Err(Status::unimplemented(
-            "ListWorkers lists Lease-stream workers, which this version of queue-svc does not serve",
-        ))
+        if !r.queue.is_empty() {
+            validate_name(&r.queue, "queue")?;
+        }
+        // Workers on Lease streams of this instance; each instance knows its own streams.
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: self.workers().list(&r.project, &r.queue),
+            truncated: false,
+        }))
     }
 
     async fn pause_queue(

@@ -106,6 +106,7 @@ pub struct RedisQueue {
     pause: Script,
     dead: Script,
     head: Script,
+    release: Script,
 }
 
 fn status_error(reply: &[redis::Value], what: &str) -> Error {
@@ -175,6 +176,7 @@ impl RedisQueue {
             pause: script!("pause", "lua/pause.lua"),
             dead: script!("dead", "lua/dead.lua"),
             head: script!("head", "lua/head.lua"),
+            release: script!("release", "lua/release.lua"),
         }
     }
 
@@ -396,6 +398,19 @@ impl RedisQueue {
                 text(reply.get(1), "cancel")?
             ))),
             other => Err(Error::Internal(format!("cancel: unexpected reply {other}"))),
+        }
+    }
+
+    /// Gives a leased task back unstarted (the attempt does not count).
+    pub async fn release(&self, project: &str, queue: &str, id: &str, token: &str) -> Result<()> {
+        let reply: Vec<redis::Value> = Self::call(&self.release, project, queue)
+            .arg(id)
+            .arg(token)
+            .invoke(&self.pool)
+            .await?;
+        match text(reply.first(), "release")?.as_str() {
+            "ok" => Ok(()),
+            _ => Err(status_error(&reply, "ReleaseTask")),
         }
     }
 
@@ -641,6 +656,11 @@ impl QueueStore {
     /// See [`RedisQueue::cancel`].
     pub async fn cancel(&self, project: &str, queue: &str, id: &str) -> Result<bool> {
         delegate!(self, cancel(project, queue, id))
+    }
+
+    /// See [`RedisQueue::release`].
+    pub async fn release(&self, project: &str, queue: &str, id: &str, token: &str) -> Result<()> {
+        delegate!(self, release(project, queue, id, token))
     }
 
     /// See [`RedisQueue::head`].

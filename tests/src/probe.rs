@@ -19,6 +19,7 @@ pub async fn health(url: &str, service: &str) -> anyhow::Result<i32> {
 pub async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
     Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
         .connect()
         .await?)
 }

@@ -1,0 +1,540 @@
+//! The `Lease` stream: subscribe, credits, push dispatch, heartbeats, acks, drain (the
+//! protocol is documented on `LeaseRequest` in the contract).
+//!
+//! Push: every enqueue on this instance wakes the streams waiting for work at once; enqueues
+//! on other instances are picked up by a slow safety timer (`SAFETY_POLL`). Nothing polls while
+//! a stream has no credit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice::error::Error;
+use sluice::proto::sluice::queue::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::model::{category_name, timestamp, validate_name, validate_task_id};
+use crate::service::QueueService;
+use crate::store::FailOutcome;
+
+/// Most credit a stream may hold.
+pub const MAX_CREDIT: u64 = 10_000;
+/// How long a stream with credit waits for a wake-up before looking anyway.
+pub const SAFETY_POLL: Duration = Duration::from_millis(250);
+/// Keepalive period.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Lease length of a stream that asks for none (heartbeats extend by this much).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+/// The workers connected to this instance, for ListWorkers.
+#[derive(Debug, Default)]
+pub struct Workers {
+    next: AtomicU64,
+    streams: Mutex<HashMap<u64, (String, pb::WorkerInfo)>>,
+}
+
+impl Workers {
+    fn add(&self, project: &str, info: pb::WorkerInfo) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.insert(id, (project.to_owned(), info));
+        }
+        id
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut pb::WorkerInfo)) {
+        if let Ok(mut streams) = self.streams.lock()
+            && let Some((_, info)) = streams.get_mut(&id)
+        {
+            f(info);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.remove(&id);
+        }
+    }
+
+    /// The workers of `project` (subscribed to `queue`, when not empty).
+    pub fn list(&self, project: &str, queue: &str) -> Vec<pb::WorkerInfo> {
+        self.streams
+            .lock()
+            .map(|streams| {
+                streams
+                    .values()
+                    .filter(|(p, info)| {
+                        p == project && (queue.is_empty() || info.queues.iter().any(|q| q == queue))
+                    })
+                    .map(|(_, info)| info.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn now_ts() -> prost_types::Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_millis() as f64);
+    timestamp(ms)
+}
+
+fn response(kind: pb::lease_response::Kind) -> Result<pb::LeaseResponse, Status> {
+    Ok(pb::LeaseResponse { kind: Some(kind) })
+}
+
+fn rejected(task_id: String, err: Error) -> pb::lease_response::Kind {
+    let status = Status::from(err);
+    pb::lease_response::Kind::Ack(pb::Ack {
+        task_id,
+        kind: pb::ack::Kind::Rejected.into(),
+        message: status.message().to_owned(),
+        code: status.code() as i32,
+        retry_at: None,
+    })
+}
+
+fn acked(task_id: String, kind: pb::ack::Kind) -> pb::lease_response::Kind {
+    pb::lease_response::Kind::Ack(pb::Ack {
+        task_id,
+        kind: kind.into(),
+        message: String::new(),
+        code: 0,
+        retry_at: None,
+    })
+}
+
+/// One subscribed stream.
+struct Stream {
+    service: QueueService,
+    project: String,
+    targets: Vec<(String, String)>,
+    worker: String,
+    lease_ms: u64,
+    heartbeat_ms: u64,
+    credits: u64,
+    draining: bool,
+    in_flight: HashMap<String, String>,
+    tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
+    registration: u64,
+}
+
+/// Serves one Lease stream until it ends.
+pub async fn serve(
+    service: QueueService,
+    mut inbound: tonic::Streaming<pb::LeaseRequest>,
+    tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
+) {
+    let subscribe = match inbound.message().await {
+        Ok(Some(pb::LeaseRequest {
+            kind: Some(pb::lease_request::Kind::Subscribe(s)),
+        })) => s,
+        Ok(_) => {
+            let _ = tx
+                .send(Err(Error::invalid(
+                    "subscribe",
+                    "the first message must be Subscribe",
+                )
+                .into()))
+                .await;
+            return;
+        }
+        Err(status) => {
+            tracing::debug!(%status, "lease stream ended before subscribing");
+            return;
+        }
+    };
+    let mut stream = match Stream::open(service, subscribe, tx).await {
+        Ok(stream) => stream,
+        Err((tx, status)) => {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    stream.run(&mut inbound).await;
+    stream.service.workers().remove(stream.registration);
+}
+
+impl Stream {
+    async fn open(
+        service: QueueService,
+        s: pb::Subscribe,
+        tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
+    ) -> Result<Self, (mpsc::Sender<Result<pb::LeaseResponse, Status>>, Status)> {
+        let checked = (|| {
+            validate_name(&s.project, "subscribe.project")?;
+            if s.queues.is_empty() || s.queues.len() > 16 {
+                return Err(Error::invalid("subscribe.queues", "name 1 to 16 queues"));
+            }
+            for (i, q) in s.queues.iter().enumerate() {
+                validate_name(q, &format!("subscribe.queues[{i}]"))?;
+            }
+            if s.worker_id.len() > 128 {
+                return Err(Error::invalid("subscribe.worker_id", "at most 128 bytes"));
+            }
+            crate::service::lease_ms(s.lease_duration.as_ref(), "subscribe.lease_duration")
+        })();
+        let lease_ms = match checked {
+            Ok(ms) => ms,
+            Err(err) => return Err((tx, err.into())),
+        };
+        let heartbeat_ms = if lease_ms > 0 {
+            lease_ms
+        } else {
+            u64::try_from(DEFAULT_LEASE.as_millis()).unwrap_or(60_000)
+        };
+        let registration = service.workers().add(
+            &s.project,
+            pb::WorkerInfo {
+                worker_id: s.worker_id.clone(),
+                queues: s.queues.clone(),
+                labels: s.labels.clone(),
+                in_flight: 0,
+                credits: 0,
+                connected_at: Some(now_ts()),
+                last_heartbeat: None,
+                instance: service.instance().to_owned(),
+                draining: false,
+            },
+        );
+        let subscribed = pb::Subscribed {
+            instance: service.instance().to_owned(),
+            lease_duration: Some(crate::model::proto_duration(Duration::from_millis(
+                heartbeat_ms,
+            ))),
+            keepalive_interval: Some(crate::model::proto_duration(KEEPALIVE)),
+        };
+        if tx
+            .send(response(pb::lease_response::Kind::Subscribed(subscribed)))
+            .await
+            .is_err()
+        {
+            service.workers().remove(registration);
+            return Err((tx, Status::cancelled("the worker went away")));
+        }
+        Ok(Self {
+            targets: s
+                .queues
+                .iter()
+                .map(|q| (s.project.clone(), q.clone()))
+                .collect(),
+            project: s.project,
+            worker: s.worker_id,
+            lease_ms: heartbeat_ms,
+            heartbeat_ms,
+            credits: 0,
+            draining: false,
+            in_flight: HashMap::new(),
+            tx,
+            registration,
+            service,
+        })
+    }
+
+    async fn send(&self, kind: pb::lease_response::Kind) -> bool {
+        self.tx.send(response(kind)).await.is_ok()
+    }
+
+    fn publish(&self) {
+        let (credits, in_flight, draining) = (self.credits, self.in_flight.len(), self.draining);
+        self.service.workers().update(self.registration, |info| {
+            info.credits = u32::try_from(credits).unwrap_or(u32::MAX);
+            info.in_flight = u32::try_from(in_flight).unwrap_or(u32::MAX);
+            info.draining = draining;
+        });
+    }
+
+    /// Leases what the credit allows and writes it out. Returns how many were sent, or `None`
+    /// when the worker is gone.
+    async fn dispatch(&mut self) -> Option<usize> {
+        let want = usize::try_from(self.credits.min(64)).unwrap_or(64);
+        let leases = match self
+            .service
+            .lease_from(&self.targets, want, self.lease_ms, &self.worker)
+            .await
+        {
+            Ok(leases) => leases,
+            Err(err) => {
+                tracing::debug!(error = %err, "lease stream: store unavailable");
+                return Some(0);
+            }
+        };
+        let n = leases.len();
+        let mut leases = leases.into_iter();
+        while let Some(lease) = leases.next() {
+            let (id, queue, token) = match &lease.task {
+                Some(task) => (
+                    task.id.clone(),
+                    task.queue.clone(),
+                    lease.lease_token.clone(),
+                ),
+                None => continue,
+            };
+            if !self.send(pb::lease_response::Kind::Task(lease)).await {
+                // Leased but never written: give them back, not counted as attempts.
+                self.service
+                    .release_quietly(&self.project, &queue, &id, &token)
+                    .await;
+                for rest in leases {
+                    if let Some(task) = &rest.task {
+                        self.service
+                            .release_quietly(
+                                &self.project,
+                                &task.queue,
+                                &task.id,
+                                &rest.lease_token,
+                            )
+                            .await;
+                    }
+                }
+                return None;
+            }
+            self.credits -= 1;
+            self.in_flight.insert(id, queue);
+        }
+        self.publish();
+        Some(n)
+    }
+
+    async fn run(&mut self, inbound: &mut tonic::Streaming<pb::LeaseRequest>) {
+        let wake = self.service.wakeups();
+        let shutdown = self.service.shutdown_token();
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            // Registered before looking, so an enqueue between the look and the wait still wakes.
+            let notified = wake.wakeups.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let hungry = self.credits > 0 && !self.draining;
+            if hungry {
+                match self.dispatch().await {
+                    None => return,
+                    Some(n) if n > 0 => continue,
+                    Some(_) => {}
+                }
+            }
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.handle(request).await {
+                            let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::debug!(%status, "lease stream broke; delivered leases stay valid until their deadline");
+                        return;
+                    }
+                },
+                () = &mut notified, if hungry => {}
+                () = tokio::time::sleep(SAFETY_POLL), if hungry => {}
+                _ = keepalive.tick() => {
+                    if !self.send(pb::lease_response::Kind::Keepalive(pb::Keepalive { server_time: Some(now_ts()) })).await {
+                        return;
+                    }
+                }
+                () = shutdown.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.publish();
+                    if !self.send(pb::lease_response::Kind::Drained(pb::Drained { server_shutdown: true })).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: pb::LeaseRequest) -> Result<(), Status> {
+        use pb::lease_request::Kind;
+        let service = self.service.clone();
+        match request.kind {
+            None | Some(Kind::Subscribe(_)) => {
+                return Err(Error::invalid(
+                    "kind",
+                    "Subscribe comes once, first; every later message names its kind",
+                )
+                .into());
+            }
+            Some(Kind::Credits(c)) => {
+                let credits = self.credits + u64::from(c.add);
+                if credits > MAX_CREDIT {
+                    return Err(Error::invalid(
+                        "credits.add",
+                        format!("available credit would be {credits}, above {MAX_CREDIT}"),
+                    )
+                    .into());
+                }
+                self.credits = credits;
+                self.publish();
+            }
+            Some(Kind::Heartbeat(h)) => {
+                let mut ack = pb::HeartbeatAck::default();
+                for t in h.tasks {
+                    let result = async {
+                        validate_name(&t.queue, "heartbeat.tasks.queue")?;
+                        validate_task_id(&t.task_id, "heartbeat.tasks.task_id")?;
+                        service
+                            .store()
+                            .extend(
+                                &self.project,
+                                &t.queue,
+                                &t.task_id,
+                                &t.lease_token,
+                                self.heartbeat_ms,
+                            )
+                            .await
+                    }
+                    .await;
+                    match result {
+                        Ok((deadline, cancel_requested)) => {
+                            if cancel_requested {
+                                let revoked = pb::Revoked {
+                                    task_id: t.task_id.clone(),
+                                    reason: "cancelled".into(),
+                                    queue: t.queue.clone(),
+                                };
+                                if !self.send(pb::lease_response::Kind::Revoked(revoked)).await {
+                                    return Ok(());
+                                }
+                            }
+                            ack.extended.push(pb::ExtendedLease {
+                                task_id: t.task_id,
+                                deadline: Some(timestamp(deadline)),
+                            });
+                        }
+                        Err(_) => ack.lost.push(t.task_id),
+                    }
+                }
+                self.service.workers().update(self.registration, |info| {
+                    info.last_heartbeat = Some(now_ts())
+                });
+                self.send(pb::lease_response::Kind::HeartbeatAck(ack)).await;
+            }
+            Some(Kind::Complete(c)) => {
+                let result = async {
+                    validate_name(&c.queue, "complete.queue")?;
+                    validate_task_id(&c.task_id, "complete.task_id")?;
+                    service
+                        .complete_task(
+                            &self.project,
+                            &c.queue,
+                            &c.task_id,
+                            &c.lease_token,
+                            &c.result,
+                        )
+                        .await
+                }
+                .await;
+                self.in_flight.remove(&c.task_id);
+                let kind = match result {
+                    Ok(()) => acked(c.task_id, pb::ack::Kind::Completed),
+                    Err(err) => rejected(c.task_id, err),
+                };
+                self.send(kind).await;
+                self.publish();
+            }
+            Some(Kind::Fail(f)) => {
+                let result = async {
+                    validate_name(&f.queue, "fail.queue")?;
+                    validate_task_id(&f.task_id, "fail.task_id")?;
+                    let category = category_name(f.category);
+                    let retryable = f.retryable.unwrap_or(category != "permanent");
+                    service
+                        .fail_task(
+                            &self.project,
+                            &f.queue,
+                            &f.task_id,
+                            &f.lease_token,
+                            category,
+                            &f.message,
+                            retryable,
+                        )
+                        .await
+                }
+                .await;
+                self.in_flight.remove(&f.task_id);
+                let kind = match result {
+                    Ok(FailOutcome::Retry { at, .. }) => pb::lease_response::Kind::Ack(pb::Ack {
+                        task_id: f.task_id,
+                        kind: pb::ack::Kind::FailedRetryScheduled.into(),
+                        message: String::new(),
+                        code: 0,
+                        retry_at: Some(timestamp(at)),
+                    }),
+                    Ok(FailOutcome::Dead { .. }) => acked(f.task_id, pb::ack::Kind::DeadLettered),
+                    Ok(FailOutcome::Cancelled { .. }) => acked(f.task_id, pb::ack::Kind::Cancelled),
+                    Err(err) => rejected(f.task_id, err),
+                };
+                self.send(kind).await;
+                self.publish();
+            }
+            Some(Kind::Release(r)) => {
+                let result = async {
+                    validate_name(&r.queue, "release.queue")?;
+                    validate_task_id(&r.task_id, "release.task_id")?;
+                    service
+                        .store()
+                        .release(&self.project, &r.queue, &r.task_id, &r.lease_token)
+                        .await
+                }
+                .await;
+                self.in_flight.remove(&r.task_id);
+                let kind = match result {
+                    Ok(()) => {
+                        service.wake();
+                        acked(r.task_id, pb::ack::Kind::Released)
+                    }
+                    Err(err) => rejected(r.task_id, err),
+                };
+                self.send(kind).await;
+                self.publish();
+            }
+            Some(Kind::Drain(_)) => {
+                if !self.draining {
+                    self.draining = true;
+                    self.publish();
+                    self.send(pb::lease_response::Kind::Drained(pb::Drained {
+                        server_shutdown: false,
+                    }))
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The id of a queue-svc instance, reported to workers and in ListWorkers.
+pub fn instance_id() -> String {
+    format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple())
+}
+
+/// Shared lease-stream state of a service.
+#[derive(Debug)]
+pub struct StreamState {
+    /// Connected workers.
+    pub workers: Workers,
+    /// Woken on every enqueue and release on this instance.
+    pub wakeups: tokio::sync::Notify,
+    /// This instance's id.
+    pub instance: String,
+    /// Cancelled when the instance shuts down.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl StreamState {
+    /// State for an instance stopping with `shutdown`.
+    pub fn new(shutdown: tokio_util::sync::CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            workers: Workers::default(),
+            wakeups: tokio::sync::Notify::new(),
+            instance: instance_id(),
+            shutdown,
+        })
+    }
+}

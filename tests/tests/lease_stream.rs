@@ -1,0 +1,336 @@
+//! The Lease stream against queue-svc on the embedded store and on a real redis-server:
+//! flow control by credits, push dispatch, acks, release, heartbeats and revocation, drain,
+//! broken streams, ListWorkers.
+
+use std::time::Duration;
+
+use sluice::proto::sluice::queue::v1 as pb;
+use sluice::proto::sluice::queue::v1::lease_request::Kind as Up;
+use sluice::proto::sluice::queue::v1::lease_response::Kind as Down;
+use sluice_testkit::RedisServer;
+use sluice_testkit::queue::{Queue, spec};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+struct Worker {
+    up: mpsc::Sender<pb::LeaseRequest>,
+    down: tonic::Streaming<pb::LeaseResponse>,
+}
+
+impl Worker {
+    async fn subscribe(q: &Queue, queues: &[&str], worker_id: &str) -> anyhow::Result<Self> {
+        let (up, rx) = mpsc::channel(64);
+        up.send(pb::LeaseRequest {
+            kind: Some(Up::Subscribe(pb::Subscribe {
+                project: "p".into(),
+                queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+                worker_id: worker_id.into(),
+                labels: Default::default(),
+                lease_duration: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+            })),
+        })
+        .await?;
+        let mut down = q
+            .client
+            .clone()
+            .lease(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let first = Self::next_of(&mut down).await?;
+        anyhow::ensure!(
+            matches!(first, Down::Subscribed(_)),
+            "Subscribed first, got {first:?}"
+        );
+        Ok(Self { up, down })
+    }
+
+    async fn next_of(down: &mut tonic::Streaming<pb::LeaseResponse>) -> anyhow::Result<Down> {
+        let message = tokio::time::timeout(Duration::from_secs(10), down.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("no message within 10 s"))??
+            .ok_or_else(|| anyhow::anyhow!("the stream ended"))?;
+        message
+            .kind
+            .ok_or_else(|| anyhow::anyhow!("a message without kind"))
+    }
+
+    /// The next message that is not a keepalive.
+    async fn next(&mut self) -> anyhow::Result<Down> {
+        loop {
+            match Self::next_of(&mut self.down).await? {
+                Down::Keepalive(_) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn send(&self, kind: Up) -> anyhow::Result<()> {
+        Ok(self.up.send(pb::LeaseRequest { kind: Some(kind) }).await?)
+    }
+
+    async fn credits(&self, add: u32) -> anyhow::Result<()> {
+        self.send(Up::Credits(pb::Credits { add })).await
+    }
+}
+
+async fn enqueue(q: &Queue, queue: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(1000);
+        let tasks = (0..batch)
+            .map(|i| spec("", "", format!("t{i}").as_bytes(), pb::Priority::Normal))
+            .collect();
+        let reply = q
+            .client
+            .clone()
+            .enqueue_batch(pb::EnqueueBatchRequest {
+                project: "p".into(),
+                queue: queue.into(),
+                tasks,
+            })
+            .await?;
+        ids.extend(reply.into_inner().results.into_iter().map(|r| r.task_id));
+        left -= batch;
+    }
+    Ok(ids)
+}
+
+async fn credits_bound_what_a_worker_holds(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    enqueue(&q, "flow", 1000).await?;
+    let mut w = Worker::subscribe(&q, &["flow"], "w-flow").await?;
+    w.credits(3).await?;
+    let (mut granted, mut received, mut held, mut completed, mut most) =
+        (3u64, 0u64, 0u64, 0u64, 0u64);
+    while completed < 1000 {
+        let got = w.next().await?;
+        match got {
+            Down::Task(lease) => {
+                received += 1;
+                held += 1;
+                most = most.max(held);
+                anyhow::ensure!(
+                    received <= granted,
+                    "{received} leases sent for {granted} credits"
+                );
+                anyhow::ensure!(held <= 3, "the worker holds {held} tasks on 3 credits");
+                let task = lease.task.expect("task");
+                w.send(Up::Complete(pb::CompleteTask {
+                    queue: task.queue,
+                    task_id: task.id,
+                    lease_token: lease.lease_token,
+                    result: vec![],
+                }))
+                .await?;
+            }
+            Down::Ack(ack) => {
+                anyhow::ensure!(ack.kind == i32::from(pb::ack::Kind::Completed), "{ack:?}");
+                held -= 1;
+                completed += 1;
+                granted += 1;
+                w.credits(1).await?;
+            }
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(most, 3, "the worker was kept busy up to its credit");
+    drop(w); // a worker that hangs up; otherwise shutdown waits out its grace for the stream
+    let stats = q
+        .client
+        .clone()
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "flow".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(
+        (stats.ready, stats.leased, stats.succeeded_retained),
+        (0, 0, 1000)
+    );
+    q.service.stop().await
+}
+
+async fn push_release_heartbeat_revoke_drain_and_broken_streams(
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    let mut w = Worker::subscribe(&q, &["push"], "w-push").await?;
+    w.credits(1).await?;
+    // Listed while connected.
+    let workers = q
+        .client
+        .clone()
+        .list_workers(pb::ListWorkersRequest {
+            project: "p".into(),
+            queue: "push".into(),
+        })
+        .await?
+        .into_inner()
+        .workers;
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0].worker_id, "w-push");
+    // Push: an idle worker gets a task enqueued after it subscribed.
+    let sent = tokio::time::Instant::now();
+    let id = enqueue(&q, "push", 1).await?.remove(0);
+    let Down::Task(lease) = w.next().await? else {
+        anyhow::bail!("a task")
+    };
+    println!(
+        "enqueue -> lease on an idle stream: {:?} (debug build)",
+        sent.elapsed()
+    );
+    assert_eq!(
+        lease.task.as_ref().map(|t| t.id.as_str()),
+        Some(id.as_str())
+    );
+    // Release: back to ready, the attempt does not count.
+    w.send(Up::Release(pb::ReleaseTask {
+        queue: "push".into(),
+        task_id: id.clone(),
+        lease_token: lease.lease_token,
+    }))
+    .await?;
+    let Down::Ack(ack) = w.next().await? else {
+        anyhow::bail!("an ack")
+    };
+    assert_eq!(ack.kind, i32::from(pb::ack::Kind::Released));
+    w.credits(1).await?;
+    let Down::Task(again) = w.next().await? else {
+        anyhow::bail!("the released task again")
+    };
+    assert_eq!(again.attempt, 1, "a release is not an attempt");
+    // Heartbeat extends; a cancel while leased is revoked on the next heartbeat.
+    let task_ref = || pb::TaskRef {
+        queue: "push".into(),
+        task_id: id.clone(),
+        lease_token: again.lease_token.clone(),
+    };
+    w.send(Up::Heartbeat(pb::Heartbeat {
+        tasks: vec![task_ref()],
+    }))
+    .await?;
+    let Down::HeartbeatAck(hb) = w.next().await? else {
+        anyhow::bail!("a heartbeat ack")
+    };
+    assert_eq!(hb.extended.len(), 1);
+    let cancel = q
+        .client
+        .clone()
+        .cancel_task(pb::CancelTaskRequest {
+            project: "p".into(),
+            queue: "push".into(),
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert!(cancel.cancel_requested);
+    w.send(Up::Heartbeat(pb::Heartbeat {
+        tasks: vec![task_ref()],
+    }))
+    .await?;
+    let Down::Revoked(revoked) = w.next().await? else {
+        anyhow::bail!("a revocation")
+    };
+    assert_eq!(revoked.task_id, id);
+    let Down::HeartbeatAck(_) = w.next().await? else {
+        anyhow::bail!("a heartbeat ack")
+    };
+    w.send(Up::Fail(pb::FailTask {
+        queue: "push".into(),
+        task_id: id.clone(),
+        lease_token: again.lease_token.clone(),
+        message: "stopped".into(),
+        category: 0,
+        retryable: None,
+    }))
+    .await?;
+    let Down::Ack(ack) = w.next().await? else {
+        anyhow::bail!("an ack")
+    };
+    assert_eq!(ack.kind, i32::from(pb::ack::Kind::Cancelled));
+    // A stale token is rejected on the stream, which goes on.
+    w.send(Up::Complete(pb::CompleteTask {
+        queue: "push".into(),
+        task_id: id.clone(),
+        lease_token: "stale".into(),
+        result: vec![],
+    }))
+    .await?;
+    let Down::Ack(ack) = w.next().await? else {
+        anyhow::bail!("an ack")
+    };
+    assert_eq!(ack.kind, i32::from(pb::ack::Kind::Rejected));
+    assert_eq!(ack.code, tonic::Code::FailedPrecondition as i32);
+    // Drain: Drained, and no more tasks even with credit and work.
+    w.credits(5).await?;
+    w.send(Up::Drain(pb::Drain {})).await?;
+    match w.next().await? {
+        Down::Drained(d) => assert!(!d.server_shutdown),
+        other => anyhow::bail!("Drained expected (no work was queued), got {other:?}"),
+    }
+    enqueue(&q, "push", 3).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await; // longer than the safety poll
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), w.down.message())
+            .await
+            .is_err(),
+        "nothing after Drained"
+    );
+    drop(w);
+
+    // A broken stream loses nothing: its delivered lease stays valid for the unary Complete.
+    let w2 = Worker::subscribe(&q, &["push"], "w-broken").await?;
+    w2.credits(1).await?;
+    let mut w2 = w2;
+    let Down::Task(lease) = w2.next().await? else {
+        anyhow::bail!("a task")
+    };
+    drop(w2);
+    let task = lease.task.expect("task");
+    q.client
+        .clone()
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "push".into(),
+            task_id: task.id,
+            lease_token: lease.lease_token,
+            result: vec![],
+        })
+        .await?;
+    q.service.stop().await
+}
+
+macro_rules! on_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name(None).await
+                }
+            )*
+        }
+        mod standalone {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let redis = RedisServer::start().await?;
+                    super::$name(Some(redis.url())).await
+                }
+            )*
+        }
+    };
+}
+
+on_stores!(
+    credits_bound_what_a_worker_holds,
+    push_release_heartbeat_revoke_drain_and_broken_streams
+);
