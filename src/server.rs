@@ -257,25 +257,28 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on `listener` until `shutdown`.
+/// Serves `GET /metrics` (Prometheus text format) and `GET /healthz` on `listener` until
+/// `shutdown`.
 pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let handle = metrics_handle();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move {
-                handle.run_upkeep();
-                (
-                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    handle.render(),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move {
+                    handle.run_upkeep();
+                    (
+                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        handle.render(),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -302,12 +302,26 @@ impl QueueService {
                 (ms, 0)
             }
         };
+        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        let mut headers = spec.headers.clone();
+        // The publish span: the worker's process span links to it through the task's headers.
+        let publish = tracing::info_span!(
+            "task.publish",
+            otel.kind = "producer",
+            messaging.system = "sluice",
+            messaging.operation.type = "send",
+            messaging.destination.name = %queue,
+            messaging.message.id = %id,
+        );
+        if !publish.is_disabled() {
+            sluice::telemetry::inject_into_map(&publish, &mut headers);
+        }
         let record = Record {
-            id: uuid::Uuid::now_v7().hyphenated().to_string(),
+            id,
             p: model::priority_from_proto(spec.priority, &format!("{field}.priority"))?,
             ct: spec.content_type.clone(),
             max,
-            hd: spec.headers.clone(),
+            hd: headers,
             to: timeout,
             dly: (1..max)
                 .map(|attempt| retry.delay_ms(attempt, uniform()))

@@ -170,3 +170,10 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
     tracing::debug!(elapsed = ?started.elapsed(), "stopped");
     Ok(())
 }
+
+/// Sends SIGTERM to a child process we started.
+pub fn sigterm(child: &tokio::process::Child) -> anyhow::Result<()> {
+    let pid = child.id().context("already exited")?;
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
+    Ok(())
+}

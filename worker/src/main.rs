@@ -1,9 +1,14 @@
-//! sluice-worker binary. `sluice-worker check` verifies that queue-svc is reachable and
-//! serving; running handlers from configuration arrives with the `Lease` stream.
+//! sluice-worker: run tasks from queue-svc. `sluice-worker run … -- COMMAND ARGS…` runs a
+//! command per task (exec mode); `sluice-worker check` verifies queue-svc is serving.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use sluice::config::{TelemetryArgs, parse_duration};
+use sluice_worker::Options;
+use sluice_worker::exec::Exec;
 
 /// Sluice worker.
 #[derive(Debug, Parser)]
@@ -18,7 +23,7 @@ struct Cli {
     )]
     queue_url: String,
     /// Bound on connecting to queue-svc.
-    #[arg(long, default_value = "5s", value_parser = sluice::config::parse_duration, global = true)]
+    #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     connect_timeout: Duration,
     #[command(subcommand)]
     command: Command,
@@ -28,6 +33,51 @@ struct Cli {
 enum Command {
     /// Connect to queue-svc and report its gRPC health; exits non-zero unless SERVING.
     Check,
+    /// Lease tasks and run COMMAND for each: payload on stdin, metadata in SLUICE_TASK_*
+    /// variables; exit 0 completes with stdout as the result, the permanent exit code
+    /// dead-letters, any other exit is retried by the queue's policy.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Project of the queues.
+    #[arg(long, env = "SLUICE_PROJECT")]
+    project: String,
+    /// Queue to consume (repeat for several).
+    #[arg(
+        long = "queue",
+        env = "SLUICE_QUEUES",
+        value_delimiter = ',',
+        required = true
+    )]
+    queues: Vec<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "SLUICE_CONCURRENCY", default_value_t = 4)]
+    concurrency: u32,
+    /// Worker id shown in ListWorkers (default: host-pid).
+    #[arg(long, env = "SLUICE_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Lease length; heartbeats renew it every third of it.
+    #[arg(long, env = "SLUICE_LEASE", default_value = "60s", value_parser = parse_duration)]
+    lease: Duration,
+    /// A task running longer fails with category timeout (its process is killed).
+    #[arg(long, env = "SLUICE_TASK_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    task_timeout: Duration,
+    /// On SIGTERM, how long running tasks may take to finish; the rest are given back.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Exit code of COMMAND that means "never retry" (the task is dead-lettered).
+    #[arg(long, env = "SLUICE_PERMANENT_EXIT_CODE", default_value_t = 3)]
+    permanent_exit_code: i32,
+    /// HTTP address for GET /metrics and /healthz; unset: none.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[tokio::main]
@@ -40,5 +90,60 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(status == "SERVING", "queue-svc is not serving");
             Ok(())
         }
+        Command::Run(args) => run(cli.queue_url, cli.connect_timeout, *args).await,
     }
+}
+
+async fn run(url: String, connect_timeout: Duration, args: RunArgs) -> anyhow::Result<()> {
+    let telemetry = sluice::telemetry::init("sluice-worker", &args.telemetry)?;
+    let shutdown = sluice::shutdown::on_signal();
+    let result = async {
+        let metrics = match args.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+                tracing::info!(metrics = %listener.local_addr()?, "metrics listening");
+                Some(tokio::spawn(sluice::server::serve_metrics(
+                    listener,
+                    shutdown.clone(),
+                )))
+            }
+            None => None,
+        };
+        let (program, rest) = args
+            .command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("COMMAND is required after --"))?;
+        let handler = Arc::new(Exec {
+            program: program.clone(),
+            args: rest.to_vec(),
+            permanent_exit_code: args.permanent_exit_code,
+        });
+        let options = Options {
+            url,
+            project: args.project,
+            queues: args.queues,
+            worker_id: args
+                .worker_id
+                .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            concurrency: args.concurrency,
+            lease: args.lease,
+            task_timeout: args.task_timeout,
+            drain: args.drain_timeout,
+            connect_timeout,
+        };
+        sluice_worker::run(options, handler, shutdown.clone()).await?;
+        shutdown.cancel();
+        if let Some(metrics) = metrics {
+            metrics.await??;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "sluice-worker failed");
+    }
+    telemetry.shutdown().await;
+    result
 }
