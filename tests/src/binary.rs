@@ -77,6 +77,12 @@ impl Binary {
         format!("http://{}", self.grpc)
     }
 
+    /// `kill -9`: the process dies at once, as in a crash.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) -> anyhow::Result<()> {
         let pid = self.child.id().context("already exited")?;

@@ -129,8 +129,8 @@ pub trait Handler: Send + Sync + 'static {
 /// What a worker consumes and how.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// queue-svc's gRPC URL.
-    pub url: String,
+    /// queue-svc's gRPC URLs; a lost stream reconnects to the next one.
+    pub urls: Vec<String>,
     /// Project.
     pub project: String,
     /// Queues (1 to 16).
@@ -162,6 +162,8 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(options.concurrency > 0, "concurrency must be at least 1");
+    anyhow::ensure!(!options.urls.is_empty(), "name at least one queue-svc URL");
+    let mut next_url = 0usize;
     let backoff = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(10))
@@ -169,7 +171,8 @@ pub async fn run<H: Handler>(
         .without_max_times();
     let mut delays = backon::BackoffBuilder::build(backoff);
     loop {
-        let ended = session(&options, &handler, &shutdown, &mut || {
+        let url = &options.urls[next_url % options.urls.len()];
+        let ended = session(url, &options, &handler, &shutdown, &mut || {
             delays = backon::BackoffBuilder::build(backoff);
         })
         .await;
@@ -180,7 +183,8 @@ pub async fn run<H: Handler>(
                     return Ok(());
                 }
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(reason = %why, ?delay, "lease stream lost; reconnecting");
+                next_url += 1;
+                tracing::warn!(reason = %why, ?delay, next = %options.urls[next_url % options.urls.len()], "lease stream lost; reconnecting");
                 metrics::counter!("sluice_worker_reconnects_total").increment(1);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -204,12 +208,13 @@ fn up(kind: Up) -> pb::LeaseRequest {
 }
 
 async fn session<H: Handler>(
+    url: &str,
     options: &Options,
     handler: &Arc<H>,
     shutdown: &CancellationToken,
     connected: &mut dyn FnMut(),
 ) -> Result<Ended, String> {
-    let mut client = connect(&options.url, options.connect_timeout)
+    let mut client = connect(url, options.connect_timeout)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<pb::LeaseRequest>(1024);

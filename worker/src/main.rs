@@ -14,14 +14,16 @@ use sluice_worker::exec::Exec;
 #[derive(Debug, Parser)]
 #[command(name = "sluice-worker", version)]
 struct Cli {
-    /// queue-svc's gRPC URL.
+    /// queue-svc's gRPC URL; several, comma-separated, for failover (a lost stream
+    /// reconnects to the next).
     #[arg(
         long,
         env = "SLUICE_QUEUE_URL",
         default_value = "http://127.0.0.1:50052",
+        value_delimiter = ',',
         global = true
     )]
-    queue_url: String,
+    queue_url: Vec<String>,
     /// Bound on connecting to queue-svc.
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     connect_timeout: Duration,
@@ -85,16 +87,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check => {
-            let status = sluice_worker::health(&cli.queue_url, cli.connect_timeout).await?;
-            println!("{}: {status}", cli.queue_url);
-            anyhow::ensure!(status == "SERVING", "queue-svc is not serving");
+            let mut all_serving = true;
+            for url in &cli.queue_url {
+                let status = sluice_worker::health(url, cli.connect_timeout).await?;
+                println!("{url}: {status}");
+                all_serving &= status == "SERVING";
+            }
+            anyhow::ensure!(all_serving, "queue-svc is not serving");
             Ok(())
         }
         Command::Run(args) => run(cli.queue_url, cli.connect_timeout, *args).await,
     }
 }
 
-async fn run(url: String, connect_timeout: Duration, args: RunArgs) -> anyhow::Result<()> {
+async fn run(urls: Vec<String>, connect_timeout: Duration, args: RunArgs) -> anyhow::Result<()> {
     let telemetry = sluice::telemetry::init("sluice-worker", &args.telemetry)?;
     let shutdown = sluice::shutdown::on_signal();
     let result = async {
@@ -121,7 +127,7 @@ async fn run(url: String, connect_timeout: Duration, args: RunArgs) -> anyhow::R
             permanent_exit_code: args.permanent_exit_code,
         });
         let options = Options {
-            url,
+            urls,
             project: args.project,
             queues: args.queues,
             worker_id: args
