@@ -2,18 +2,18 @@
 //!
 //! Hash-tag rule: all keys of one queue are `sluice:q:{<project>/<queue>}:<part>`; the tag is
 //! the project and the queue, so one queue's keys share a Redis Cluster slot and every script
-//! (which always receives all eleven, see `lua/common.lua`) runs there. Project and queue
+//! (which always receives all fifteen, see `lua/common.lua`) runs there. Project and queue
 //! names are validated to `[A-Za-z0-9_.-]` (no `/`, `{`, `}`), so no name can reach another
 //! project's keys or break the tag. The registry of known queues is the one key outside any
 //! queue's tag; no script touches it.
 
 /// The parts of a queue, in the order the scripts expect them as KEYS.
-const PARTS: [&str; 11] = [
-    "tasks", "payloads", "ready", "sched", "leased", "dead", "done", "idem", "idemx", "meta",
-    "results",
+const PARTS: [&str; 15] = [
+    "tasks", "payloads", "sched", "leased", "dead", "done", "idem", "idemx", "meta", "results",
+    "ready0", "ready1", "ready2", "ready3", "ready4",
 ];
 
-/// The eleven keys of one queue.
+/// The fifteen keys of one queue.
 pub fn queue(project: &str, queue: &str) -> Vec<String> {
     PARTS
         .iter()
@@ -36,7 +36,7 @@ mod tests {
     #[test]
     fn one_tag_per_queue() {
         let keys = queue("acme", "emails");
-        assert_eq!(keys.len(), 11);
+        assert_eq!(keys.len(), 15);
         assert!(
             keys.iter()
                 .all(|k| k.starts_with("sluice:q:{acme/emails}:"))

@@ -252,7 +252,8 @@ pub struct ErrorRecord {
 /// A task as stored (JSON with short names; the scripts read and write it too).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// Task id.
+    /// Task id (the stored record leaves it out: it is the hash field).
+    #[serde(default)]
     pub id: String,
     /// Priority (0 critical … 4 background).
     pub p: u8,
@@ -319,8 +320,9 @@ pub struct Record {
         deserialize_with = "list_or_empty"
     )]
     pub dly: Vec<u64>,
-    /// Retry policy the delays came from.
-    pub rp: RetryPolicy,
+    /// Retry policy the delays came from, when the task set its own (otherwise the queue's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rp: Option<RetryPolicy>,
     /// Idempotency key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idem: Option<String>,
@@ -454,6 +456,9 @@ mod tests {
     #[test]
     fn records_round_trip_and_accept_lua_empty_lists() {
         let lua = r#"{"id":"x","p":2,"st":"ready","att":0,"max":3,"to":1000,"rp":{"k":0,"i":1,"x":2,"m":2,"j":1},"err":{},"dly":{}}"#;
+        let minimal: Record =
+            serde_json::from_str(r#"{"p":0,"max":1,"to":5}"#).expect("no id, no policy");
+        assert!(minimal.id.is_empty() && minimal.rp.is_none());
         let record: Record = serde_json::from_str(lua).expect("decodes");
         assert!(record.err.is_empty() && record.dly.is_empty());
         let again: Record = serde_json::from_str(&serde_json::to_string(&record).expect("encodes"))

@@ -59,6 +59,7 @@ pub fn task_to_proto(
     r: Record,
     payload: Vec<u8>,
     result: Vec<u8>,
+    queue_retry: &RetryPolicy,
 ) -> pb::Task {
     pb::Task {
         id: r.id,
@@ -94,7 +95,7 @@ pub fn task_to_proto(
             .collect(),
         cancel_requested: r.cr,
         processing_timeout: Some(proto_duration(Duration::from_millis(r.to))),
-        retry: Some(r.rp.to_proto()),
+        retry: Some(r.rp.unwrap_or(*queue_retry).to_proto()),
         idempotency_key: r.idem.unwrap_or_default(),
         worker_id: r.wk.unwrap_or_default(),
     }
@@ -326,7 +327,7 @@ impl QueueService {
             dly: (1..max)
                 .map(|attempt| retry.delay_ms(attempt, uniform()))
                 .collect(),
-            rp: retry,
+            rp: spec.retry.is_some().then_some(retry),
             idem: (!spec.idempotency_key.is_empty()).then(|| spec.idempotency_key.clone()),
             ..Record::default()
         };
@@ -382,7 +383,14 @@ impl QueueService {
                 let token = record.tok.clone().unwrap_or_default();
                 let deadline = record.dl.map(timestamp);
                 leases.push(pb::TaskLease {
-                    task: Some(task_to_proto(project, queue, record, payload, Vec::new())),
+                    task: Some(task_to_proto(
+                        project,
+                        queue,
+                        record,
+                        payload,
+                        Vec::new(),
+                        &self.queues.get(project, queue).retry,
+                    )),
                     attempt,
                     lease_token: token,
                     deadline,
@@ -712,7 +720,14 @@ impl pb::queue_server::Queue for QueueService {
                 ))
             })?;
         Ok(Response::new(pb::GetTaskResponse {
-            task: Some(task_to_proto(&r.project, &r.queue, record, payload, result)),
+            task: Some(task_to_proto(
+                &r.project,
+                &r.queue,
+                record,
+                payload,
+                result,
+                &self.queues.get(&r.project, &r.queue).retry,
+            )),
         }))
     }
 
@@ -841,7 +856,14 @@ impl pb::queue_server::Queue for QueueService {
                 } else {
                     Vec::new()
                 };
-                task_to_proto(&r.project, &r.queue, record, payload, Vec::new())
+                task_to_proto(
+                    &r.project,
+                    &r.queue,
+                    record,
+                    payload,
+                    Vec::new(),
+                    &self.queues.get(&r.project, &r.queue).retry,
+                )
             })
             .collect();
         let next = offset + page;

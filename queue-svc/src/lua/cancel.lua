@@ -6,7 +6,7 @@ local task = load(id)
 if not task then return { 'nf' } end
 if task.st == 'scheduled' or task.st == 'ready' then
   redis.call('ZREM', K_SCHED, id)
-  redis.call('ZREM', K_READY, id)
+  if task.st == 'ready' then redis.call('LREM', ready_key(task.p), 1, id) end
   finish(task, 'cancelled')
   task.cx = now
   save(task)

@@ -1,32 +1,51 @@
--- common: prepended to every queue script. Every script receives the same eleven keys, all
+-- common: prepended to every queue script. Every script receives the same fifteen keys, all
 -- of one queue and one hash tag {<project>/<queue>}, so every script runs on Redis Cluster.
---   KEYS[1]  tasks     hash: task id -> task record (JSON, short field names)
+--   KEYS[1]  tasks     hash: task id -> task record (JSON, short field names, without the id)
 --   KEYS[2]  payloads  hash: task id -> payload bytes
---   KEYS[3]  ready     zset: task id, score priority * 2^40 + enqueue sequence (ZPOPMIN order)
---   KEYS[4]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
---   KEYS[5]  leased    zset: task id, score = lease deadline (ms)
---   KEYS[6]  dead      zset: task id, score = ms it was dead-lettered
---   KEYS[7]  done      zset: task id, score = ms it finished (succeeded, cancelled): retention
---   KEYS[8]  idem      hash: idempotency key -> task id
---   KEYS[9]  idemx     zset: idempotency key, score = ms it expires
---   KEYS[10] meta      hash: seq, paused, per-minute counters
---   KEYS[11] results   hash: task id -> result bytes
+--   KEYS[3]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
+--   KEYS[4]  leased    zset: task id, score = lease deadline (ms)
+--   KEYS[5]  dead      zset: task id, score = ms it was dead-lettered
+--   KEYS[6]  done      zset: task id, score = ms it finished (succeeded, cancelled): retention
+--   KEYS[7]  idem      hash: idempotency key -> task id
+--   KEYS[8]  idemx     zset: idempotency key, score = ms it expires
+--   KEYS[9]  meta      hash: paused, per-minute counters
+--   KEYS[10] results   hash: task id -> result bytes
+--   KEYS[11..15] ready0..ready4  lists of ready task ids per priority (0 critical .. 4
+--            background), oldest first: a list entry costs far less memory than a sorted-set one.
 -- The clock is Redis's TIME, in milliseconds.
-local K_TASKS, K_PAYLOADS, K_READY, K_SCHED, K_LEASED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_DEAD, K_DONE, K_IDEM, K_IDEMX, K_META, K_RESULTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local K_TASKS, K_PAYLOADS, K_SCHED, K_LEASED, K_DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_DONE, K_IDEM, K_IDEMX, K_META, K_RESULTS = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local function ready_key(p) return KEYS[11 + p] end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local PRIORITY_SPAN = 1099511627776 -- 2^40 sequence numbers per priority level
 local MAX_ERRORS = 10
 
 local function load(id)
   local raw = redis.call('HGET', K_TASKS, id)
   if not raw then return nil end
-  return cjson.decode(raw)
+  local task = cjson.decode(raw)
+  task.id = id
+  return task
 end
 
+-- The id is the hash field: the stored record leaves it out.
 local function save(task)
-  redis.call('HSET', K_TASKS, task.id, cjson.encode(task))
+  local id = task.id
+  task.id = nil
+  redis.call('HSET', K_TASKS, id, cjson.encode(task))
+  task.id = id
+end
+
+-- The record as the service reads it (with its id).
+local function encode(task)
+  return cjson.encode(task)
+end
+
+-- Ready tasks in all priority lists.
+local function ready_count()
+  local n = 0
+  for p = 0, 4 do n = n + redis.call('LLEN', ready_key(p)) end
+  return n
 end
 
 local function count(what)
@@ -37,9 +56,8 @@ local function count(what)
 end
 
 local function make_ready(task)
-  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   task.st = 'ready'
-  redis.call('ZADD', K_READY, task.p * PRIORITY_SPAN + seq, task.id)
+  redis.call('RPUSH', ready_key(task.p), task.id)
 end
 
 local function schedule(task, at)

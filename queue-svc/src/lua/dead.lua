@@ -21,9 +21,9 @@ if op == 'list' then
   local ids = redis.call('ZRANGE', K_DEAD, offset, offset + limit - 1)
   local out = { redis.call('ZCARD', K_DEAD) }
   for _, id in ipairs(ids) do
-    local raw = redis.call('HGET', K_TASKS, id)
-    if raw then
-      out[#out + 1] = raw
+    local task = load(id)
+    if task then
+      out[#out + 1] = encode(task)
       out[#out + 1] = redis.call('HGET', K_PAYLOADS, id) or ''
     end
   end

@@ -1,17 +1,20 @@
 -- dequeue: lease up to n ready tasks, most urgent priority first, FIFO within a priority.
 -- ARGV[1] n; ARGV[2] lease (ms; 0 = each task's processing timeout); ARGV[3] worker id;
 -- ARGV[4 ..] n lease tokens (made by the caller, one per possible lease).
--- Returns a flat list: per leased task its record JSON and its payload. A paused queue
+-- Returns a flat list: per leased task its record JSON (with its id) and its payload. A paused queue
 -- leases nothing. Due scheduled tasks are promoted first, so delays hold to the millisecond.
 local n, lease, worker = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 if redis.call('HGET', K_META, 'paused') == '1' then return {} end
 promote(1000)
 local out = {}
 local leased = 0
-while leased < n do
-  local popped = redis.call('ZPOPMIN', K_READY, 1)
-  if #popped == 0 then break end
-  local task = load(popped[1])
+local p = 0
+while leased < n and p <= 4 do
+  local id = redis.call('LPOP', ready_key(p))
+  if not id then
+    p = p + 1
+  else
+  local task = load(id)
   if task and task.st == 'ready' then
     leased = leased + 1
     task.att = task.att + 1
@@ -24,8 +27,9 @@ while leased < n do
     task.wk = worker
     redis.call('ZADD', K_LEASED, task.dl, task.id)
     save(task)
-    out[#out + 1] = cjson.encode(task)
+    out[#out + 1] = encode(task)
     out[#out + 1] = redis.call('HGET', K_PAYLOADS, task.id) or ''
+  end
   end
 end
 return out

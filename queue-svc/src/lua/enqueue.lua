@@ -10,6 +10,7 @@ local plan, fresh, seen = {}, 0, {}
 for i = 1, n do
   local b = 3 + (i - 1) * 4
   local task = cjson.decode(ARGV[b + 1])
+  -- (the id travels in the record here; save() stores it as the hash field)
   local existing = nil
   if task.idem then
     existing = seen[task.idem]
@@ -27,7 +28,7 @@ for i = 1, n do
   end
 end
 if max_size > 0 then
-  local size = redis.call('ZCARD', K_READY) + redis.call('ZCARD', K_SCHED) + redis.call('ZCARD', K_LEASED)
+  local size = ready_count() + redis.call('ZCARD', K_SCHED) + redis.call('ZCARD', K_LEASED)
   if size + fresh > max_size then return { 'full', size } end
 end
 local reply = { 'ok' }

@@ -1,6 +1,6 @@
 -- get: one task's record, payload and result. ARGV[1] task id.
 -- Returns {} when unknown, else {record JSON, payload, result}.
 local id = ARGV[1]
-local raw = redis.call('HGET', K_TASKS, id)
-if not raw then return {} end
-return { raw, redis.call('HGET', K_PAYLOADS, id) or '', redis.call('HGET', K_RESULTS, id) or '' }
+local task = load(id)
+if not task then return {} end
+return { encode(task), redis.call('HGET', K_PAYLOADS, id) or '', redis.call('HGET', K_RESULTS, id) or '' }

@@ -3,6 +3,7 @@
 -- the queue is paused. Used to serve several projects' queues in turn (see Dequeue).
 if redis.call('HGET', K_META, 'paused') == '1' then return -1 end
 promote(1000)
-local head = redis.call('ZRANGE', K_READY, 0, 0, 'WITHSCORES')
-if #head == 0 then return -1 end
-return math.floor(tonumber(head[2]) / PRIORITY_SPAN)
+for p = 0, 4 do
+  if redis.call('LLEN', ready_key(p)) > 0 then return p end
+end
+return -1

@@ -3,7 +3,7 @@
 -- Returns {ready_0 .. ready_4, scheduled, leased, dead, done, paused, enqueued, completed, failed}.
 local reply = {}
 for p = 0, 4 do
-  reply[#reply + 1] = redis.call('ZCOUNT', K_READY, p * PRIORITY_SPAN, '(' .. string.format('%d', (p + 1) * PRIORITY_SPAN))
+  reply[#reply + 1] = redis.call('LLEN', ready_key(p))
 end
 reply[#reply + 1] = redis.call('ZCARD', K_SCHED)
 reply[#reply + 1] = redis.call('ZCARD', K_LEASED)
