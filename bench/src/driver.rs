@@ -212,6 +212,9 @@ pub async fn run_probed<W: Workload>(
             rate,
             max_in_flight,
         } => open_loop(&shared, rate, max_in_flight).await,
+        // Built above from --concurrency or --rate, never this: the Lease stream workloads
+        // run their own loop (crate::lease).
+        Mode::Stream { .. } => Err(anyhow::anyhow!("the driver does not run Lease streams")),
     };
     let finished = Instant::now();
     ticker.abort();
@@ -240,6 +243,7 @@ pub async fn run_probed<W: Workload>(
         tasks: W::TASKS,
         ended_early,
         redis,
+        idle_redis: None,
     })
 }
 

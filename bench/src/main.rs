@@ -9,6 +9,8 @@
 //! - [`envoy`]: the `should-rate-limit` workload (Envoy's `RateLimitService/ShouldRateLimit`);
 //! - [`queue`]: the task queue's `enqueue`, `enqueue-batch`, `drain` and `cycle` workloads
 //!   (`sluice.queue.v1.Queue`), which count tasks as well as requests;
+//! - [`lease`]: the Lease stream's `lease-drain` and `push-latency` workloads, which run
+//!   long-lived worker streams instead of the driver's request loop but report the same way;
 //! - [`redis_info`]: `--redis-url`, Redis CPU time and commands per task over a run.
 //!
 //! A run flows: parse the subcommand → build its [`driver::Workload`] → [`driver::run`] calls it
@@ -21,6 +23,7 @@
 
 mod driver;
 mod envoy;
+mod lease;
 mod limiter;
 mod queue;
 mod redis_info;
@@ -91,21 +94,45 @@ enum Command {
         #[command(flatten)]
         workload: queue::CycleArgs,
     },
+    /// Drain a pre-filled queue through the Lease stream: --workers streams, each granting
+    /// --credits, completing every lease on the stream at once and granting one credit per
+    /// Ack. Reports tasks completed per second and, per task, the time from receiving the
+    /// lease to its Ack. Ends when every worker got no task for --idle, or at --duration.
+    LeaseDrain {
+        #[command(flatten)]
+        run: lease::StreamArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: lease::LeaseDrainArgs,
+    },
+    /// Push latency of the Lease stream: --workers idle streams (one credit each), then
+    /// --tasks enqueued at --rate, each carrying its send time; reports the time from the
+    /// Enqueue to the lease reaching a worker. With --redis-url, first reads Redis's
+    /// commands/s over --idle-sample while the workers wait with nothing to do.
+    PushLatency {
+        #[command(flatten)]
+        run: lease::StreamArgs,
+        #[command(flatten)]
+        queue: queue::QueueArgs,
+        #[command(flatten)]
+        workload: lease::PushLatencyArgs,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (run, report) = match cli.command {
+    let (json, report) = match cli.command {
         Command::CheckLimit { run, workload } => {
             let workload = limiter::CheckLimit::new(&workload)?;
             let report = driver::run(&run, workload).await?;
-            (run, report)
+            (run.json, report)
         }
         Command::ShouldRateLimit { run, workload } => {
             let workload = envoy::ShouldRateLimit::new(&workload);
             let report = driver::run(&run, workload).await?;
-            (run, report)
+            (run.json, report)
         }
         Command::Enqueue {
             run,
@@ -114,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let workload = queue::Enqueue::new(&queue, &workload)?;
             let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
-            (run, report)
+            (run.json, report)
         }
         Command::EnqueueBatch {
             run,
@@ -123,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let workload = queue::EnqueueBatch::new(&queue, &workload)?;
             let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
-            (run, report)
+            (run.json, report)
         }
         Command::Drain {
             run,
@@ -132,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let workload = queue::Drain::new(&queue, &workload, &run)?;
             let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
-            (run, report)
+            (run.json, report)
         }
         Command::Cycle {
             run,
@@ -141,10 +168,23 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let workload = queue::Cycle::new(&queue, &workload, &run)?;
             let report = driver::run_probed(&run, workload, queue.probe().await?).await?;
-            (run, report)
+            (run.json, report)
         }
+        Command::LeaseDrain {
+            run,
+            queue,
+            workload,
+        } => (run.json, lease::lease_drain(&run, &queue, &workload).await?),
+        Command::PushLatency {
+            run,
+            queue,
+            workload,
+        } => (
+            run.json,
+            lease::push_latency(&run, &queue, &workload).await?,
+        ),
     };
-    if run.json {
+    if json {
         // stdout carries only the JSON line, so `sluice-bench … --json | jq` works; the human
         // block still goes to the terminal.
         eprint!("{report}");

@@ -15,8 +15,50 @@ const HIGHEST_MICROS: u64 = 3_600_000_000;
 /// How load was generated.
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
-    Closed { concurrency: u32 },
-    Open { rate: f64, max_in_flight: u32 },
+    Closed {
+        concurrency: u32,
+    },
+    Open {
+        rate: f64,
+        max_in_flight: u32,
+    },
+    /// The Lease stream workloads (`lease-drain`, `push-latency`): `workers` streams, each
+    /// granted `credits` at first and one more per Ack; `rate` is push-latency's producer
+    /// schedule (tasks per second).
+    Stream {
+        workers: u32,
+        credits: u32,
+        rate: Option<f64>,
+    },
+}
+
+/// What Redis did while the Lease stream workers were subscribed and no task was sent
+/// (`push-latency --idle-sample`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdleRedis {
+    /// Length of the sample, as measured between the two reads.
+    pub seconds: f64,
+    pub usage: Usage,
+}
+
+impl IdleRedis {
+    /// Redis commands per second while idle.
+    pub fn commands_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.usage.commands as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Redis CPU while idle, in percent of one core.
+    pub fn cpu_percent(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.usage.cpu_seconds * 100.0 / self.seconds
+        } else {
+            0.0
+        }
+    }
 }
 
 /// How a workload that moves tasks wants them reported. Workloads without tasks (the
@@ -123,6 +165,9 @@ pub struct Report {
     /// What Redis spent over the measured period, when `--redis-url` was given; `Err` says
     /// why it could not be read.
     pub redis: Option<Result<Usage, String>>,
+    /// `push-latency` with `--redis-url`: Redis while the workers were subscribed and idle;
+    /// `Err` says why it could not be measured.
+    pub idle_redis: Option<Result<IdleRedis, String>>,
 }
 
 /// Latency percentiles of the calls that answered OK, in milliseconds.
@@ -249,6 +294,12 @@ impl Report {
                 rate.to_string(),
                 max_in_flight.to_string(),
             ),
+            Mode::Stream { workers, rate, .. } => (
+                "stream",
+                workers.to_string(),
+                rate.map_or_else(|| "null".to_owned(), |rate| rate.to_string()),
+                "null".to_owned(),
+            ),
         };
         let first_error = r
             .first_error
@@ -266,6 +317,8 @@ impl Report {
             .tasks
             .as_ref()
             .map_or_else(String::new, |counting| self.tasks_json(counting));
+        // Likewise, only the Lease stream workloads add these.
+        let stream = self.stream_json();
         format!(
             concat!(
                 r#"{{"workload":{},"target":{},"connections":{},"mode":"{}","#,
@@ -273,7 +326,7 @@ impl Report {
                 r#""warmup_s":{:.3},"duration_s":{:.3},"measured_s":{:.3},"#,
                 r#""requests":{},"errors":{},"first_error":{},"dropped":{},"#,
                 r#""allowed":{},"denied":{},"unknown":{},"#,
-                r#""throughput_rps":{:.1},"latency_ms":{}{}}}"#,
+                r#""throughput_rps":{:.1},"latency_ms":{}{}{}}}"#,
             ),
             json_string(self.workload),
             json_string(&self.target),
@@ -295,7 +348,35 @@ impl Report {
             self.throughput(),
             latency,
             tasks,
+            stream,
         )
+    }
+
+    /// The JSON fields of the Lease stream workloads, each preceded by a comma; empty for
+    /// the others.
+    fn stream_json(&self) -> String {
+        let Mode::Stream {
+            workers, credits, ..
+        } = self.mode
+        else {
+            return String::new();
+        };
+        let idle = match &self.idle_redis {
+            None => "null".to_owned(),
+            Some(Err(error)) => format!(r#"{{"error":{}}}"#, json_string(error)),
+            Some(Ok(idle)) => format!(
+                concat!(
+                    r#"{{"seconds":{:.3},"commands":{},"commands_per_s":{:.2},"#,
+                    r#""cpu_s":{:.6},"cpu_percent":{:.3}}}"#,
+                ),
+                idle.seconds,
+                idle.usage.commands,
+                idle.commands_per_second(),
+                idle.usage.cpu_seconds,
+                idle.cpu_percent(),
+            ),
+        };
+        format!(r#","workers":{workers},"credits":{credits},"idle_redis":{idle}"#)
     }
 }
 
@@ -320,6 +401,20 @@ impl fmt::Display for Report {
                 f,
                 "  mode         open loop, {rate} req/s scheduled, max {max_in_flight} in flight"
             )?,
+            Mode::Stream {
+                workers,
+                credits,
+                rate,
+            } => {
+                write!(
+                    f,
+                    "  mode         Lease streams: {workers} workers, {credits} credits each (+1 per Ack)"
+                )?;
+                match rate {
+                    Some(rate) => writeln!(f, ", producer at {rate} tasks/s")?,
+                    None => writeln!(f)?,
+                }
+            }
         }
         writeln!(
             f,
@@ -328,32 +423,40 @@ impl fmt::Display for Report {
             self.warmup.as_secs_f64()
         )?;
         if self.ended_early.is_some() {
-            writeln!(
-                f,
-                "  ended        before --duration: the workload stopped (--stop-when-empty) or --requests were answered"
-            )?;
+            let why = match self.mode {
+                Mode::Stream { rate: None, .. } => {
+                    "every worker went --idle without a task: the queue is drained"
+                }
+                Mode::Stream { rate: Some(_), .. } => "every --tasks was sent and handled",
+                _ => "the workload stopped (--stop-when-empty) or --requests were answered",
+            };
+            writeln!(f, "  ended        before --duration: {why}")?;
         }
         writeln!(f, "  requests     {}", r.requests)?;
         writeln!(f, "  errors       {}", r.errors)?;
         if let Some(first) = &r.first_error {
             writeln!(f, "  first error  {first}")?;
         }
-        if let Mode::Open { .. } = self.mode {
+        if let Mode::Open { .. } | Mode::Stream { rate: Some(_), .. } = self.mode {
             writeln!(f, "  dropped      {}", self.dropped)?;
         }
-        write!(
-            f,
-            "  verdicts     allowed {}, denied {}",
-            r.allowed, r.denied
-        )?;
-        if r.unknown > 0 {
-            write!(f, ", no verdict {}", r.unknown)?;
+        // The Lease stream workloads send no request of their own: their "requests" are
+        // tasks (and errors), with no verdict, and tasks/s below says their throughput.
+        if !matches!(self.mode, Mode::Stream { .. }) {
+            write!(
+                f,
+                "  verdicts     allowed {}, denied {}",
+                r.allowed, r.denied
+            )?;
+            if r.unknown > 0 {
+                write!(f, ", no verdict {}", r.unknown)?;
+            }
+            if let Some(denied) = self.tasks.as_ref().and_then(|t| t.denied) {
+                write!(f, " (denied = {denied})")?;
+            }
+            writeln!(f)?;
+            writeln!(f, "  throughput   {:.1} req/s", self.throughput())?;
         }
-        if let Some(denied) = self.tasks.as_ref().and_then(|t| t.denied) {
-            write!(f, " (denied = {denied})")?;
-        }
-        writeln!(f)?;
-        writeln!(f, "  throughput   {:.1} req/s", self.throughput())?;
         if let Some(counting) = &self.tasks {
             writeln!(
                 f,
@@ -372,6 +475,18 @@ impl fmt::Display for Report {
             )?,
             None if self.tasks.is_some() => writeln!(f, "  latency ms   n/a (no timed call)")?,
             None => writeln!(f, "  latency ms   n/a (no call answered OK)")?,
+        }
+        match &self.idle_redis {
+            None => {}
+            Some(Err(error)) => writeln!(f, "  idle Redis   n/a: {error}")?,
+            Some(Ok(idle)) => writeln!(
+                f,
+                "  idle Redis commands/s: {:.2} ({} in {:.1} s, CPU {:.2}% of a core)",
+                idle.commands_per_second(),
+                idle.usage.commands,
+                idle.seconds,
+                idle.cpu_percent()
+            )?,
         }
         match &self.redis {
             None => Ok(()),
@@ -453,6 +568,7 @@ mod tests {
             tasks: None,
             ended_early: None,
             redis: None,
+            idle_redis: None,
         };
         let p = report
             .percentiles()
@@ -508,6 +624,7 @@ mod tests {
                 commands: 3000,
                 script_calls: 1000,
             })),
+            idle_redis: None,
         };
         let json = report.json();
         assert!(json.contains(r#""measured_s":2.000,"#), "{json}");
@@ -530,6 +647,75 @@ mod tests {
         assert!(text.contains("Redis CPU per task: 500.00 µs"), "{text}");
         assert!(text.contains("Redis commands per task: 3.00"), "{text}");
         assert!(text.contains("(denied = empty Dequeue)"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn stream_workloads_report_workers_credits_and_idle_redis() -> anyhow::Result<()> {
+        let mut recorder = Recorder::new()?;
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            let outcome = Outcome::tasks(Verdict::Allowed, 1);
+            recorder.record(t0, t0 + Duration::from_millis(3), &Ok(outcome));
+        }
+        let report = Report {
+            workload: "push-latency",
+            target: "http://127.0.0.1:1".into(),
+            connections: 5,
+            mode: Mode::Stream {
+                workers: 4,
+                credits: 1,
+                rate: Some(1000.0),
+            },
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(60),
+            measure_start: t0,
+            dropped: 0,
+            recorder,
+            tasks: Some(TaskCounting {
+                verb: "completed",
+                timed: "tasks",
+                denied: None,
+            }),
+            ended_early: Some(t0 + Duration::from_millis(100)),
+            redis: None,
+            idle_redis: Some(Ok(IdleRedis {
+                seconds: 10.0,
+                usage: Usage {
+                    cpu_seconds: 0.05,
+                    commands: 2000,
+                    script_calls: 0,
+                },
+            })),
+        };
+        let json = report.json();
+        assert!(
+            json.contains(r#""mode":"stream","concurrency":4,"rate":1000,"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""tasks_per_s":1000.0,"#), "{json}");
+        assert!(
+            json.ends_with(concat!(
+                r#","workers":4,"credits":1,"idle_redis":{"seconds":10.000,"commands":2000,"#,
+                r#""commands_per_s":200.00,"cpu_s":0.050000,"cpu_percent":0.500}}"#
+            )),
+            "{json}"
+        );
+        let text = report.to_string();
+        assert!(text.contains("4 workers, 1 credits each"), "{text}");
+        assert!(text.contains("idle Redis commands/s: 200.00"), "{text}");
+        assert!(
+            text.contains("every --tasks was sent and handled"),
+            "{text}"
+        );
+        assert!(!text.contains("verdicts"), "{text}");
+        // The other workloads' JSON has no stream fields.
+        let closed = Report {
+            mode: Mode::Closed { concurrency: 1 },
+            idle_redis: None,
+            ..report
+        };
+        assert!(!closed.json().contains("workers"), "{}", closed.json());
         Ok(())
     }
 }

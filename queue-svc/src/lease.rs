@@ -1,9 +1,9 @@
 //! The `Lease` stream: subscribe, credits, push dispatch, heartbeats, acks, drain (the
 //! protocol is documented on `LeaseRequest` in the contract).
 //!
-//! Push: every enqueue on this instance wakes the streams waiting for work at once; enqueues
-//! on other instances are picked up by a slow safety timer (`SAFETY_POLL`). Nothing polls while
-//! a stream has no credit.
+//! Push: each task enqueued (or released) on this instance wakes one stream waiting for work
+//! at once; tasks enqueued on other instances, and delayed tasks coming due, are picked up by
+//! a slow safety timer (`SAFETY_POLL`). Nothing polls while a stream has no credit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use crate::store::FailOutcome;
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
 /// How long a stream with credit waits for a wake-up before looking anyway.
-pub const SAFETY_POLL: Duration = Duration::from_millis(250);
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// Keepalive period.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Lease length of a stream that asks for none (heartbeats extend by this much).
@@ -306,10 +306,14 @@ impl Stream {
         keepalive.tick().await;
         loop {
             // Registered before looking, so an enqueue between the look and the wait still wakes.
+            // Only a stream that can take work waits for a wake-up: a wake-up sent to a stream
+            // without credit would be lost for the streams that have some.
+            let hungry = self.credits > 0 && !self.draining;
             let notified = wake.wakeups.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            let hungry = self.credits > 0 && !self.draining;
+            if hungry {
+                notified.as_mut().enable();
+            }
             if hungry {
                 match self.dispatch().await {
                     None => return,

@@ -146,9 +146,17 @@ impl QueueService {
         self.streams.clone()
     }
 
-    /// Wakes every lease stream waiting for work.
+    /// Wakes lease streams waiting for work: one per new ready task, so a single enqueue
+    /// does not send every idle stream to Redis for one task.
+    pub(crate) fn wake_for(&self, tasks: usize) {
+        for _ in 0..tasks.min(256) {
+            self.streams.wakeups.notify_one();
+        }
+    }
+
+    /// Wakes one lease stream waiting for work.
     pub(crate) fn wake(&self) {
-        self.streams.wakeups.notify_waiters();
+        self.wake_for(1);
     }
 
     /// This instance's id.
@@ -355,7 +363,12 @@ impl QueueService {
             .enqueue(project, queue, tasks, settings.max_size, retention)
             .await;
         if let Ok(enqueued) = &result {
-            self.wake();
+            self.wake_for(
+                enqueued
+                    .iter()
+                    .filter(|e| !e.duplicate && e.state == "ready")
+                    .count(),
+            );
             metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned())
                 .increment(enqueued.iter().filter(|e| !e.duplicate).count() as u64);
         }

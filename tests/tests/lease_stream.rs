@@ -276,7 +276,7 @@ async fn push_release_heartbeat_revoke_drain_and_broken_streams(
         other => anyhow::bail!("Drained expected (no work was queued), got {other:?}"),
     }
     enqueue(&q, "push", 3).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await; // longer than the safety poll
+    tokio::time::sleep(Duration::from_millis(1200)).await; // longer than the safety poll
     assert!(
         tokio::time::timeout(Duration::from_millis(50), w.down.message())
             .await
