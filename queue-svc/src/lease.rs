@@ -172,8 +172,27 @@ impl Stream {
             for (i, q) in s.queues.iter().enumerate() {
                 validate_name(q, &format!("subscribe.queues[{i}]"))?;
             }
-            if s.worker_id.len() > 128 {
-                return Err(Error::invalid("subscribe.worker_id", "at most 128 bytes"));
+            if s.worker_id.is_empty()
+                || s.worker_id.len() > 128
+                || !s
+                    .worker_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            {
+                return Err(Error::invalid(
+                    "subscribe.worker_id",
+                    "1 to 128 bytes of A-Z a-z 0-9 _ . -",
+                ));
+            }
+            if s.labels.len() > 16
+                || s.labels
+                    .iter()
+                    .any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 256)
+            {
+                return Err(Error::invalid(
+                    "subscribe.labels",
+                    "at most 16 entries; keys 1 to 63 bytes, values at most 256",
+                ));
             }
             crate::service::lease_ms(s.lease_duration.as_ref(), "subscribe.lease_duration")
         })();
@@ -223,7 +242,7 @@ impl Stream {
                 .collect(),
             project: s.project,
             worker: s.worker_id,
-            lease_ms: heartbeat_ms,
+            lease_ms,
             heartbeat_ms,
             credits: 0,
             draining: false,

@@ -18,6 +18,24 @@ use crate::store::{DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
 
 /// Most tasks one Dequeue leases.
 pub const MAX_DEQUEUE: u32 = 256;
+/// Largest answer a call builds: most gRPC clients refuse more than 4 MiB.
+const MAX_RESPONSE: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// How many of the tasks with these payload sizes fit in one answer (at least one).
+fn fits(payloads: impl Iterator<Item = usize>) -> usize {
+    let mut size = 0;
+    let mut n = 0;
+    for payload in payloads {
+        // Each task's record travels with its payload: count a generous 1 KiB for it.
+        size += payload + 1024;
+        if size > MAX_RESPONSE && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Longest Dequeue long-poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -617,9 +635,21 @@ impl pb::queue_server::Queue for QueueService {
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(5);
         loop {
-            let leases = self
+            let mut leases = self
                 .lease_from(&targets, max, lease, &request.worker_id)
                 .await?;
+            // Keep the answer under 4 MiB (most clients' receive limit): give back the rest.
+            let keep = fits(
+                leases
+                    .iter()
+                    .map(|l| l.task.as_ref().map_or(0, |t| t.payload.len())),
+            );
+            for extra in leases.split_off(keep) {
+                if let Some(task) = &extra.task {
+                    self.release_quietly(&task.project, &task.queue, &task.id, &extra.lease_token)
+                        .await;
+                }
+            }
             if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
                 metrics::counter!("sluice_queue_leased_total").increment(leases.len() as u64);
                 return Ok(Response::new(pb::DequeueResponse { leases }));
@@ -858,8 +888,16 @@ impl pb::queue_server::Queue for QueueService {
             .store
             .list_dead(&r.project, &r.queue, offset, page)
             .await?;
+        // A page stops before the answer would pass 4 MiB; the next one starts there.
+        let fitting = if r.include_payload {
+            fits(tasks.iter().map(|(_, p)| p.len()))
+        } else {
+            tasks.len()
+        };
+        let read = fitting as u64;
         let tasks = tasks
             .into_iter()
+            .take(fitting)
             .filter(|(record, _)| {
                 category.is_none_or(|c| record.err.last().is_some_and(|e| e.category == c))
             })
@@ -879,7 +917,7 @@ impl pb::queue_server::Queue for QueueService {
                 )
             })
             .collect();
-        let next = offset + page;
+        let next = offset + read.min(page);
         Ok(Response::new(pb::ListDeadLettersResponse {
             tasks,
             next_page_token: if next < total {

@@ -747,3 +747,54 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::
     assert_eq!(stats.ready, 2);
     q.service.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dequeue_answer_stays_under_4_mib_and_gives_back_the_rest() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let big = vec![7u8; 1024 * 1024];
+    for _ in 0..6 {
+        q.client
+            .enqueue(pb::EnqueueRequest {
+                task: Some(spec("p", "big", &big, pb::Priority::Normal)),
+            })
+            .await?;
+    }
+    let leases = q
+        .client
+        .dequeue(dequeue("p", "big", 10))
+        .await?
+        .into_inner()
+        .leases;
+    assert_eq!(
+        leases.len(),
+        3,
+        "three 1 MiB payloads fit under 4 MiB, a fourth does not"
+    );
+    let stats = q
+        .client
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "big".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(
+        (stats.leased, stats.ready),
+        (3, 3),
+        "the rest went back to ready"
+    );
+    let again = q
+        .client
+        .dequeue(dequeue("p", "big", 10))
+        .await?
+        .into_inner()
+        .leases;
+    assert!(
+        again.iter().all(|l| l.attempt == 1),
+        "giving back is not an attempt"
+    );
+    q.service.stop().await
+}
