@@ -327,6 +327,34 @@ impl RedisPool {
     }
 }
 
+/// A stream of the messages published on `channel`, on its own connection (standalone Redis
+/// only: `None` for a cluster URL, whose callers fall back to polling). Ends when the
+/// connection drops; the caller subscribes again.
+pub async fn subscribe(
+    config: &RedisConfig,
+    channel: &str,
+) -> Result<Option<redis::aio::PubSubStream>> {
+    let Topology::Standalone(url) = Topology::parse(&config.url)? else {
+        return Ok(None);
+    };
+    let client = match &config.tls_ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        ),
+        None => redis::Client::open(url.as_str()),
+    }
+    .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
+    let mut pubsub = tokio::time::timeout(config.connect_timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| Error::Unavailable("timed out connecting for pub/sub".into()))??;
+    pubsub.subscribe(channel).await?;
+    Ok(Some(pubsub.into_on_message()))
+}
+
 /// The Redis pool `args` configure, or `None` for the embedded store; logs which it is.
 pub fn from_args(args: &crate::config::RedisArgs) -> Result<Option<RedisPool>> {
     match args.redis_config()? {

@@ -1,9 +1,12 @@
 //! The `Lease` stream: subscribe, credits, push dispatch, heartbeats, acks, drain (the
 //! protocol is documented on `LeaseRequest` in the contract).
 //!
-//! Push: each task enqueued (or released) on this instance wakes one stream waiting for work
-//! at once; tasks enqueued on other instances, and delayed tasks coming due, are picked up by
-//! a slow safety timer (`SAFETY_POLL`). Nothing polls while a stream has no credit.
+//! Push: the scripts that make tasks ready publish how many on the Redis channel
+//! `sluice:q:wake`; every instance subscribes and wakes that many of its streams waiting for
+//! work (one each), whichever instance enqueued. Without the subscription (embedded store,
+//! Redis Cluster, or while it reconnects) an enqueue wakes this instance's streams directly and
+//! tasks from other instances are found by a safety poll (`SAFETY_POLL`). Nothing polls while
+//! a stream has no credit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +24,11 @@ use crate::store::FailOutcome;
 
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
-/// How long a stream with credit waits for a wake-up before looking anyway.
+/// How long a stream with credit waits for a wake-up before looking anyway, without Redis
+/// pub/sub wake-ups (the embedded store, Redis Cluster, or while the subscription is down).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
+/// The same, while Redis pub/sub announces every task that becomes ready.
+pub const SAFETY_POLL_PUSHED: Duration = Duration::from_secs(10);
 /// Keepalive period.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Lease length of a stream that asks for none (heartbeats extend by this much).
@@ -355,7 +361,7 @@ impl Stream {
                     }
                 },
                 () = &mut notified, if hungry => {}
-                () = tokio::time::sleep(SAFETY_POLL), if hungry => {}
+                () = tokio::time::sleep(if wake.pushed.load(Ordering::Relaxed) { SAFETY_POLL_PUSHED } else { SAFETY_POLL }), if hungry => {}
                 _ = keepalive.tick() => {
                     if !self.send(pb::lease_response::Kind::Keepalive(pb::Keepalive { server_time: Some(now_ts()) })).await {
                         return;
@@ -548,6 +554,8 @@ pub struct StreamState {
     pub instance: String,
     /// Cancelled when the instance shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Redis pub/sub wake-ups are flowing.
+    pub pushed: std::sync::atomic::AtomicBool,
 }
 
 impl StreamState {
@@ -558,6 +566,7 @@ impl StreamState {
             wakeups: tokio::sync::Notify::new(),
             instance: instance_id(),
             shutdown,
+            pushed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }

@@ -62,10 +62,12 @@ pub async fn run(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
         &["sluice.queue.v1.Queue"],
     )?;
-    let router = router.add_service(
-        QueueServer::new(service::QueueService::new(store, queues, shutdown.clone()))
-            .max_decoding_message_size(MAX_MESSAGE),
-    );
+    let service = service::QueueService::new(store, queues, shutdown.clone());
+    if let Some(redis) = common.redis.redis_config()? {
+        tasks.spawn(service.clone().listen_for_wakeups(redis));
+    }
+    let router =
+        router.add_service(QueueServer::new(service).max_decoding_message_size(MAX_MESSAGE));
     let result = sluice::server::run(
         SERVICE_NAME,
         router,

@@ -172,9 +172,62 @@ impl QueueService {
         }
     }
 
-    /// Wakes one lease stream waiting for work.
+    /// Wakes one lease stream waiting for work, unless Redis pub/sub announces it anyway.
     pub(crate) fn wake(&self) {
-        self.wake_for(1);
+        self.wake_local(1);
+    }
+
+    /// Wakes streams for tasks this instance made ready, unless Redis pub/sub announces them.
+    pub(crate) fn wake_local(&self, tasks: usize) {
+        if !self
+            .streams
+            .pushed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.wake_for(tasks);
+        }
+    }
+
+    /// Receives the wake-ups every instance's scripts publish, and wakes this instance's
+    /// streams; resubscribes after a lost connection. Returns at shutdown, or at once for a
+    /// Redis Cluster (whose instances rely on the safety poll).
+    pub async fn listen_for_wakeups(self, redis: sluice::pool::RedisConfig) {
+        use futures::StreamExt;
+        use std::sync::atomic::Ordering;
+        let shutdown = self.shutdown_token();
+        loop {
+            let subscription = tokio::select! {
+                s = sluice::pool::subscribe(&redis, "sluice:q:wake") => s,
+                () = shutdown.cancelled() => return,
+            };
+            match subscription {
+                Ok(None) => return,
+                Ok(Some(mut messages)) => {
+                    self.streams.pushed.store(true, Ordering::Relaxed);
+                    // Anything made ready while unsubscribed is found by this look.
+                    self.wake_for(256);
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => match message {
+                                Some(message) => {
+                                    let tasks: usize = message.get_payload::<String>().ok().and_then(|n| n.parse().ok()).unwrap_or(1);
+                                    self.wake_for(tasks);
+                                }
+                                None => break,
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                    self.streams.pushed.store(false, Ordering::Relaxed);
+                    tracing::warn!("lost the Redis wake-up subscription; polling until it is back");
+                }
+                Err(err) => tracing::debug!(error = %err, "cannot subscribe to wake-ups yet"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// This instance's id.

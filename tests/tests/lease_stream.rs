@@ -334,3 +334,59 @@ on_stores!(
     credits_bound_what_a_worker_holds,
     push_release_heartbeat_revoke_drain_and_broken_streams
 );
+
+/// A task enqueued on one instance reaches a worker streaming from another at once, through
+/// the Redis wake-up channel (the safety poll runs every 10 s while it flows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_enqueued_on_another_instance_is_pushed() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let a = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let b = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let mut w = Worker::subscribe(&a, &["cross"], "w-cross").await?;
+    w.credits(1).await?;
+    // Both instances listen on the wake-up channel: streams then poll only every 10 s, so
+    // delivery within the 5 s below is the push.
+    let mut admin = redis.client().await?;
+    sluice_testkit::eventually(Duration::from_secs(10), "both instances subscribed", || {
+        let mut admin = admin.clone();
+        async move {
+            let reply: (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("sluice:q:wake")
+                .query_async(&mut admin)
+                .await
+                .ok()?;
+            (reply.1 >= 2).then_some(())
+        }
+    })
+    .await?;
+    let _ = &mut admin;
+    // The stream started before the subscription: its first, 1 s, poll must have passed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for round in 0..3 {
+        let id = enqueue(&b, "cross", 1).await?.remove(0);
+        let got = tokio::time::timeout(Duration::from_secs(5), w.next()).await??;
+        let Down::Task(lease) = got else {
+            anyhow::bail!("a task, got {got:?}")
+        };
+        assert_eq!(
+            lease.task.as_ref().map(|t| t.id.as_str()),
+            Some(id.as_str()),
+            "round {round}"
+        );
+        w.send(Up::Complete(pb::CompleteTask {
+            queue: "cross".into(),
+            task_id: id,
+            lease_token: lease.lease_token,
+            result: vec![],
+        }))
+        .await?;
+        let Down::Ack(_) = w.next().await? else {
+            anyhow::bail!("an ack")
+        };
+        w.credits(1).await?;
+    }
+    drop(w);
+    a.service.stop().await?;
+    b.service.stop().await
+}

@@ -55,9 +55,19 @@ local function count(what)
   redis.call('HDEL', K_META, what .. ':' .. (minute - 2))
 end
 
+-- Tasks made ready by this call; announced once at the end (see wake_streams).
+local made_ready = 0
+
 local function make_ready(task)
   task.st = 'ready'
   redis.call('RPUSH', ready_key(task.p), task.id)
+  made_ready = made_ready + 1
+end
+
+-- Tells every queue-svc instance (pub/sub, not a key) how many tasks became ready, so their
+-- idle Lease streams wake at once. Scripts that make tasks ready call it before returning.
+local function wake_streams()
+  if made_ready > 0 then redis.call('PUBLISH', 'sluice:q:wake', made_ready) end
 end
 
 local function schedule(task, at)

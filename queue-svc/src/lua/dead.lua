@@ -50,4 +50,5 @@ for _, id in ipairs(candidates) do
     done = done + 1
   end
 end
+wake_streams()
 return { done, more }

@@ -59,4 +59,5 @@ for i = 1, n do
     reply[#reply + 1] = task.st
   end
 end
+wake_streams()
 return reply

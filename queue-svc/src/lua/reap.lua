@@ -34,4 +34,5 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', K_IDEMX, '-inf', now, 'LIMIT', 
   redis.call('ZREM', K_IDEMX, key)
   redis.call('HDEL', K_IDEM, key)
 end
+wake_streams()
 return { expired, promoted, removed }

@@ -16,4 +16,5 @@ else
   make_ready(task)
 end
 save(task)
+wake_streams()
 return { 'ok' }
