@@ -183,3 +183,32 @@ pub fn sigterm(child: &tokio::process::Child) -> anyhow::Result<()> {
     kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
     Ok(())
 }
+
+/// Starts `sluice-worker run` (at `path`) on `urls` for project `p`'s `queue`, running `command`
+/// per task; killed on drop.
+pub fn worker_process(
+    path: &str,
+    urls: &str,
+    queue: &str,
+    extra: &[&str],
+    command: &[&str],
+) -> anyhow::Result<Child> {
+    Ok(Command::new(path)
+        .args([
+            "--queue-url",
+            urls,
+            "run",
+            "--project",
+            "p",
+            "--queue",
+            queue,
+        ])
+        .args(["--log-format", "compact", "--log", "warn"])
+        .args(extra)
+        .arg("--")
+        .args(command)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}

@@ -2,7 +2,6 @@
 //! instance killed mid-stream, redis-server restarted mid-run. Nothing acknowledged is lost.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use sluice::proto::sluice::queue::v1 as pb;
@@ -15,28 +14,12 @@ fn worker(
     extra: &[&str],
     command: &[&str],
 ) -> anyhow::Result<tokio::process::Child> {
-    Ok(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .args([
-                "--queue-url",
-                urls,
-                "run",
-                "--project",
-                "p",
-                "--queue",
-                queue,
-                "--log-format",
-                "compact",
-                "--log",
-                "warn",
-            ])
-            .args(extra)
-            .arg("--")
-            .args(command)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
+    sluice_testkit::binary::worker_process(
+        env!("CARGO_BIN_EXE_sluice-worker"),
+        urls,
+        queue,
+        extra,
+        command,
     )
 }
 

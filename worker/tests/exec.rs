@@ -2,7 +2,6 @@
 //! store): a Python one-liner as the handler, retries and dead letters of a failing command,
 //! and a graceful drain on SIGTERM.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use sluice::proto::sluice::queue::v1 as pb;
@@ -15,26 +14,12 @@ fn worker(
     extra: &[&str],
     command: &[&str],
 ) -> anyhow::Result<tokio::process::Child> {
-    Ok(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .args([
-                "--queue-url",
-                &q.service.url(),
-                "run",
-                "--project",
-                "p",
-                "--queue",
-                queue,
-                "--log-format",
-                "compact",
-            ])
-            .args(extra)
-            .arg("--")
-            .args(command)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
+    sluice_testkit::binary::worker_process(
+        env!("CARGO_BIN_EXE_sluice-worker"),
+        &q.service.url(),
+        queue,
+        extra,
+        command,
     )
 }
 
