@@ -424,8 +424,7 @@ impl QueueService {
         queue: &str,
         tasks: &[NewTask],
     ) -> Result<Vec<Enqueued>> {
-        validate_name(project, "project")?;
-        validate_name(queue, "queue")?;
+        queue_ref(project, queue)?;
         self.register(project, queue).await?;
         let settings = self.queues.get(project, queue);
         let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
@@ -526,9 +525,8 @@ impl QueueService {
         Ok(leases)
     }
 
-    fn task_ref<'a>(project: &'a str, queue: &'a str, id: &'a str) -> Result<()> {
-        validate_name(project, "project")?;
-        validate_name(queue, "queue")?;
+    fn task_ref(project: &str, queue: &str, id: &str) -> Result<()> {
+        queue_ref(project, queue)?;
         validate_task_id(id, "task_id")
     }
 
@@ -567,6 +565,12 @@ impl QueueService {
             None => Err(Error::invalid("selector", "choose task_id, filter or all")),
         }
     }
+}
+
+/// Validates the `project` and `queue` fields of a request about one queue.
+fn queue_ref(project: &str, queue: &str) -> Result<()> {
+    validate_name(project, "project")?;
+    validate_name(queue, "queue")
 }
 
 fn limit_of(limit: u32) -> Result<u64> {
@@ -850,8 +854,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::GetQueueStatsRequest>,
     ) -> std::result::Result<Response<pb::GetQueueStatsResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let s = self.store.stats(&r.project, &r.queue).await?;
         Ok(Response::new(pb::GetQueueStatsResponse {
             stats: Some(pb::QueueStats {
@@ -900,8 +903,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::PauseQueueRequest>,
     ) -> std::result::Result<Response<pb::PauseQueueResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let paused = self.store.set_paused(&r.project, &r.queue, true).await?;
         Ok(Response::new(pb::PauseQueueResponse { paused }))
     }
@@ -911,8 +913,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::ResumeQueueRequest>,
     ) -> std::result::Result<Response<pb::ResumeQueueResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let paused = self.store.set_paused(&r.project, &r.queue, false).await?;
         Ok(Response::new(pb::ResumeQueueResponse { paused }))
     }
@@ -922,8 +923,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::ListDeadLettersResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let page = match r.page_size {
             0 => 100,
             n if n > 500 => return Err(Error::invalid("page_size", "at most 500").into()),
@@ -986,8 +986,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::RedriveDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::RedriveDeadLettersResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let selector = self.selector(r.selector.as_ref())?;
         let (n, more) = self
             .store
@@ -1004,8 +1003,7 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::PurgeDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::PurgeDeadLettersResponse>, Status> {
         let r = request.into_inner();
-        validate_name(&r.project, "project")?;
-        validate_name(&r.queue, "queue")?;
+        queue_ref(&r.project, &r.queue)?;
         let selector = self.selector(r.selector.as_ref())?;
         let (n, more) = self
             .store
