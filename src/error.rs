@@ -10,7 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, classified once so the gRPC edge and the circuit breakers agree.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The caller sent something that will never work as sent; `field` names what to change.
     #[error("{field}: {reason}")]

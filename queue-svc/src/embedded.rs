@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use sluice::error::{Error, Result};
 
 use crate::model::{ErrorRecord, Record};
-use crate::store::{DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats};
+use crate::store::{Completion, DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats};
 
 const MAX_ERRORS: usize = 10;
 
@@ -38,6 +38,26 @@ impl Queue {
         let minute = now / 60_000;
         *self.counters.entry((what, minute)).or_default() += 1;
         self.counters.retain(|(_, m), _| *m + 2 > minute);
+    }
+
+    fn complete(&mut self, id: &str, token: &str, result: &[u8], now: u64) -> Result<Option<u64>> {
+        if let Some(task) = self.tasks.get(id)
+            && task.st == "succeeded"
+            && task.ltok.as_deref() == Some(token)
+        {
+            return Ok(None);
+        }
+        let mut task = self.leased_task(id, token, now)?;
+        self.finish(&mut task, "succeeded", now);
+        task.ok = Some(now as f64);
+        task.dl = None;
+        if !result.is_empty() {
+            self.results.insert(id.to_owned(), result.to_vec());
+        }
+        self.count("completed", now);
+        let ran = now.saturating_sub(task.lsd.map_or(now, ms));
+        self.tasks.insert(id.to_owned(), task);
+        Ok(Some(ran))
     }
 
     fn make_ready(&mut self, task: &mut Record) {
@@ -326,33 +346,18 @@ impl EmbeddedQueue {
         })
     }
 
-    /// See `RedisQueue::complete`.
-    pub fn complete(
+    /// See `RedisQueue::complete_many`.
+    pub fn complete_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
-        result: &[u8],
-    ) -> Result<Option<u64>> {
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<Option<u64>>>> {
         self.with(project, queue, |q, now| {
-            if let Some(task) = q.tasks.get(id)
-                && task.st == "succeeded"
-                && task.ltok.as_deref() == Some(token)
-            {
-                return Ok(None);
-            }
-            let mut task = q.leased_task(id, token, now)?;
-            q.finish(&mut task, "succeeded", now);
-            task.ok = Some(now as f64);
-            task.dl = None;
-            if !result.is_empty() {
-                q.results.insert(id.to_owned(), result.to_vec());
-            }
-            q.count("completed", now);
-            let ran = now.saturating_sub(task.lsd.map_or(now, ms));
-            q.tasks.insert(id.to_owned(), task);
-            Ok(Some(ran))
+            Ok(items
+                .iter()
+                .map(|(id, token, result)| q.complete(id, token, result, now))
+                .collect())
         })
     }
 

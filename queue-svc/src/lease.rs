@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use sluice::error::Error;
 use sluice::proto::sluice::queue::v1 as pb;
 use tokio::sync::mpsc;
@@ -20,7 +21,7 @@ use tonic::Status;
 
 use crate::model::{category_name, timestamp, validate_name, validate_task_id};
 use crate::service::QueueService;
-use crate::store::FailOutcome;
+use crate::store::{Completion, FailOutcome};
 
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
@@ -349,8 +350,12 @@ impl Stream {
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
-                        if let Err(status) = self.handle(request).await {
+                        let (batch, ended) = gather(request, inbound);
+                        if let Err(status) = self.handle_batch(batch).await {
                             let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
+                        if ended {
                             return;
                         }
                     }
@@ -376,6 +381,92 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Handles messages that arrived together, in order, except that completions are
+    /// gathered (up to the next message that answers or depends on them) into one store call
+    /// per queue. Credits only add up, so they never split a gathering; the stream leases
+    /// once, after the whole batch.
+    async fn handle_batch(&mut self, batch: Vec<pb::LeaseRequest>) -> Result<(), Status> {
+        use pb::lease_request::Kind;
+        let mut completes = Vec::new();
+        for request in batch {
+            let result = match request.kind {
+                Some(Kind::Complete(c)) => {
+                    completes.push(c);
+                    continue;
+                }
+                Some(Kind::Credits(_)) => self.handle(request).await,
+                kind => {
+                    self.complete(std::mem::take(&mut completes)).await;
+                    self.handle(pb::LeaseRequest { kind }).await
+                }
+            };
+            if result.is_err() {
+                self.complete(completes).await;
+                return result;
+            }
+        }
+        self.complete(completes).await;
+        Ok(())
+    }
+
+    /// Completes tasks in one store call per queue and acknowledges each, in order.
+    async fn complete(&mut self, completes: Vec<pb::CompleteTask>) {
+        if completes.is_empty() {
+            return;
+        }
+        let mut answers: Vec<Option<sluice::error::Result<()>>> = vec![None; completes.len()];
+        let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, c) in completes.iter().enumerate() {
+            match validate_name(&c.queue, "complete.queue")
+                .and_then(|()| validate_task_id(&c.task_id, "complete.task_id"))
+            {
+                Ok(()) => by_queue.entry(c.queue.as_str()).or_default().push(i),
+                Err(err) => answers[i] = Some(Err(err)),
+            }
+        }
+        for (queue, indexes) in by_queue {
+            let items: Vec<Completion<'_>> = indexes
+                .iter()
+                .map(|&i| {
+                    let c = &completes[i];
+                    (
+                        c.task_id.as_str(),
+                        c.lease_token.as_str(),
+                        c.result.as_slice(),
+                    )
+                })
+                .collect();
+            match self
+                .service
+                .complete_tasks(&self.project, queue, &items)
+                .await
+            {
+                Ok(outcomes) => {
+                    for (&i, outcome) in indexes.iter().zip(outcomes) {
+                        answers[i] = Some(outcome);
+                    }
+                }
+                Err(err) => {
+                    for &i in &indexes {
+                        answers[i] = Some(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        for (c, answer) in completes.into_iter().zip(answers) {
+            self.in_flight.remove(&c.task_id);
+            let kind = match answer {
+                Some(Ok(())) => acked(c.task_id, pb::ack::Kind::Completed),
+                Some(Err(err)) => rejected(c.task_id, err),
+                None => rejected(c.task_id, Error::Internal("complete: no answer".into())),
+            };
+            if !self.send(kind).await {
+                break;
+            }
+        }
+        self.publish();
     }
 
     async fn handle(&mut self, request: pb::LeaseRequest) -> Result<(), Status> {
@@ -445,27 +536,7 @@ impl Stream {
                 self.send(pb::lease_response::Kind::HeartbeatAck(ack)).await;
             }
             Some(Kind::Complete(c)) => {
-                let result = async {
-                    validate_name(&c.queue, "complete.queue")?;
-                    validate_task_id(&c.task_id, "complete.task_id")?;
-                    service
-                        .complete_task(
-                            &self.project,
-                            &c.queue,
-                            &c.task_id,
-                            &c.lease_token,
-                            &c.result,
-                        )
-                        .await
-                }
-                .await;
-                self.in_flight.remove(&c.task_id);
-                let kind = match result {
-                    Ok(()) => acked(c.task_id, pb::ack::Kind::Completed),
-                    Err(err) => rejected(c.task_id, err),
-                };
-                self.send(kind).await;
-                self.publish();
+                self.complete(vec![c]).await;
             }
             Some(Kind::Fail(f)) => {
                 let result = async {
@@ -536,6 +607,31 @@ impl Stream {
         }
         Ok(())
     }
+}
+
+/// Most messages a stream takes in one go (see [`gather`]).
+const MAX_GATHER: usize = 256;
+
+/// `first` and whatever else has already arrived on the stream (at most [`MAX_GATHER`]), and
+/// whether the stream ended after them.
+fn gather(
+    first: pb::LeaseRequest,
+    inbound: &mut tonic::Streaming<pb::LeaseRequest>,
+) -> (Vec<pb::LeaseRequest>, bool) {
+    let mut batch = vec![first];
+    while batch.len() < MAX_GATHER {
+        // `message` keeps its state in the stream, so a poll that finds nothing loses nothing.
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(request))) => batch.push(request),
+            Some(Ok(None)) => return (batch, true),
+            Some(Err(status)) => {
+                tracing::debug!(%status, "lease stream broke; delivered leases stay valid until their deadline");
+                return (batch, true);
+            }
+            None => break,
+        }
+    }
+    (batch, false)
 }
 
 /// The id of a queue-svc instance, reported to workers and in ListWorkers.

@@ -14,7 +14,7 @@ use crate::model::{
     category_name, duration, proto_duration, timestamp, validate_name, validate_task_id,
 };
 use crate::queues::Queues;
-use crate::store::{DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
+use crate::store::{Completion, DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
 
 /// Most tasks one Dequeue leases.
 pub const MAX_DEQUEUE: u32 = 256;
@@ -250,7 +250,7 @@ impl QueueService {
         }
     }
 
-    /// Completes a leased task (unary and stream), with its metrics.
+    /// Completes a leased task (unary), with its metrics.
     pub(crate) async fn complete_task(
         &self,
         project: &str,
@@ -259,23 +259,57 @@ impl QueueService {
         token: &str,
         result: &[u8],
     ) -> Result<()> {
-        if result.len() > MAX_PAYLOAD {
-            return Err(Error::invalid(
-                "result",
-                format!("at most {MAX_PAYLOAD} bytes"),
-            ));
-        }
-        if let Some(ms) = self
-            .store
-            .complete(project, queue, id, token, result)
+        self.complete_tasks(project, queue, &[(id, token, result)])
             .await?
-        {
-            metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned())
-                .record(ms as f64 / 1000.0);
-            metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned())
-                .increment(1);
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("complete: no answer".into())))
+    }
+
+    /// Completes leased tasks of one queue in one store call (a Lease stream's completions
+    /// that arrived together), with their metrics; each is judged on its own.
+    pub(crate) async fn complete_tasks(
+        &self,
+        project: &str,
+        queue: &str,
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<()>>> {
+        let mut answers = Vec::with_capacity(items.len());
+        let mut valid = Vec::with_capacity(items.len());
+        for item in items {
+            if item.2.len() > MAX_PAYLOAD {
+                answers.push(Err(Error::invalid(
+                    "result",
+                    format!("at most {MAX_PAYLOAD} bytes"),
+                )));
+            } else {
+                answers.push(Ok(()));
+                valid.push(*item);
+            }
         }
-        Ok(())
+        if valid.is_empty() {
+            return Ok(answers);
+        }
+        let mut outcomes = self
+            .store
+            .complete_many(project, queue, &valid)
+            .await?
+            .into_iter();
+        let run = metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned());
+        let completed =
+            metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned());
+        for answer in answers.iter_mut().filter(|a| a.is_ok()) {
+            *answer = match outcomes.next() {
+                Some(Ok(Some(ms))) => {
+                    run.record(ms as f64 / 1000.0);
+                    completed.increment(1);
+                    Ok(())
+                }
+                Some(Ok(None)) => Ok(()),
+                Some(Err(err)) => Err(err),
+                None => Err(Error::Internal("complete: short answer".into())),
+            };
+        }
+        Ok(answers)
     }
 
     /// Fails a leased task's attempt (unary and stream), with its metrics.

@@ -19,6 +19,8 @@ macro_rules! script {
 
 /// A stored task with its payload.
 pub type Leased = (Record, Vec<u8>);
+/// One completion of a batch: task id, lease token, result.
+pub type Completion<'a> = (&'a str, &'a str, &'a [u8]);
 /// A stored task with its payload and result.
 pub type Full = (Record, Vec<u8>, Vec<u8>);
 
@@ -286,25 +288,33 @@ impl RedisQueue {
             .collect()
     }
 
-    /// Completes a leased task.
-    pub async fn complete(
+    /// Completes a batch of leased tasks of one queue in one script call; each is judged on
+    /// its own: its run time in ms (`None` for a repeat), or why it was refused.
+    pub async fn complete_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
-        result: &[u8],
-    ) -> Result<Option<u64>> {
-        let reply: Vec<redis::Value> = Self::call(&self.complete, project, queue)
-            .arg(id)
-            .arg(token)
-            .arg(result)
-            .invoke(&self.pool)
-            .await?;
-        match text(reply.first(), "complete")?.as_str() {
-            "ok" => Ok(u64::try_from(number(reply.get(1), "complete")? as i64).ok()),
-            _ => Err(status_error(&reply, "Complete")),
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<Option<u64>>>> {
+        let mut call = Self::call(&self.complete, project, queue).arg(items.len());
+        for (id, token, result) in items {
+            call = call.arg(*id).arg(*token).arg(*result);
         }
+        let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
+        if reply.len() != items.len() * 2 {
+            return Err(Error::Internal(format!(
+                "complete: {} reply entries for {} tasks",
+                reply.len(),
+                items.len()
+            )));
+        }
+        Ok(reply
+            .chunks(2)
+            .map(|pair| match text(pair.first(), "complete")?.as_str() {
+                "ok" => Ok(u64::try_from(number(pair.get(1), "complete")? as i64).ok()),
+                _ => Err(status_error(pair, "Complete")),
+            })
+            .collect())
     }
 
     /// Fails a leased task's attempt.
@@ -606,16 +616,14 @@ impl QueueStore {
         delegate!(self, dequeue(project, queue, lease_ms, worker, tokens))
     }
 
-    /// See [`RedisQueue::complete`].
-    pub async fn complete(
+    /// See [`RedisQueue::complete_many`].
+    pub async fn complete_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
-        result: &[u8],
-    ) -> Result<Option<u64>> {
-        delegate!(self, complete(project, queue, id, token, result))
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Result<Option<u64>>>> {
+        delegate!(self, complete_many(project, queue, items))
     }
 
     /// See [`RedisQueue::fail`].

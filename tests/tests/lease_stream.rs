@@ -307,6 +307,89 @@ async fn push_release_heartbeat_revoke_drain_and_broken_streams(
     q.service.stop().await
 }
 
+/// Completions sent back to back (which the server gathers into one script call per queue)
+/// are each judged on their own and acknowledged in the order sent: a stale token or a bad id
+/// among them refuses that one only.
+async fn completions_sent_together_are_judged_one_by_one(
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    enqueue(&q, "ga", 10).await?;
+    enqueue(&q, "gb", 10).await?;
+    let mut w = Worker::subscribe(&q, &["ga", "gb"], "w-gather").await?;
+    w.credits(20).await?;
+    let mut leases = Vec::new();
+    while leases.len() < 20 {
+        match w.next().await? {
+            Down::Task(lease) => leases.push(lease),
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    // Every fourth with a wrong token, then a bad id, then a repeat of the first.
+    let mut sent = Vec::new();
+    for (i, lease) in leases.iter().enumerate() {
+        let task = lease.task.clone().expect("task");
+        let token = if i % 4 == 3 {
+            "not-the-token".to_owned()
+        } else {
+            lease.lease_token.clone()
+        };
+        sent.push((task.queue, task.id, token));
+    }
+    sent.push(("ga".into(), "nope".into(), "t".into()));
+    sent.push(sent[0].clone());
+    for (queue, task_id, lease_token) in &sent {
+        w.send(Up::Complete(pb::CompleteTask {
+            queue: queue.clone(),
+            task_id: task_id.clone(),
+            lease_token: lease_token.clone(),
+            result: vec![],
+        }))
+        .await?;
+    }
+    for (i, (_, task_id, _)) in sent.iter().enumerate() {
+        let Down::Ack(ack) = w.next().await? else {
+            anyhow::bail!("an Ack for each completion")
+        };
+        assert_eq!(&ack.task_id, task_id, "acks come in the order sent");
+        let expected = if i == 20 {
+            (pb::ack::Kind::Rejected, tonic::Code::InvalidArgument)
+        } else if i < 20 && i % 4 == 3 {
+            (pb::ack::Kind::Rejected, tonic::Code::FailedPrecondition)
+        } else {
+            (pb::ack::Kind::Completed, tonic::Code::Ok)
+        };
+        assert_eq!(
+            (ack.kind, ack.code),
+            (i32::from(expected.0), expected.1 as i32),
+            "completion {i}: {ack:?}"
+        );
+    }
+    let (mut succeeded, mut leased) = (0, 0);
+    for queue in ["ga", "gb"] {
+        let stats = q
+            .client
+            .clone()
+            .get_queue_stats(pb::GetQueueStatsRequest {
+                project: "p".into(),
+                queue: queue.into(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .expect("stats");
+        succeeded += stats.succeeded_retained;
+        leased += stats.leased;
+    }
+    assert_eq!(
+        (succeeded, leased),
+        (15, 5),
+        "the refused completions changed nothing"
+    );
+    drop(w);
+    q.service.stop().await
+}
+
 macro_rules! on_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -332,7 +415,8 @@ macro_rules! on_stores {
 
 on_stores!(
     credits_bound_what_a_worker_holds,
-    push_release_heartbeat_revoke_drain_and_broken_streams
+    push_release_heartbeat_revoke_drain_and_broken_streams,
+    completions_sent_together_are_judged_one_by_one
 );
 
 /// A task enqueued on one instance reaches a worker streaming from another at once, through

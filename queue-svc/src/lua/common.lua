@@ -48,9 +48,9 @@ local function ready_count()
   return n
 end
 
-local function count(what)
+local function count(what, by)
   local minute = math.floor(now / 60000)
-  redis.call('HINCRBY', K_META, what .. ':' .. minute, 1)
+  redis.call('HINCRBY', K_META, what .. ':' .. minute, by or 1)
   -- Keep the current and the previous minute only.
   redis.call('HDEL', K_META, what .. ':' .. (minute - 2))
 end

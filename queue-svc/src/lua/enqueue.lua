@@ -53,11 +53,11 @@ for i = 1, n do
       redis.call('HSET', K_IDEM, task.idem, task.id)
       redis.call('ZADD', K_IDEMX, now + idem_ttl, task.idem)
     end
-    count('enqueued')
     reply[#reply + 1] = task.id
     reply[#reply + 1] = 0
     reply[#reply + 1] = task.st
   end
 end
+if fresh > 0 then count('enqueued', fresh) end
 wake_streams()
 return reply
