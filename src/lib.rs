@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod limit_layer;

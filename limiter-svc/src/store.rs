@@ -3,10 +3,11 @@
 //! against each.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sluice::batch::Batcher;
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
 use sluice::script::Script;
@@ -95,12 +96,28 @@ fn micros(us: i64) -> Duration {
 #[derive(Debug)]
 pub struct RedisStore {
     pool: RedisPool,
-    check: Script,
+    check: Arc<Script>,
     refund: Script,
     instance: String,
     sequence: AtomicU64,
+    /// Standalone Redis: concurrent requests share check calls. (On a cluster each call's keys
+    /// must share a slot, so requests go one by one.)
+    batcher: Option<Batcher<Checks, SlotReply>>,
 }
 
+/// Most requests in one check call, and check calls in flight at once, of the batcher.
+const BATCH_REQUESTS: usize = 64;
+const BATCH_CALLS: usize = 4;
+
+/// One request's part of a check call.
+#[derive(Debug)]
+struct Checks {
+    counters: Vec<Counter>,
+    mode: Mode,
+    nonce: String,
+}
+
+#[derive(Debug)]
 struct SlotReply {
     all: bool,
     now: i64,
@@ -108,14 +125,23 @@ struct SlotReply {
 }
 
 impl RedisStore {
-    /// A store on `pool`.
+    /// A store on `pool`; on standalone Redis it starts the batcher (needs a tokio runtime).
     pub fn new(pool: RedisPool) -> Self {
+        let check = Arc::new(Script::new("limiter.check", algorithm::CHECK_LUA));
+        let batcher = (!pool.is_cluster()).then(|| {
+            let (pool, check) = (pool.clone(), Arc::clone(&check));
+            Batcher::spawn(BATCH_REQUESTS, BATCH_CALLS, move |requests: Vec<Checks>| {
+                let (pool, check) = (pool.clone(), Arc::clone(&check));
+                async move { run_checks(&pool, &check, &requests).await }
+            })
+        });
         Self {
             pool,
-            check: Script::new("limiter.check", algorithm::CHECK_LUA),
+            check,
             refund: Script::new("limiter.refund", algorithm::REFUND_LUA),
             instance: uuid::Uuid::now_v7().simple().to_string(),
             sequence: AtomicU64::new(0),
+            batcher,
         }
     }
 
@@ -130,7 +156,20 @@ impl RedisStore {
 
     async fn evaluate(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
         let nonce = self.nonce();
-        if !self.pool.is_cluster() || same_slot(counters) {
+        if let Some(batcher) = &self.batcher {
+            let reply = batcher
+                .submit(Checks {
+                    counters: counters.to_vec(),
+                    mode,
+                    nonce,
+                })
+                .await?;
+            return Ok(Evaluation {
+                allowed: reply.all,
+                verdicts: reply.verdicts,
+            });
+        }
+        if same_slot(counters) {
             let reply = self.run_check(counters, mode, &nonce).await?;
             return Ok(Evaluation {
                 allowed: reply.all,
@@ -201,48 +240,15 @@ impl RedisStore {
     }
 
     async fn run_check(&self, counters: &[Counter], mode: Mode, nonce: &str) -> Result<SlotReply> {
-        let mut call = self.check.call();
-        for counter in counters {
-            call = call.key(&counter.key);
-        }
-        call = call
-            .arg(match mode {
-                Mode::Consume => "check",
-                Mode::Peek => "peek",
-            })
-            .arg(nonce);
-        for c in counters {
-            call = call
-                .arg(c.algorithm as u8)
-                .arg(c.params.limit as u64)
-                .arg(c.params.window as u64)
-                .arg(c.params.burst as u64)
-                .arg(c.params.cost as u64)
-                .arg(u8::from(c.shadow));
-        }
-        let reply: Vec<i64> = call.invoke(&self.pool).await?;
-        if reply.len() != 2 + 5 * counters.len() {
-            return Err(Error::Internal(format!(
-                "limiter.check replied {} numbers for {} checks",
-                reply.len(),
-                counters.len()
-            )));
-        }
-        let verdicts = reply[2..]
-            .chunks_exact(5)
-            .map(|v| Verdict {
-                allowed: v[0] == 1,
-                limit: u64::try_from(v[1]).unwrap_or(0),
-                remaining: u64::try_from(v[2]).unwrap_or(0),
-                reset_after: micros(v[3]),
-                retry_after: micros(v[4]),
-            })
-            .collect();
-        Ok(SlotReply {
-            all: reply[0] == 1,
-            now: reply[1],
-            verdicts,
-        })
+        let request = Checks {
+            counters: counters.to_vec(),
+            mode,
+            nonce: nonce.to_owned(),
+        };
+        run_checks(&self.pool, &self.check, std::slice::from_ref(&request))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("limiter.check: no reply".into())))
     }
 
     async fn run_refund(&self, counters: &[Counter], nonce: &str, now: i64) -> Result<()> {
@@ -272,6 +278,69 @@ impl RedisStore {
         }
         Ok(deleted)
     }
+}
+
+/// One `check.lua` call for `requests`, each evaluated all or nothing in order.
+async fn run_checks(
+    pool: &RedisPool,
+    check: &Script,
+    requests: &[Checks],
+) -> Result<Vec<Result<SlotReply>>> {
+    let mut call = check.call();
+    for request in requests {
+        for counter in &request.counters {
+            call = call.key(&counter.key);
+        }
+    }
+    call = call.arg(requests.len());
+    for request in requests {
+        call = call
+            .arg(match request.mode {
+                Mode::Consume => "check",
+                Mode::Peek => "peek",
+            })
+            .arg(&request.nonce)
+            .arg(request.counters.len());
+        for c in &request.counters {
+            call = call
+                .arg(c.algorithm as u8)
+                .arg(c.params.limit as u64)
+                .arg(c.params.window as u64)
+                .arg(c.params.burst as u64)
+                .arg(c.params.cost as u64)
+                .arg(u8::from(c.shadow));
+        }
+    }
+    let reply: Vec<i64> = call.invoke(pool).await?;
+    let checks: usize = requests.iter().map(|r| r.counters.len()).sum();
+    if reply.len() != 1 + requests.len() + 5 * checks {
+        return Err(Error::Internal(format!(
+            "limiter.check replied {} numbers for {} requests of {checks} checks",
+            reply.len(),
+            requests.len()
+        )));
+    }
+    let now = reply[0];
+    let mut at = 1;
+    Ok(requests
+        .iter()
+        .map(|request| {
+            let all = reply[at] == 1;
+            let end = at + 1 + 5 * request.counters.len();
+            let verdicts = reply[at + 1..end]
+                .chunks_exact(5)
+                .map(|v| Verdict {
+                    allowed: v[0] == 1,
+                    limit: u64::try_from(v[1]).unwrap_or(0),
+                    remaining: u64::try_from(v[2]).unwrap_or(0),
+                    reset_after: micros(v[3]),
+                    retry_after: micros(v[4]),
+                })
+                .collect();
+            at = end;
+            Ok(SlotReply { all, now, verdicts })
+        })
+        .collect())
 }
 
 fn same_slot(counters: &[Counter]) -> bool {

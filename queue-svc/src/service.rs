@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sluice::batch::Batcher;
 use sluice::error::{Error, Result};
 use sluice::proto::sluice::queue::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -49,6 +50,102 @@ pub struct QueueService {
     cursor: Arc<std::sync::atomic::AtomicUsize>,
     /// Lease streams: connected workers, wake-ups, shutdown.
     streams: Arc<crate::lease::StreamState>,
+    /// On Redis: concurrent single-task Enqueues share script calls (see [`enqueue_gathered`]).
+    enqueuer: Option<Arc<Batcher<Addressed, Enqueued>>>,
+}
+
+/// A task with its project and queue.
+type Addressed = (String, String, NewTask);
+/// Tasks of one queue, with their places in a gathering.
+type Gathered = (Vec<usize>, Vec<NewTask>);
+
+/// Most single-task Enqueues in one gathering, and gatherings stored at once.
+const ENQUEUE_GATHER: usize = 128;
+const ENQUEUE_CALLS: usize = 4;
+
+/// Stores single-task Enqueues that arrived together: one enqueue script call per queue
+/// among them, each task answered on its own. The script is all or none, so when a
+/// gathering does not fit its queue's max size each of its tasks is tried alone: a task is
+/// refused only when it does not fit by itself.
+async fn enqueue_gathered(
+    store: Arc<QueueStore>,
+    queues: Arc<Queues>,
+    items: Vec<Addressed>,
+) -> Result<Vec<Result<Enqueued>>> {
+    let n = items.len();
+    // Per queue: the tasks' places in `items`, and the tasks.
+    let mut groups: Vec<((String, String), Gathered)> = Vec::new();
+    for (i, (project, queue, task)) in items.into_iter().enumerate() {
+        match groups
+            .iter_mut()
+            .find(|(key, _)| key.0 == project && key.1 == queue)
+        {
+            Some((_, (indexes, tasks))) => {
+                indexes.push(i);
+                tasks.push(task);
+            }
+            None => groups.push(((project, queue), (vec![i], vec![task]))),
+        }
+    }
+    let calls = groups
+        .into_iter()
+        .map(|((project, queue), (indexes, tasks))| {
+            let (store, queues) = (&store, &queues);
+            async move {
+                let settings = queues.get(&project, &queue);
+                let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+                let answers = match store
+                    .enqueue(&project, &queue, &tasks, settings.max_size, retention)
+                    .await
+                {
+                    Ok(enqueued) if enqueued.len() == tasks.len() => {
+                        enqueued.into_iter().map(Ok).collect()
+                    }
+                    Ok(enqueued) => {
+                        let err = Error::Internal(format!(
+                            "enqueue answered {} of {} tasks",
+                            enqueued.len(),
+                            tasks.len()
+                        ));
+                        vec![Err(err); tasks.len()]
+                    }
+                    Err(Error::ResourceExhausted(_)) if tasks.len() > 1 => {
+                        let mut answers = Vec::with_capacity(tasks.len());
+                        for task in &tasks {
+                            answers.push(
+                                store
+                                    .enqueue(
+                                        &project,
+                                        &queue,
+                                        std::slice::from_ref(task),
+                                        settings.max_size,
+                                        retention,
+                                    )
+                                    .await
+                                    .and_then(|mut one| {
+                                        one.pop().ok_or_else(|| {
+                                            Error::Internal("enqueue answered nothing".into())
+                                        })
+                                    }),
+                            );
+                        }
+                        answers
+                    }
+                    Err(err) => vec![Err(err); tasks.len()],
+                };
+                (indexes, answers)
+            }
+        });
+    let mut out: Vec<Option<Result<Enqueued>>> = (0..n).map(|_| None).collect();
+    for (indexes, answers) in futures::future::join_all(calls).await {
+        for (i, answer) in indexes.into_iter().zip(answers) {
+            out[i] = Some(answer);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Error::Internal("enqueue: no answer".into()))))
+        .collect())
 }
 
 /// A random number in [0, 1), from a UUIDv7's random bits.
@@ -140,12 +237,23 @@ impl QueueService {
         queues: Arc<Queues>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
+        let enqueuer = matches!(*store, QueueStore::Redis(_)).then(|| {
+            let (store, queues) = (Arc::clone(&store), Arc::clone(&queues));
+            Arc::new(Batcher::spawn(
+                ENQUEUE_GATHER,
+                ENQUEUE_CALLS,
+                move |items: Vec<Addressed>| {
+                    enqueue_gathered(Arc::clone(&store), Arc::clone(&queues), items)
+                },
+            ))
+        });
         Self {
             store,
             queues,
             registered: Arc::new(Mutex::new(HashSet::new())),
             cursor: Arc::default(),
             streams: crate::lease::StreamState::new(shutdown),
+            enqueuer,
         }
     }
 
@@ -460,12 +568,19 @@ impl QueueService {
     ) -> Result<Vec<Enqueued>> {
         queue_ref(project, queue)?;
         self.register(project, queue).await?;
-        let settings = self.queues.get(project, queue);
-        let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
-        let result = self
-            .store
-            .enqueue(project, queue, tasks, settings.max_size, retention)
-            .await;
+        let result = match (&self.enqueuer, tasks) {
+            (Some(enqueuer), [task]) => enqueuer
+                .submit((project.to_owned(), queue.to_owned(), task.clone()))
+                .await
+                .map(|enqueued| vec![enqueued]),
+            _ => {
+                let settings = self.queues.get(project, queue);
+                let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+                self.store
+                    .enqueue(project, queue, tasks, settings.max_size, retention)
+                    .await
+            }
+        };
         if let Ok(enqueued) = &result {
             self.wake_for(
                 enqueued

@@ -798,3 +798,52 @@ async fn a_dequeue_answer_stays_under_4_mib_and_gives_back_the_rest() -> anyhow:
     );
     q.service.stop().await
 }
+
+/// Concurrent single-task Enqueues (which queue-svc gathers into shared script calls on Redis)
+/// are each judged on their own: a queue with room for 10 takes exactly 10 of 40 sent at
+/// once and refuses the rest with RESOURCE_EXHAUSTED; 20 sent at once with one idempotency
+/// key store one task and all answer its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let q = Queue::start(Some(&redis.url()), "[queues.ten]\nmax_size = 10\n", &[]).await?;
+    let send = |queue: &'static str, key: &'static str| {
+        let mut client = q.client.clone();
+        async move {
+            let mut task = spec("p", queue, b"x", pb::Priority::Normal);
+            task.idempotency_key = key.into();
+            client
+                .enqueue(pb::EnqueueRequest { task: Some(task) })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let answers = futures::future::join_all((0..40).map(|_| send("ten", ""))).await;
+    let stored = answers.iter().filter(|a| a.is_ok()).count();
+    assert_eq!(stored, 10, "exactly the room left");
+    for answer in &answers {
+        if let Err(status) = answer {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        }
+    }
+    let answers = futures::future::join_all((0..20).map(|_| send("idem", "k1"))).await;
+    let answers: Vec<pb::EnqueueResponse> = answers.into_iter().collect::<Result<_, _>>()?;
+    let ids: HashSet<&str> = answers.iter().map(|a| a.task_id.as_str()).collect();
+    assert_eq!(ids.len(), 1, "one task for one key: {ids:?}");
+    assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
+    for (queue, expected) in [("ten", 10), ("idem", 1)] {
+        let stats = q
+            .client
+            .clone()
+            .get_queue_stats(pb::GetQueueStatsRequest {
+                project: "p".into(),
+                queue: queue.into(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .expect("stats");
+        assert_eq!(stats.ready, expected, "{queue}");
+    }
+    q.service.stop().await
+}

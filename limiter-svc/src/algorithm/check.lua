@@ -1,55 +1,61 @@
--- check: evaluate every check of one request, then consume all or nothing.
+-- check: evaluate the checks of one or more requests; each request consumes all or nothing.
 --
--- KEYS[i]  the counter key of check i (all keys share one hash tag on Redis Cluster).
--- ARGV[1]  mode: "check" (consume when all pass) or "peek" (read only).
--- ARGV[2]  nonce: unique per request; names the sliding-log members this request adds, so a
---          refund can remove exactly them.
--- ARGV[3 + 6*(i-1) ..] per check: algorithm (1-5), limit, window (µs), burst, cost,
---          shadow (1 = report only, never deny).
--- Returns  { all_allowed (0/1), now (µs), then per check: allowed, limit, remaining,
---          reset_after (µs), retry_after (µs) }.
+-- KEYS     the requests' counter keys, request after request, check after check (on Redis
+--          Cluster every key of a call shares one hash slot).
+-- ARGV[1]  number of requests R; then per request: mode ("check": consume when all its checks
+--          pass; "peek": read only), nonce (unique per request; names the sliding-log members
+--          it adds, so a refund can remove exactly them), number of checks n, then per check:
+--          algorithm (1-5), limit, window (µs), burst, cost, shadow (1 = report only).
+-- Returns  { now (µs), then per request: all_allowed (0/1), then per check: allowed, limit,
+--          remaining, reset_after (µs), retry_after (µs) }.
 --
--- Why a script: the pass/deny decision of every check and the consumption of all of them must
--- be one atomic step, or two concurrent requests could both see the last unit free; MULTI
--- cannot branch on what it reads. The clock is Redis's TIME, the same for every instance.
+-- Why a script: the pass/deny decision of every check of a request and the consumption of all
+-- of them must be one atomic step, or two concurrent requests could both see the last unit
+-- free; MULTI cannot branch on what it reads. Requests of one call are evaluated in order, each
+-- seeing what the ones before it consumed, exactly as separate calls in that order would. The
+-- clock is Redis's TIME, the same for every instance.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local mode, nonce = ARGV[1], ARGV[2]
-local writable = mode == 'check'
+local reply = { now }
+local a, k = 2, 0
 
-local checks, results, all = {}, {}, true
-for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 6
-  local p = {
-    alg = tonumber(ARGV[b + 1]),
-    limit = tonumber(ARGV[b + 2]),
-    window = tonumber(ARGV[b + 3]),
-    burst = tonumber(ARGV[b + 4]),
-    cost = tonumber(ARGV[b + 5]),
-    shadow = ARGV[b + 6] == '1',
-  }
-  local algorithm = ALGORITHMS[p.alg]
-  if not algorithm then
-    return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(ARGV[b + 1]))
+for _ = 1, tonumber(ARGV[1]) do
+  local writable, nonce, n = ARGV[a] == 'check', ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local checks, results, all = {}, {}, true
+  for i = 1, n do
+    local p = {
+      alg = tonumber(ARGV[a]),
+      limit = tonumber(ARGV[a + 1]),
+      window = tonumber(ARGV[a + 2]),
+      burst = tonumber(ARGV[a + 3]),
+      cost = tonumber(ARGV[a + 4]),
+      shadow = ARGV[a + 5] == '1',
+    }
+    a = a + 6
+    local algorithm = ALGORITHMS[p.alg]
+    if not algorithm then
+      return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(p.alg))
+    end
+    local r = algorithm.peek(KEYS[k + i], now, p, writable)
+    r.limit = r.limit or p.limit
+    checks[i], results[i] = p, r
+    if r.allowed == 0 and not p.shadow then all = false end
   end
-  local r = algorithm.peek(KEYS[i], now, p, writable)
-  r.limit = r.limit or p.limit
-  checks[i], results[i] = p, r
-  if r.allowed == 0 and not p.shadow then all = false end
-end
 
-local reply = { all and 1 or 0, now }
-for i = 1, #KEYS do
-  local p, r = checks[i], results[i]
-  local consumed = writable and all and r.allowed == 1
-  if consumed then
-    ALGORITHMS[p.alg].commit(KEYS[i], now, p, r, nonce)
-    r.remaining = math.max(0, r.remaining - p.cost)
+  reply[#reply + 1] = all and 1 or 0
+  for i = 1, n do
+    local p, r = checks[i], results[i]
+    if writable and all and r.allowed == 1 then
+      ALGORITHMS[p.alg].commit(KEYS[k + i], now, p, r, nonce)
+      r.remaining = math.max(0, r.remaining - p.cost)
+    end
+    reply[#reply + 1] = r.allowed
+    reply[#reply + 1] = r.limit
+    reply[#reply + 1] = r.remaining
+    reply[#reply + 1] = math.max(0, math.ceil(r.reset))
+    reply[#reply + 1] = math.max(0, math.ceil(r.retry))
   end
-  reply[#reply + 1] = r.allowed
-  reply[#reply + 1] = r.limit
-  reply[#reply + 1] = r.remaining
-  reply[#reply + 1] = math.max(0, math.ceil(r.reset))
-  reply[#reply + 1] = math.max(0, math.ceil(r.retry))
+  k = k + n
 end
 return reply
