@@ -273,9 +273,9 @@ impl Stream {
         });
     }
 
-    /// Leases what the credit allows and writes it out. Returns how many were sent, or `None`
-    /// when the worker is gone.
-    async fn dispatch(&mut self) -> Option<usize> {
+    /// Leases what the credit allows and writes it out. Returns whether it leased all it asked
+    /// for (so there may be more ready), or `None` when the worker is gone.
+    async fn dispatch(&mut self) -> Option<bool> {
         let want = usize::try_from(self.credits.min(64)).unwrap_or(64);
         let leases = match self
             .service
@@ -285,10 +285,10 @@ impl Stream {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::debug!(error = %err, "lease stream: store unavailable");
-                return Some(0);
+                return Some(false);
             }
         };
-        let n = leases.len();
+        let filled = leases.len() >= want;
         let mut leases = leases.into_iter();
         while let Some(lease) = leases.next() {
             let (id, queue, token) = match &lease.task {
@@ -322,7 +322,7 @@ impl Stream {
             self.in_flight.insert(id, queue);
         }
         self.publish();
-        Some(n)
+        Some(filled)
     }
 
     async fn run(&mut self, inbound: &mut tonic::Streaming<pb::LeaseRequest>) {
@@ -341,10 +341,11 @@ impl Stream {
                 notified.as_mut().enable();
             }
             if hungry {
+                // Fewer than asked: nothing more is ready, wait for a wake-up.
                 match self.dispatch().await {
                     None => return,
-                    Some(n) if n > 0 => continue,
-                    Some(_) => {}
+                    Some(true) => continue,
+                    Some(false) => {}
                 }
             }
             tokio::select! {

@@ -582,7 +582,7 @@ impl QueueService {
             }
         };
         if let Ok(enqueued) = &result {
-            self.wake_for(
+            self.wake_local(
                 enqueued
                     .iter()
                     .filter(|e| !e.duplicate && e.state == "ready")
