@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use sluice::error::{Error, Result};
 
 use crate::model::{ErrorRecord, Record};
+use crate::queues::AutoRedrive;
 use crate::store::{Completion, DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats};
 
 const MAX_ERRORS: usize = 10;
@@ -27,6 +28,8 @@ struct Queue {
     paused: bool,
     /// (what, minute) -> count.
     counters: HashMap<(&'static str, u64), u64>,
+    /// Auto-redrive has looked at dead letters that died up to this ms.
+    auto_cursor: u64,
 }
 
 fn ms(t: f64) -> u64 {
@@ -641,6 +644,53 @@ impl EmbeddedQueue {
                 n += 1;
             }
             Ok((n, more))
+        })
+    }
+
+    /// See `RedisQueue::auto_redrive`.
+    pub fn auto_redrive(
+        &self,
+        project: &str,
+        queue: &str,
+        policy: &AutoRedrive,
+        limit: u64,
+    ) -> Result<(u64, bool)> {
+        self.with(project, queue, |q, now| {
+            let cool = u64::try_from(policy.after.as_millis()).unwrap_or(u64::MAX);
+            let due: Vec<(u64, String)> = q
+                .dead
+                .iter()
+                .filter(|(score, _)| *score > q.auto_cursor && *score <= now.saturating_sub(cool))
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .cloned()
+                .collect();
+            let (mut done, first) = (0, due.first().map(|d| d.0));
+            let mut last = q.auto_cursor;
+            for entry in &due {
+                last = entry.0;
+                let eligible = q.tasks.get(&entry.1).is_some_and(|t| {
+                    t.st == "dead"
+                        && t.rd < policy.max
+                        && t.err
+                            .last()
+                            .is_some_and(|e| policy.categories.contains(&e.category))
+                });
+                if eligible && let Some(mut task) = q.tasks.remove(&entry.1) {
+                    q.dead.remove(entry);
+                    task.att = 0;
+                    task.dd = None;
+                    task.rd += 1;
+                    q.make_ready(&mut task);
+                    q.tasks.insert(entry.1.clone(), task);
+                    done += 1;
+                }
+            }
+            let more = due.len() as u64 == limit;
+            if more && first.is_some_and(|f| f < last) {
+                last -= 1;
+            }
+            q.auto_cursor = last;
+            Ok((done, more))
         })
     }
 }

@@ -311,6 +311,9 @@ pub struct Record {
     /// Cancel requested while leased.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cr: bool,
+    /// Times the reaper's auto-redrive brought it back.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rd: u32,
     /// Processing timeout (ms): the lease length.
     pub to: u64,
     /// Retry delays (ms) after attempt 1, 2, …
@@ -465,4 +468,8 @@ mod tests {
             .expect("decodes");
         assert_eq!(record, again);
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -41,7 +41,23 @@ pub struct QueueSettings {
     pub retention: Duration,
     /// How long dead letters are kept.
     pub dead_retention: Duration,
+    /// Dead letters the reaper brings back by itself (off unless configured).
+    pub auto_redrive: Option<AutoRedrive>,
 }
+
+/// Auto-redrive of dead letters after a cool-down.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoRedrive {
+    /// How long a task stays dead before it is brought back.
+    pub after: Duration,
+    /// Failure categories (of its last failure) brought back.
+    pub categories: Vec<String>,
+    /// Most times one task is brought back; then it stays dead.
+    pub max: u32,
+}
+
+/// Categories auto-redrive may bring back: never `permanent`, which says retrying is useless.
+const REDRIVABLE: [&str; 4] = ["transient", "timeout", "resource", "unknown"];
 
 impl Default for QueueSettings {
     fn default() -> Self {
@@ -52,6 +68,7 @@ impl Default for QueueSettings {
             retry: RetryPolicy::default(),
             retention: Duration::from_secs(24 * 3600),
             dead_retention: Duration::from_secs(14 * 24 * 3600),
+            auto_redrive: None,
         }
     }
 }
@@ -65,6 +82,15 @@ struct SettingsSpec {
     retention: Option<String>,
     dead_retention: Option<String>,
     retry: Option<RetrySpec>,
+    auto_redrive: Option<AutoRedriveSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoRedriveSpec {
+    after: Option<String>,
+    categories: Option<Vec<String>>,
+    max: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +144,35 @@ fn apply(base: &QueueSettings, spec: &SettingsSpec, at: &str) -> anyhow::Result<
     );
     out.retention = dur(&spec.retention, "retention", base.retention)?;
     out.dead_retention = dur(&spec.dead_retention, "dead_retention", base.dead_retention)?;
+    if let Some(a) = &spec.auto_redrive {
+        let policy = AutoRedrive {
+            after: dur(&a.after, "auto_redrive.after", Duration::from_secs(300))?,
+            categories: a
+                .categories
+                .clone()
+                .unwrap_or_else(|| vec!["transient".into(), "timeout".into(), "resource".into()]),
+            max: a.max.unwrap_or(3),
+        };
+        anyhow::ensure!(
+            policy.after >= Duration::from_secs(1),
+            "{at}.auto_redrive.after: at least 1s"
+        );
+        anyhow::ensure!(
+            (1..=100).contains(&policy.max),
+            "{at}.auto_redrive.max: 1 to 100"
+        );
+        anyhow::ensure!(
+            !policy.categories.is_empty(),
+            "{at}.auto_redrive.categories: name at least one of {REDRIVABLE:?}"
+        );
+        for c in &policy.categories {
+            anyhow::ensure!(
+                REDRIVABLE.contains(&c.as_str()),
+                "{at}.auto_redrive.categories: `{c}`; use some of {REDRIVABLE:?} (permanent failures are never redriven by themselves)"
+            );
+        }
+        out.auto_redrive = Some(policy);
+    }
     if let Some(r) = &spec.retry {
         let ms = |v: &Option<String>, name: &str, default: u64| -> anyhow::Result<u64> {
             Ok(match v {
@@ -209,5 +264,25 @@ mod tests {
         assert_eq!(q.get("other", "x").max_size, 1_000_000);
         assert!(Queues::parse("[defaults]\nmax_attempts = 0\n").is_err());
         assert!(Queues::parse("[defaults]\nbogus = 1\n").is_err());
+        let auto =
+            Queues::parse("[queues.mail]\nauto_redrive = { after = \"10m\" }\n").expect("valid");
+        assert_eq!(
+            auto.get("p", "mail").auto_redrive,
+            Some(AutoRedrive {
+                after: Duration::from_secs(600),
+                categories: vec!["transient".into(), "timeout".into(), "resource".into()],
+                max: 3,
+            })
+        );
+        assert_eq!(auto.get("p", "other").auto_redrive, None, "off by default");
+        for bad in [
+            "auto_redrive = { categories = [\"permanent\"] }",
+            "auto_redrive = { categories = [] }",
+            "auto_redrive = { max = 0 }",
+            "auto_redrive = { after = \"0s\" }",
+        ] {
+            let err = Queues::parse(&format!("[queues.mail]\n{bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains("auto_redrive"), "{bad}: {err}");
+        }
     }
 }

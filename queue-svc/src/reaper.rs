@@ -62,6 +62,23 @@ pub async fn run(
                 Ok(_) => {}
                 Err(err) => tracing::debug!(project, queue, error = %err, "reaper step failed"),
             }
+            if let Some(policy) = &settings.auto_redrive {
+                match store.auto_redrive(&project, &queue, policy, BATCH).await {
+                    Ok((redriven, _)) if redriven > 0 => {
+                        metrics::counter!("sluice_queue_redriven_total", "queue" => queue.clone(), "how" => "auto").increment(redriven);
+                        tracing::info!(
+                            project,
+                            queue,
+                            redriven,
+                            "dead letters redriven after their cool-down"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::debug!(project, queue, error = %err, "auto-redrive step failed")
+                    }
+                }
+            }
         }
     }
 }

@@ -486,14 +486,16 @@ impl QueueService {
         let settings = self.queues.get(project, queue);
         model::validate_spec_strings(spec, field)?;
         let max = match spec.max_attempts {
-            0 => settings.max_attempts,
-            n if n > MAX_ATTEMPTS => {
+            None => settings.max_attempts,
+            Some(n) if n == 0 || n > MAX_ATTEMPTS => {
                 return Err(Error::invalid(
                     format!("{field}.max_attempts"),
-                    format!("{n} is above {MAX_ATTEMPTS}"),
+                    format!(
+                        "{n} is not 1 to {MAX_ATTEMPTS}; leave it unset for the queue's default"
+                    ),
                 ));
             }
-            n => n,
+            Some(n) => n,
         };
         let retry = match &spec.retry {
             Some(r) => RetryPolicy::from_proto(r, &settings.retry, &format!("{field}.retry"))?,

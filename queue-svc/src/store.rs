@@ -7,6 +7,7 @@ use sluice::script::{Call, Script};
 
 use crate::keys;
 use crate::model::Record;
+use crate::queues::AutoRedrive;
 
 macro_rules! script {
     ($name:literal, $file:literal) => {
@@ -552,6 +553,32 @@ impl RedisQueue {
             _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
         }
     }
+
+    /// The reaper's auto-redrive: dead letters whose last failure is of one of the policy's
+    /// categories, dead for its cool-down and brought back fewer than its `max` times, become
+    /// ready again with their attempts reset (at most `limit` looked at per call). Returns how
+    /// many, and whether more may be due.
+    pub async fn auto_redrive(
+        &self,
+        project: &str,
+        queue: &str,
+        policy: &AutoRedrive,
+        limit: u64,
+    ) -> Result<(u64, bool)> {
+        let r: Vec<u64> = Self::call(&self.dead, project, queue)
+            .arg("auto")
+            .arg(limit)
+            .arg(0)
+            .arg(format!(",{},", policy.categories.join(",")))
+            .arg(u64::try_from(policy.after.as_millis()).unwrap_or(u64::MAX))
+            .arg(policy.max)
+            .invoke(&self.pool)
+            .await?;
+        match r.as_slice() {
+            [n, more] => Ok((*n, *more == 1)),
+            _ => Err(Error::Internal(format!("dead auto: {} numbers", r.len()))),
+        }
+    }
 }
 
 /// The store behind the queue: Redis, or this process.
@@ -722,5 +749,16 @@ impl QueueStore {
             self,
             redrive_or_purge(project, queue, redrive, limit, selector)
         )
+    }
+
+    /// See [`RedisQueue::auto_redrive`].
+    pub async fn auto_redrive(
+        &self,
+        project: &str,
+        queue: &str,
+        policy: &AutoRedrive,
+        limit: u64,
+    ) -> Result<(u64, bool)> {
+        delegate!(self, auto_redrive(project, queue, policy, limit))
     }
 }

@@ -229,7 +229,7 @@ async fn retries_follow_the_policy_then_dead_letters_and_redrive(
 ) -> anyhow::Result<()> {
     let mut q = Queue::start(url.as_deref(), "", &[]).await?;
     let mut s = spec("p", "retry", b"flaky", pb::Priority::High);
-    s.max_attempts = 5;
+    s.max_attempts = Some(5);
     s.retry = Some(pb::RetryPolicy {
         kind: pb::BackoffKind::Exponential.into(),
         initial_delay: Some(prost_types::Duration {
@@ -419,6 +419,113 @@ async fn retries_follow_the_policy_then_dead_letters_and_redrive(
     q.service.stop().await
 }
 
+/// Auto-redrive: a transient dead letter comes back by itself after the queue's cool-down,
+/// attempts reset, at most `max` times; a permanent one never does.
+async fn auto_redrive_brings_back_transient_dead_letters(
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    let q = Queue::start(
+        url.as_deref(),
+        "[queues.auto]\nauto_redrive = { after = \"1s\", categories = [\"transient\"], max = 1 }\n",
+        &[],
+    )
+    .await?;
+    let client = q.client.clone();
+    let enqueue = |payload: &'static [u8]| {
+        let mut client = client.clone();
+        async move {
+            let mut s = spec("p", "auto", payload, pb::Priority::Normal);
+            s.max_attempts = Some(1);
+            anyhow::Ok(
+                client
+                    .enqueue(pb::EnqueueRequest { task: Some(s) })
+                    .await?
+                    .into_inner()
+                    .task_id,
+            )
+        }
+    };
+    // Leases the one ready task and fails it with `category`.
+    let lease_and_fail = |category: pb::FailureCategory| {
+        let mut client = client.clone();
+        async move {
+            let lease = client
+                .dequeue(dequeue("p", "auto", 1))
+                .await?
+                .into_inner()
+                .leases
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("a ready task"))?;
+            let task = lease.task.expect("task");
+            let outcome = client
+                .fail(pb::FailRequest {
+                    project: "p".into(),
+                    queue: "auto".into(),
+                    task_id: task.id.clone(),
+                    lease_token: lease.lease_token,
+                    message: "boom".into(),
+                    category: category.into(),
+                    retryable: None,
+                })
+                .await?
+                .into_inner()
+                .outcome;
+            anyhow::ensure!(outcome == i32::from(pb::fail_response::Outcome::DeadLettered));
+            anyhow::Ok(task.id)
+        }
+    };
+    let state = |id: String| {
+        let mut client = client.clone();
+        async move {
+            let task = client
+                .get_task(pb::GetTaskRequest {
+                    project: "p".into(),
+                    queue: "auto".into(),
+                    task_id: id,
+                })
+                .await?
+                .into_inner()
+                .task
+                .expect("task");
+            anyhow::Ok((pb::TaskState::try_from(task.state)?, task.attempts))
+        }
+    };
+    let until_ready = |id: String| {
+        eventually(Duration::from_secs(10), "auto-redrive", move || {
+            let id = id.clone();
+            async move {
+                match state(id).await {
+                    Ok((pb::TaskState::Ready, attempts)) => Some(attempts),
+                    _ => None,
+                }
+            }
+        })
+    };
+
+    let permanent = enqueue(b"permanent").await?;
+    lease_and_fail(pb::FailureCategory::Permanent).await?;
+    let transient = enqueue(b"transient").await?;
+    let before_death = tokio::time::Instant::now();
+    lease_and_fail(pb::FailureCategory::Transient).await?;
+    assert_eq!(state(transient.clone()).await?.0, pb::TaskState::Dead);
+    let attempts = until_ready(transient.clone()).await?;
+    assert!(
+        before_death.elapsed() >= Duration::from_secs(1),
+        "not before the cool-down"
+    );
+    assert_eq!(attempts, 0, "attempts reset");
+
+    // Its second death is its last: max = 1. A task dying after it shows the reaper has
+    // looked past it.
+    lease_and_fail(pb::FailureCategory::Transient).await?;
+    let later = enqueue(b"later").await?;
+    lease_and_fail(pb::FailureCategory::Transient).await?;
+    until_ready(later).await?;
+    assert_eq!(state(transient).await?.0, pb::TaskState::Dead, "max = 1");
+    assert_eq!(state(permanent).await?.0, pb::TaskState::Dead);
+    q.service.stop().await
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -455,7 +562,8 @@ macro_rules! on_every_store {
 on_every_store!(
     ordering,
     lease_expiry_fences_the_old_holder,
-    retries_follow_the_policy_then_dead_letters_and_redrive
+    retries_follow_the_policy_then_dead_letters_and_redrive,
+    auto_redrive_brings_back_transient_dead_letters
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,7 +770,12 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::
             "task.priority",
         ),
         (
-            with(&|s| s.max_attempts = 1000),
+            with(&|s| s.max_attempts = Some(1000)),
+            Code::InvalidArgument,
+            "task.max_attempts",
+        ),
+        (
+            with(&|s| s.max_attempts = Some(0)),
             Code::InvalidArgument,
             "task.max_attempts",
         ),

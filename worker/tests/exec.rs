@@ -107,7 +107,7 @@ async fn a_python_one_liner_processes_tasks() -> anyhow::Result<()> {
 async fn a_failing_command_retries_then_dead_letters() -> anyhow::Result<()> {
     let q = Queue::start(None, "", &[]).await?;
     let fast = |s: &mut pb::TaskSpec| {
-        s.max_attempts = 3;
+        s.max_attempts = Some(3);
         s.retry = Some(pb::RetryPolicy {
             kind: pb::BackoffKind::Fixed.into(),
             initial_delay: Some(prost_types::Duration {

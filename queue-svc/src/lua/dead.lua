@@ -5,7 +5,45 @@
 -- ARGV[6] dead before (ms, 0 = any).
 -- list returns {total, then per task: record JSON, payload}; redrive and purge return
 -- {count, more (0/1)}. Redrive resets attempts and makes the task ready again.
+-- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
+-- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
 local op, limit, offset = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if op == 'auto' then
+  -- Walks dead letters in the order they died, from a cursor kept in meta, up to those dead a
+  -- cool-down ago: each death is looked at once, so a dead letter left dead costs nothing on
+  -- later calls. A task dying again gets a later score and is looked at again.
+  local categories, cool, most = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local from = tonumber(redis.call('HGET', K_META, 'autocur') or '0')
+  local due = redis.call('ZRANGEBYSCORE', K_DEAD, '(' .. from, now - cool, 'WITHSCORES', 'LIMIT', 0, limit)
+  local done, first, last = 0, nil, from
+  for i = 1, #due, 2 do
+    local id, score = due[i], tonumber(due[i + 1])
+    first = first or score
+    last = score
+    local task = load(id)
+    local e = task and task.err and task.err[#task.err]
+    if task and task.st == 'dead' and e and (task.rd or 0) < most
+      and string.find(categories, ',' .. e.c .. ',', 1, true) then
+      redis.call('ZREM', K_DEAD, id)
+      task.att = 0
+      task.dd = nil
+      task.rd = (task.rd or 0) + 1
+      make_ready(task)
+      save(task)
+      done = done + 1
+    end
+  end
+  local more = 0
+  if #due == 2 * limit then
+    more = 1
+    -- Dead letters of the last millisecond may lie beyond the limit: look at it again,
+    -- unless the whole batch died in that millisecond (then move on, or stay stuck).
+    if first < last then last = last - 1 end
+  end
+  redis.call('HSET', K_META, 'autocur', last)
+  wake_streams()
+  return { done, more }
+end
 local selector, arg, before = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local function matches(task)
   if selector == 'all' then return true end
