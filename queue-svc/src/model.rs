@@ -426,6 +426,10 @@ pub fn validate_spec_strings(spec: &pb::TaskSpec, field: &str) -> Result<()> {
     Ok(())
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,8 +472,4 @@ mod tests {
             .expect("decodes");
         assert_eq!(record, again);
     }
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
