@@ -4,8 +4,8 @@
 //! the project and the queue, so one queue's keys share a Redis Cluster slot and every script
 //! (which always receives all fifteen, see `lua/common.lua`) runs there. Project and queue
 //! names are validated to `[A-Za-z0-9_.-]` (no `/`, `{`, `}`), so no name can reach another
-//! project's keys or break the tag. The registry of known queues is the one key outside any
-//! queue's tag; no script touches it.
+//! project's keys or break the tag. The registry of known queues and the per-project worker
+//! rosters are the keys outside any queue's tag; no script touches them.
 
 /// The parts of a queue, in the order the scripts expect them as KEYS.
 const PARTS: [&str; 15] = [
@@ -23,6 +23,11 @@ pub fn queue(project: &str, queue: &str) -> Vec<String> {
 
 /// The set of every `<project>/<queue>` that has seen an enqueue, walked by the reaper.
 pub const REGISTRY: &str = "sluice:q:registry";
+
+/// The hash of `project`'s Lease-stream workers across instances (see `roster`).
+pub fn workers(project: &str) -> String {
+    format!("sluice:q:workers:{{{project}}}")
+}
 
 /// A registry member.
 pub fn registry_member(project: &str, queue: &str) -> String {

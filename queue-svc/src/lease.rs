@@ -65,6 +65,19 @@ impl Workers {
         }
     }
 
+    /// Every stream: its registration, project and info.
+    pub fn snapshot(&self) -> Vec<(u64, String, pb::WorkerInfo)> {
+        self.streams
+            .lock()
+            .map(|streams| {
+                streams
+                    .iter()
+                    .map(|(id, (project, info))| (*id, project.clone(), info.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The workers of `project` (subscribed to `queue`, when not empty).
     pub fn list(&self, project: &str, queue: &str) -> Vec<pb::WorkerInfo> {
         self.streams

@@ -20,6 +20,7 @@ pub mod lease;
 pub mod model;
 pub mod queues;
 pub mod reaper;
+pub mod roster;
 pub mod service;
 pub mod store;
 
@@ -65,6 +66,7 @@ pub async fn run(
     let service = service::QueueService::new(store, queues, shutdown.clone());
     if let Some(redis) = common.redis.redis_config()? {
         tasks.spawn(service.clone().listen_for_wakeups(redis));
+        tasks.spawn(roster::publish(service.clone(), shutdown.clone()));
     }
     let router =
         router.add_service(QueueServer::new(service).max_decoding_message_size(MAX_MESSAGE));

@@ -1042,10 +1042,10 @@ impl pb::queue_server::Queue for QueueService {
         if !r.queue.is_empty() {
             validate_name(&r.queue, "queue")?;
         }
-        // Workers on Lease streams of this instance; each instance knows its own streams.
+        let (workers, truncated) = crate::roster::list(self, &r.project, &r.queue).await?;
         Ok(Response::new(pb::ListWorkersResponse {
-            workers: self.workers().list(&r.project, &r.queue),
-            truncated: false,
+            workers,
+            truncated,
         }))
     }
 

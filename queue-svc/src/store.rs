@@ -579,6 +579,38 @@ impl RedisQueue {
             _ => Err(Error::Internal(format!("dead auto: {} numbers", r.len()))),
         }
     }
+
+    /// Writes `entries` (field, value) into `project`'s worker roster and removes `gone`.
+    pub async fn put_workers(
+        &self,
+        project: &str,
+        entries: &[(String, Vec<u8>)],
+        gone: &[String],
+    ) -> Result<()> {
+        let key = keys::workers(project);
+        if !entries.is_empty() {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(&key);
+            for (field, value) in entries {
+                cmd.arg(field).arg(value);
+            }
+            let _: i64 = self.pool.query(&cmd).await?;
+        }
+        if !gone.is_empty() {
+            let _: i64 = self
+                .pool
+                .query(redis::cmd("HDEL").arg(&key).arg(gone))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `project`'s worker roster: field and value of every entry.
+    pub async fn workers(&self, project: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.pool
+            .query(redis::cmd("HGETALL").arg(keys::workers(project)))
+            .await
+    }
 }
 
 /// The store behind the queue: Redis, or this process.
@@ -760,5 +792,27 @@ impl QueueStore {
         limit: u64,
     ) -> Result<(u64, bool)> {
         delegate!(self, auto_redrive(project, queue, policy, limit))
+    }
+
+    /// See [`RedisQueue::put_workers`]; the embedded store serves one instance and keeps no
+    /// roster.
+    pub async fn put_workers(
+        &self,
+        project: &str,
+        entries: &[(String, Vec<u8>)],
+        gone: &[String],
+    ) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.put_workers(project, entries, gone).await,
+            Self::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// See [`RedisQueue::workers`]; nothing on the embedded store.
+    pub async fn workers(&self, project: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        match self {
+            Self::Redis(store) => store.workers(project).await,
+            Self::Embedded(_) => Ok(Vec::new()),
+        }
     }
 }

@@ -474,3 +474,55 @@ async fn a_task_enqueued_on_another_instance_is_pushed() -> anyhow::Result<()> {
     a.service.stop().await?;
     b.service.stop().await
 }
+
+/// ListWorkers answers from any instance: a worker streaming from one instance shows on the
+/// other (through the roster in Redis) with its queues and in-flight count, and leaves it when
+/// its stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_workers_sees_the_workers_of_every_instance() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let a = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let b = Queue::start(Some(&redis.url()), "", &[]).await?;
+    enqueue(&a, "roster", 2).await?;
+    let mut w = Worker::subscribe(&a, &["roster", "other"], "w-roster").await?;
+    w.credits(2).await?;
+    for _ in 0..2 {
+        let got = w.next().await?;
+        anyhow::ensure!(matches!(got, Down::Task(_)), "a task, got {got:?}");
+    }
+    let list = |queue: &'static str| {
+        let mut client = b.client.clone();
+        async move {
+            client
+                .list_workers(pb::ListWorkersRequest {
+                    project: "p".into(),
+                    queue: queue.into(),
+                })
+                .await
+                .map(|r| r.into_inner().workers)
+        }
+    };
+    let seen = sluice_testkit::eventually(
+        Duration::from_secs(10),
+        "the worker listed by the other instance",
+        || async {
+            let workers = list("roster").await.ok()?;
+            workers
+                .into_iter()
+                .find(|w| w.worker_id == "w-roster" && w.in_flight == 2)
+        },
+    )
+    .await?;
+    assert_eq!(seen.queues, ["roster", "other"]);
+    assert!(!seen.instance.is_empty());
+    assert!(list("elsewhere").await?.is_empty(), "filtered by queue");
+    drop(w);
+    sluice_testkit::eventually(
+        Duration::from_secs(10),
+        "the worker gone from the list",
+        || async { list("").await.ok()?.is_empty().then_some(()) },
+    )
+    .await?;
+    a.service.stop().await?;
+    b.service.stop().await
+}
