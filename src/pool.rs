@@ -327,32 +327,46 @@ impl RedisPool {
     }
 }
 
-/// A stream of the messages published on `channel`, on its own connection (standalone Redis
-/// only: `None` for a cluster URL, whose callers fall back to polling). Ends when the
-/// connection drops; the caller subscribes again.
-pub async fn subscribe(
-    config: &RedisConfig,
-    channel: &str,
-) -> Result<Option<redis::aio::PubSubStream>> {
-    let Topology::Standalone(url) = Topology::parse(&config.url)? else {
-        return Ok(None);
+/// A stream of the messages published on `channel`, on its own connection. On a cluster it
+/// subscribes on the first seed node that answers: Redis Cluster forwards every PUBLISH to
+/// every node, so one node hears them all. Ends when the connection drops; the caller
+/// subscribes again.
+pub async fn subscribe(config: &RedisConfig, channel: &str) -> Result<redis::aio::PubSubStream> {
+    let nodes = match Topology::parse(&config.url)? {
+        Topology::Standalone(url) => vec![url],
+        Topology::Cluster(nodes) => nodes,
     };
+    let mut last = None;
+    for url in nodes {
+        match subscribe_on(config, &url, channel).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Unavailable("no Redis node to subscribe on".into())))
+}
+
+async fn subscribe_on(
+    config: &RedisConfig,
+    url: &str,
+    channel: &str,
+) -> Result<redis::aio::PubSubStream> {
     let client = match &config.tls_ca {
         Some(ca) => redis::Client::build_with_tls(
-            url.as_str(),
+            url,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(ca.clone()),
             },
         ),
-        None => redis::Client::open(url.as_str()),
+        None => redis::Client::open(url),
     }
     .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
     let mut pubsub = tokio::time::timeout(config.connect_timeout, client.get_async_pubsub())
         .await
         .map_err(|_| Error::Unavailable("timed out connecting for pub/sub".into()))??;
     pubsub.subscribe(channel).await?;
-    Ok(Some(pubsub.into_on_message()))
+    Ok(pubsub.into_on_message())
 }
 
 /// The Redis pool `args` configure, or `None` for the embedded store; logs which it is.

@@ -3,10 +3,11 @@
 //!
 //! Push: the scripts that make tasks ready publish how many on the Redis channel
 //! `sluice:q:wake`; every instance subscribes and wakes that many of its streams waiting for
-//! work (one each), whichever instance enqueued. Without the subscription (embedded store,
-//! Redis Cluster, or while it reconnects) an enqueue wakes this instance's streams directly and
-//! tasks from other instances are found by a safety poll (`SAFETY_POLL`). Nothing polls while
-//! a stream has no credit.
+//! work (one each), whichever instance enqueued (on Redis Cluster, PUBLISH reaches every
+//! node, so an instance subscribes on any one). Without the subscription (embedded store, or
+//! while it reconnects) an enqueue wakes this instance's streams directly and tasks from other
+//! instances are found by a safety poll (`SAFETY_POLL`). Nothing polls while a stream has no
+//! credit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use crate::store::{Completion, FailOutcome};
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
 /// How long a stream with credit waits for a wake-up before looking anyway, without Redis
-/// pub/sub wake-ups (the embedded store, Redis Cluster, or while the subscription is down).
+/// pub/sub wake-ups (the embedded store, or while the subscription is down).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// The same, while Redis pub/sub announces every task that becomes ready.
 pub const SAFETY_POLL_PUSHED: Duration = Duration::from_secs(10);

@@ -297,8 +297,8 @@ impl QueueService {
     }
 
     /// Receives the wake-ups every instance's scripts publish, and wakes this instance's
-    /// streams; resubscribes after a lost connection. Returns at shutdown, or at once for a
-    /// Redis Cluster (whose instances rely on the safety poll).
+    /// streams; resubscribes after a lost connection (on a cluster, to whichever seed node
+    /// answers). Returns at shutdown.
     pub async fn listen_for_wakeups(self, redis: sluice::pool::RedisConfig) {
         use futures::StreamExt;
         use std::sync::atomic::Ordering;
@@ -309,8 +309,7 @@ impl QueueService {
                 () = shutdown.cancelled() => return,
             };
             match subscription {
-                Ok(None) => return,
-                Ok(Some(mut messages)) => {
+                Ok(mut messages) => {
                     self.streams.pushed.store(true, Ordering::Relaxed);
                     // Anything made ready while unsubscribed is found by this look.
                     self.wake_for(256);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use sluice::proto::sluice::queue::v1 as pb;
 use sluice::proto::sluice::queue::v1::lease_request::Kind as Up;
 use sluice::proto::sluice::queue::v1::lease_response::Kind as Down;
-use sluice_testkit::RedisServer;
 use sluice_testkit::queue::{Queue, spec};
+use sluice_testkit::{RedisCluster, RedisServer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -420,31 +420,35 @@ on_stores!(
 );
 
 /// A task enqueued on one instance reaches a worker streaming from another at once, through
-/// the Redis wake-up channel (the safety poll runs every 10 s while it flows).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_enqueued_on_another_instance_is_pushed() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let a = Queue::start(Some(&redis.url()), "", &[]).await?;
-    let b = Queue::start(Some(&redis.url()), "", &[]).await?;
+/// the Redis wake-up channel (the safety poll runs every 10 s while it flows). `admins` are
+/// connections to every node, to see both instances subscribed.
+async fn a_task_enqueued_on_another_instance_is_pushed(
+    url: String,
+    admins: Vec<redis::aio::MultiplexedConnection>,
+) -> anyhow::Result<()> {
+    let a = Queue::start(Some(&url), "", &[]).await?;
+    let b = Queue::start(Some(&url), "", &[]).await?;
     let mut w = Worker::subscribe(&a, &["cross"], "w-cross").await?;
     w.credits(1).await?;
     // Both instances listen on the wake-up channel: streams then poll only every 10 s, so
     // delivery within the 5 s below is the push.
-    let mut admin = redis.client().await?;
     sluice_testkit::eventually(Duration::from_secs(10), "both instances subscribed", || {
-        let mut admin = admin.clone();
+        let admins = admins.clone();
         async move {
-            let reply: (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("sluice:q:wake")
-                .query_async(&mut admin)
-                .await
-                .ok()?;
-            (reply.1 >= 2).then_some(())
+            let mut subscribers = 0;
+            for mut admin in admins {
+                let reply: (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg("sluice:q:wake")
+                    .query_async(&mut admin)
+                    .await
+                    .ok()?;
+                subscribers += reply.1;
+            }
+            (subscribers >= 2).then_some(())
         }
     })
     .await?;
-    let _ = &mut admin;
     // The stream started before the subscription: its first, 1 s, poll must have passed.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for round in 0..3 {
@@ -473,6 +477,26 @@ async fn a_task_enqueued_on_another_instance_is_pushed() -> anyhow::Result<()> {
     drop(w);
     a.service.stop().await?;
     b.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_enqueued_on_another_instance_is_pushed_on_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let admin = redis.client().await?;
+    a_task_enqueued_on_another_instance_is_pushed(redis.url(), vec![admin]).await
+}
+
+/// On a cluster the scripts publish on whichever node holds the queue, and each instance
+/// listens on one node: Redis Cluster forwards every PUBLISH to every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_enqueued_on_another_instance_is_pushed_on_a_cluster() -> anyhow::Result<()> {
+    let mut cluster = RedisCluster::start().await?;
+    let url = cluster.url();
+    let mut admins = Vec::new();
+    for node in cluster.nodes() {
+        admins.push(node.client().await?);
+    }
+    a_task_enqueued_on_another_instance_is_pushed(url, admins).await
 }
 
 /// ListWorkers answers from any instance: a worker streaming from one instance shows on the
