@@ -174,6 +174,7 @@ pub struct Report {
 struct Percentiles {
     p50: f64,
     p90: f64,
+    p95: f64,
     p99: f64,
     p999: f64,
     max: f64,
@@ -269,6 +270,7 @@ impl Report {
         Some(Percentiles {
             p50: ms(h.value_at_quantile(0.50)),
             p90: ms(h.value_at_quantile(0.90)),
+            p95: ms(h.value_at_quantile(0.95)),
             p99: ms(h.value_at_quantile(0.99)),
             p999: ms(h.value_at_quantile(0.999)),
             max: ms(h.max()),
@@ -307,8 +309,8 @@ impl Report {
             .map_or_else(|| "null".to_owned(), json_string);
         let latency = match self.percentiles() {
             Some(p) => format!(
-                r#"{{"p50":{:.3},"p90":{:.3},"p99":{:.3},"p999":{:.3},"max":{:.3}}}"#,
-                p.p50, p.p90, p.p99, p.p999, p.max
+                r#"{{"p50":{:.3},"p90":{:.3},"p95":{:.3},"p99":{:.3},"p999":{:.3},"max":{:.3}}}"#,
+                p.p50, p.p90, p.p95, p.p99, p.p999, p.max
             ),
             None => "null".to_owned(),
         };
@@ -470,8 +472,8 @@ impl fmt::Display for Report {
         match self.percentiles() {
             Some(p) => writeln!(
                 f,
-                "  latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-                p.p50, p.p90, p.p99, p.p999, p.max
+                "  latency ms   p50 {:.3}  p90 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                p.p50, p.p90, p.p95, p.p99, p.p999, p.max
             )?,
             None if self.tasks.is_some() => writeln!(f, "  latency ms   n/a (no timed call)")?,
             None => writeln!(f, "  latency ms   n/a (no call answered OK)")?,
@@ -574,6 +576,7 @@ mod tests {
             .percentiles()
             .ok_or_else(|| anyhow::anyhow!("no percentiles"))?;
         assert!((p.p50 - 0.5).abs() < 0.002, "p50 {}", p.p50);
+        assert!((p.p95 - 0.95).abs() < 0.002, "p95 {}", p.p95);
         assert!((p.max - 1.0).abs() < 0.002, "max {}", p.max);
         let json = report.json();
         assert!(json.contains(r#""requests":1001,"errors":1,"#), "{json}");
