@@ -8,7 +8,9 @@ use sluice::error::{Error, Result};
 
 use crate::model::{ErrorRecord, Record};
 use crate::queues::AutoRedrive;
-use crate::store::{Completion, DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats};
+use crate::store::{
+    Completion, DeadOp, DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats,
+};
 
 const MAX_ERRORS: usize = 10;
 
@@ -61,6 +63,11 @@ impl Queue {
         let ran = now.saturating_sub(task.lsd.map_or(now, ms));
         self.tasks.insert(id.to_owned(), task);
         Ok(Some(ran))
+    }
+
+    /// Tasks counted against max_size: ready, scheduled and leased.
+    fn size(&self) -> usize {
+        self.ready.len() + self.sched.len() + self.leased.len()
     }
 
     fn make_ready(&mut self, task: &mut Record) {
@@ -272,7 +279,7 @@ impl EmbeddedQueue {
                 }
                 plan.push(existing);
             }
-            let size = (q.ready.len() + q.sched.len() + q.leased.len()) as u64;
+            let size = q.size() as u64;
             if max_size > 0 && size + fresh > max_size {
                 return Err(Error::ResourceExhausted(format!(
                     "queue `{queue}` holds {size} tasks, its maximum allows no {} more; retry later or raise max_size",
@@ -595,10 +602,11 @@ impl EmbeddedQueue {
         &self,
         project: &str,
         queue: &str,
-        redrive: bool,
+        op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
     ) -> Result<(u64, bool)> {
+        let redrive = matches!(op, DeadOp::Redrive { .. });
         self.with(project, queue, |q, _| {
             let matches = |task: &Record| match selector {
                 DeadSelector::All => true,
@@ -623,7 +631,21 @@ impl EmbeddedQueue {
                 })
                 .cloned()
                 .collect();
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let mut limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if let DeadOp::Redrive { max_size } = op
+                && max_size > 0
+            {
+                let room = usize::try_from(max_size)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(q.size());
+                if room == 0 && !chosen.is_empty() {
+                    return Err(Error::ResourceExhausted(format!(
+                        "queue `{queue}` is at its max_size ({max_size}): no room for redriven \
+                         tasks; retry once it has drained, or raise max_size"
+                    )));
+                }
+                limit = limit.min(room);
+            }
             let more = chosen.len() > limit;
             let mut n = 0;
             for entry in chosen.into_iter().take(limit) {
@@ -654,8 +676,16 @@ impl EmbeddedQueue {
         queue: &str,
         policy: &AutoRedrive,
         limit: u64,
+        max_size: u64,
     ) -> Result<(u64, bool)> {
         self.with(project, queue, |q, now| {
+            let mut room = if max_size > 0 {
+                usize::try_from(max_size)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(q.size())
+            } else {
+                usize::MAX
+            };
             let cool = u64::try_from(policy.after.as_millis()).unwrap_or(u64::MAX);
             let due: Vec<(u64, String)> = q
                 .dead
@@ -666,8 +696,8 @@ impl EmbeddedQueue {
                 .collect();
             let (mut done, first) = (0, due.first().map(|d| d.0));
             let mut last = q.auto_cursor;
+            let mut full = false;
             for entry in &due {
-                last = entry.0;
                 let eligible = q.tasks.get(&entry.1).is_some_and(|t| {
                     t.st == "dead"
                         && t.rd < policy.max
@@ -675,7 +705,15 @@ impl EmbeddedQueue {
                             .last()
                             .is_some_and(|e| policy.categories.contains(&e.category))
                 });
+                if eligible && room == 0 {
+                    // The queue is full: look at this one (and its millisecond) again later.
+                    last = entry.0 - 1;
+                    full = true;
+                    break;
+                }
+                last = entry.0;
                 if eligible && let Some(mut task) = q.tasks.remove(&entry.1) {
+                    room -= 1;
                     q.dead.remove(entry);
                     task.att = 0;
                     task.dd = None;
@@ -685,8 +723,8 @@ impl EmbeddedQueue {
                     done += 1;
                 }
             }
-            let more = due.len() as u64 == limit;
-            if more && first.is_some_and(|f| f < last) {
+            let more = full || due.len() as u64 == limit;
+            if !full && more && first.is_some_and(|f| f < last) {
                 last -= 1;
             }
             q.auto_cursor = last;

@@ -63,7 +63,10 @@ pub async fn run(
                 Err(err) => tracing::debug!(project, queue, error = %err, "reaper step failed"),
             }
             if let Some(policy) = &settings.auto_redrive {
-                match store.auto_redrive(&project, &queue, policy, BATCH).await {
+                match store
+                    .auto_redrive(&project, &queue, policy, BATCH, settings.max_size)
+                    .await
+                {
                     Ok((redriven, _)) if redriven > 0 => {
                         metrics::counter!("sluice_queue_redriven_total", "queue" => queue.clone(), "how" => "auto").increment(redriven);
                         tracing::info!(

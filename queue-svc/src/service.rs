@@ -15,7 +15,7 @@ use crate::model::{
     category_name, duration, proto_duration, timestamp, validate_name, validate_task_id,
 };
 use crate::queues::Queues;
-use crate::store::{Completion, DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
+use crate::store::{Completion, DeadOp, DeadSelector, Enqueued, FailOutcome, NewTask, QueueStore};
 
 /// Most tasks one Dequeue leases.
 pub const MAX_DEQUEUE: u32 = 256;
@@ -1140,7 +1140,15 @@ impl pb::queue_server::Queue for QueueService {
         let selector = self.selector(r.selector.as_ref())?;
         let (n, more) = self
             .store
-            .redrive_or_purge(&r.project, &r.queue, true, limit_of(r.limit)?, &selector)
+            .redrive_or_purge(
+                &r.project,
+                &r.queue,
+                DeadOp::Redrive {
+                    max_size: self.queues.get(&r.project, &r.queue).max_size,
+                },
+                limit_of(r.limit)?,
+                &selector,
+            )
             .await?;
         Ok(Response::new(pb::RedriveDeadLettersResponse {
             redriven: u32::try_from(n).unwrap_or(u32::MAX),
@@ -1157,7 +1165,13 @@ impl pb::queue_server::Queue for QueueService {
         let selector = self.selector(r.selector.as_ref())?;
         let (n, more) = self
             .store
-            .redrive_or_purge(&r.project, &r.queue, false, limit_of(r.limit)?, &selector)
+            .redrive_or_purge(
+                &r.project,
+                &r.queue,
+                DeadOp::Purge,
+                limit_of(r.limit)?,
+                &selector,
+            )
             .await?;
         Ok(Response::new(pb::PurgeDeadLettersResponse {
             purged: u32::try_from(n).unwrap_or(u32::MAX),

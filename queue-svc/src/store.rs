@@ -60,6 +60,27 @@ pub enum FailOutcome {
     Cancelled { attempt: u32 },
 }
 
+/// What a dead-letter operation does with what it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadOp {
+    /// Delete them.
+    Purge,
+    /// Make them ready again, as many as fit `max_size` (0 = unbounded).
+    Redrive { max_size: u64 },
+}
+
+/// The outcome of a redrive or purge script call: (count, more), or RESOURCE_EXHAUSTED.
+fn dead_outcome(r: &[i64], queue: &str, op: &str) -> Result<(u64, bool)> {
+    match r {
+        [-1, max_size] => Err(Error::ResourceExhausted(format!(
+            "queue `{queue}` is at its max_size ({max_size}): no room for redriven tasks; \
+             retry once it has drained, or raise max_size"
+        ))),
+        [n, more] => Ok((u64::try_from(*n).unwrap_or(0), *more == 1)),
+        _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
+    }
+}
+
 /// Queue depth and rates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -491,6 +512,7 @@ impl RedisQueue {
         limit: u64,
         offset: u64,
         selector: &DeadSelector,
+        max_size: u64,
     ) -> Call<'s> {
         let (kind, arg, before) = match selector {
             DeadSelector::Id(id) => ("id", id.clone(), 0),
@@ -507,6 +529,7 @@ impl RedisQueue {
             .arg(kind)
             .arg(arg)
             .arg(before)
+            .arg(max_size)
     }
 
     /// A page of dead letters: (total, tasks with payloads).
@@ -518,7 +541,7 @@ impl RedisQueue {
         limit: u64,
     ) -> Result<(u64, Vec<Leased>)> {
         let reply: Vec<redis::Value> = self
-            .dead_call(project, queue, "list", limit, offset, &DeadSelector::All)
+            .dead_call(project, queue, "list", limit, offset, &DeadSelector::All, 0)
             .invoke(&self.pool)
             .await?;
         let total = number(reply.first(), "dead list")? as u64;
@@ -534,24 +557,26 @@ impl RedisQueue {
         Ok((total, tasks))
     }
 
-    /// Redrives (`redrive = true`) or purges dead letters: (count, more left).
+    /// Redrives or purges dead letters: (count, more left). A redrive moves only as many as
+    /// fit the queue's max size, and answers RESOURCE_EXHAUSTED when none fit while some
+    /// matched.
     pub async fn redrive_or_purge(
         &self,
         project: &str,
         queue: &str,
-        redrive: bool,
+        op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
     ) -> Result<(u64, bool)> {
-        let op = if redrive { "redrive" } else { "purge" };
-        let r: Vec<u64> = self
-            .dead_call(project, queue, op, limit, 0, selector)
+        let (name, max_size) = match op {
+            DeadOp::Purge => ("purge", 0),
+            DeadOp::Redrive { max_size } => ("redrive", max_size),
+        };
+        let r: Vec<i64> = self
+            .dead_call(project, queue, name, limit, 0, selector, max_size)
             .invoke(&self.pool)
             .await?;
-        match r.as_slice() {
-            [n, more] => Ok((*n, *more == 1)),
-            _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
-        }
+        dead_outcome(&r, queue, name)
     }
 
     /// The reaper's auto-redrive: dead letters whose last failure is of one of the policy's
@@ -564,19 +589,21 @@ impl RedisQueue {
         queue: &str,
         policy: &AutoRedrive,
         limit: u64,
+        max_size: u64,
     ) -> Result<(u64, bool)> {
-        let r: Vec<u64> = Self::call(&self.dead, project, queue)
+        let r: Vec<i64> = Self::call(&self.dead, project, queue)
             .arg("auto")
             .arg(limit)
             .arg(0)
             .arg(format!(",{},", policy.categories.join(",")))
             .arg(u64::try_from(policy.after.as_millis()).unwrap_or(u64::MAX))
             .arg(policy.max)
+            .arg(max_size)
             .invoke(&self.pool)
             .await?;
         match r.as_slice() {
-            [n, more] => Ok((*n, *more == 1)),
-            _ => Err(Error::Internal(format!("dead auto: {} numbers", r.len()))),
+            [-1, _] => Ok((0, true)),
+            _ => dead_outcome(&r, queue, "auto"),
         }
     }
 
@@ -773,14 +800,11 @@ impl QueueStore {
         &self,
         project: &str,
         queue: &str,
-        redrive: bool,
+        op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
     ) -> Result<(u64, bool)> {
-        delegate!(
-            self,
-            redrive_or_purge(project, queue, redrive, limit, selector)
-        )
+        delegate!(self, redrive_or_purge(project, queue, op, limit, selector))
     }
 
     /// See [`RedisQueue::auto_redrive`].
@@ -790,8 +814,9 @@ impl QueueStore {
         queue: &str,
         policy: &AutoRedrive,
         limit: u64,
+        max_size: u64,
     ) -> Result<(u64, bool)> {
-        delegate!(self, auto_redrive(project, queue, policy, limit))
+        delegate!(self, auto_redrive(project, queue, policy, limit, max_size))
     }
 
     /// See [`RedisQueue::put_workers`]; the embedded store serves one instance and keeps no

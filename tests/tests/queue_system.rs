@@ -526,6 +526,87 @@ async fn auto_redrive_brings_back_transient_dead_letters(
     q.service.stop().await
 }
 
+/// Redriven tasks count against the queue's max_size: only as many as fit move, none fitting
+/// is RESOURCE_EXHAUSTED, and the dead letters stay where they are.
+async fn redrive_respects_max_size(url: Option<String>) -> anyhow::Result<()> {
+    let mut q = Queue::start(url.as_deref(), "[queues.tight]\nmax_size = 2\n", &[]).await?;
+    // Two dead letters.
+    for i in 0..2 {
+        let mut s = spec(
+            "p",
+            "tight",
+            format!("d{i}").as_bytes(),
+            pb::Priority::Normal,
+        );
+        s.max_attempts = Some(1);
+        q.client
+            .enqueue(pb::EnqueueRequest { task: Some(s) })
+            .await?;
+        let lease = q
+            .client
+            .dequeue(dequeue("p", "tight", 1))
+            .await?
+            .into_inner()
+            .leases
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("a lease"))?;
+        q.client
+            .fail(pb::FailRequest {
+                project: "p".into(),
+                queue: "tight".into(),
+                task_id: lease.task.expect("task").id,
+                lease_token: lease.lease_token,
+                message: "no".into(),
+                category: pb::FailureCategory::Permanent.into(),
+                retryable: None,
+            })
+            .await?;
+    }
+    let redrive_all = || pb::RedriveDeadLettersRequest {
+        project: "p".into(),
+        queue: "tight".into(),
+        selector: Some(pb::DeadLetterSelector {
+            selector: Some(pb::dead_letter_selector::Selector::All(true)),
+        }),
+        limit: 0,
+    };
+    // Room for one of them.
+    q.client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "tight", b"live", pb::Priority::Normal)),
+        })
+        .await?;
+    let first = q
+        .client
+        .redrive_dead_letters(redrive_all())
+        .await?
+        .into_inner();
+    assert_eq!((first.redriven, first.more), (1, true), "only what fits");
+    let err = q
+        .client
+        .redrive_dead_letters(redrive_all())
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("max_size"), "{err:?}");
+    let stats = q
+        .client
+        .get_queue_stats(pb::GetQueueStatsRequest {
+            project: "p".into(),
+            queue: "tight".into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(
+        (stats.ready, stats.dead),
+        (2, 1),
+        "the refused one stays dead"
+    );
+    q.service.stop().await
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -563,7 +644,8 @@ on_every_store!(
     ordering,
     lease_expiry_fences_the_old_holder,
     retries_follow_the_policy_then_dead_letters_and_redrive,
-    auto_redrive_brings_back_transient_dead_letters
+    auto_redrive_brings_back_transient_dead_letters,
+    redrive_respects_max_size
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,12 +2,21 @@
 -- ARGV[1] op: 'list' | 'redrive' | 'purge'
 -- ARGV[2] limit; ARGV[3] offset (list only)
 -- ARGV[4] selector: 'id' | 'all' | 'filter'; ARGV[5] task id (id) or category ('' = any);
--- ARGV[6] dead before (ms, 0 = any).
+-- ARGV[6] dead before (ms, 0 = any); ARGV[7] the queue's max size (redrive and auto; 0 =
+-- unbounded): redriven tasks count against it, so only as many as fit are moved.
 -- list returns {total, then per task: record JSON, payload}; redrive and purge return
--- {count, more (0/1)}. Redrive resets attempts and makes the task ready again.
+-- {count, more (0/1)}, or {-1, size} for a redrive with no room left while some matched.
+-- Redrive resets attempts and makes the task ready again.
 -- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
 -- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
 local op, limit, offset = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_size = tonumber(ARGV[7] or '0')
+-- How many tasks the queue can still take (-1: unbounded).
+local function room()
+  if op == 'purge' or op == 'list' or max_size <= 0 then return -1 end
+  local size = ready_count() + redis.call('ZCARD', K_SCHED) + redis.call('ZCARD', K_LEASED)
+  return math.max(0, max_size - size)
+end
 if op == 'auto' then
   -- Walks dead letters in the order they died, from a cursor kept in meta, up to those dead a
   -- cool-down ago: each death is looked at once, so a dead letter left dead costs nothing on
@@ -15,15 +24,20 @@ if op == 'auto' then
   local categories, cool, most = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local from = tonumber(redis.call('HGET', K_META, 'autocur') or '0')
   local due = redis.call('ZRANGEBYSCORE', K_DEAD, '(' .. from, now - cool, 'WITHSCORES', 'LIMIT', 0, limit)
-  local done, first, last = 0, nil, from
+  local space = room()
+  local done, first, last, full = 0, nil, from, false
   for i = 1, #due, 2 do
     local id, score = due[i], tonumber(due[i + 1])
-    first = first or score
-    last = score
     local task = load(id)
     local e = task and task.err and task.err[#task.err]
     if task and task.st == 'dead' and e and (task.rd or 0) < most
       and string.find(categories, ',' .. e.c .. ',', 1, true) then
+      if space >= 0 and done >= space then
+        -- The queue is full: look at this one (and its millisecond) again next time.
+        last = score - 1
+        full = true
+        break
+      end
       redis.call('ZREM', K_DEAD, id)
       task.att = 0
       task.dd = nil
@@ -32,9 +46,13 @@ if op == 'auto' then
       save(task)
       done = done + 1
     end
+    first = first or score
+    last = score
   end
   local more = 0
-  if #due == 2 * limit then
+  if full then
+    more = 1
+  elseif #due == 2 * limit then
     more = 1
     -- Dead letters of the last millisecond may lie beyond the limit: look at it again,
     -- unless the whole batch died in that millisecond (then move on, or stay stuck).
@@ -69,11 +87,12 @@ if op == 'list' then
 end
 local candidates
 if selector == 'id' then candidates = { arg } else candidates = redis.call('ZRANGE', K_DEAD, 0, -1) end
+local space = room()
 local done, more = 0, 0
 for _, id in ipairs(candidates) do
   local task = load(id)
   if task and task.st == 'dead' and matches(task) then
-    if done >= limit then more = 1 break end
+    if done >= limit or (space >= 0 and done >= space) then more = 1 break end
     redis.call('ZREM', K_DEAD, id)
     if op == 'redrive' then
       task.att = 0
@@ -88,5 +107,6 @@ for _, id in ipairs(candidates) do
     done = done + 1
   end
 end
+if done == 0 and more == 1 and space == 0 then return { -1, max_size } end
 wake_streams()
 return { done, more }
