@@ -504,6 +504,7 @@ impl RedisQueue {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn dead_call<'s>(
         &'s self,
         project: &str,
