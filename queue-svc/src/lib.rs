@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod embedded;
+pub mod gather;
 pub mod keys;
 pub mod lease;
 pub mod model;

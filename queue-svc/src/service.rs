@@ -10,6 +10,7 @@ use sluice::error::{Error, Result};
 use sluice::proto::sluice::queue::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::gather::{Addressed, per_queue};
 use crate::model::{
     self, MAX_ATTEMPTS, MAX_BATCH, MAX_ERROR_MESSAGE, MAX_PAYLOAD, Record, RetryPolicy,
     category_name, duration, proto_duration, timestamp, validate_name, validate_task_id,
@@ -51,101 +52,101 @@ pub struct QueueService {
     /// Lease streams: connected workers, wake-ups, shutdown.
     streams: Arc<crate::lease::StreamState>,
     /// On Redis: concurrent single-task Enqueues share script calls (see [`enqueue_gathered`]).
-    enqueuer: Option<Arc<Batcher<Addressed, Enqueued>>>,
+    enqueuer: Option<Arc<Batcher<Addressed<NewTask>, Enqueued>>>,
+    /// On Redis: concurrent unary Completes share script calls (see [`complete_gathered`]).
+    completer: Option<Arc<Batcher<Addressed<Completing>, Option<u64>>>>,
 }
 
-/// A task with its project and queue.
-type Addressed = (String, String, NewTask);
-/// Tasks of one queue, with their places in a gathering.
-type Gathered = (Vec<usize>, Vec<NewTask>);
-
-/// Most single-task Enqueues in one gathering, and gatherings stored at once.
-const ENQUEUE_GATHER: usize = 128;
-const ENQUEUE_CALLS: usize = 4;
+/// Most single-task Enqueues (and unary Completes) in one gathering, and gatherings stored
+/// at once.
+const GATHER: usize = 128;
+const GATHER_CALLS: usize = 4;
 
 /// Stores single-task Enqueues that arrived together: one enqueue script call per queue
 /// among them, each task answered on its own. The script is all or none, so when a
 /// gathering does not fit its queue's max size each of its tasks is tried alone: a task is
 /// refused only when it does not fit by itself.
 async fn enqueue_gathered(
-    store: Arc<QueueStore>,
-    queues: Arc<Queues>,
-    items: Vec<Addressed>,
-) -> Result<Vec<Result<Enqueued>>> {
-    let n = items.len();
-    // Per queue: the tasks' places in `items`, and the tasks.
-    let mut groups: Vec<((String, String), Gathered)> = Vec::new();
-    for (i, (project, queue, task)) in items.into_iter().enumerate() {
-        match groups
-            .iter_mut()
-            .find(|(key, _)| key.0 == project && key.1 == queue)
+    store: &QueueStore,
+    queues: &Queues,
+    items: Vec<Addressed<NewTask>>,
+) -> Vec<Result<Enqueued>> {
+    per_queue(items, |project, queue, tasks| async move {
+        let settings = queues.get(&project, &queue);
+        let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+        match store
+            .enqueue(&project, &queue, &tasks, settings.max_size, retention)
+            .await
         {
-            Some((_, (indexes, tasks))) => {
-                indexes.push(i);
-                tasks.push(task);
+            Ok(enqueued) => enqueued.into_iter().map(Ok).collect(),
+            Err(Error::ResourceExhausted(_)) if tasks.len() > 1 => {
+                let mut answers = Vec::with_capacity(tasks.len());
+                for task in &tasks {
+                    answers.push(
+                        store
+                            .enqueue(
+                                &project,
+                                &queue,
+                                std::slice::from_ref(task),
+                                settings.max_size,
+                                retention,
+                            )
+                            .await
+                            .and_then(|mut one| {
+                                one.pop().ok_or_else(|| {
+                                    Error::Internal("enqueue answered nothing".into())
+                                })
+                            }),
+                    );
+                }
+                answers
             }
-            None => groups.push(((project, queue), (vec![i], vec![task]))),
+            Err(err) => vec![Err(err); tasks.len()],
         }
-    }
-    let calls = groups
-        .into_iter()
-        .map(|((project, queue), (indexes, tasks))| {
-            let (store, queues) = (&store, &queues);
-            async move {
-                let settings = queues.get(&project, &queue);
-                let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
-                let answers = match store
-                    .enqueue(&project, &queue, &tasks, settings.max_size, retention)
-                    .await
-                {
-                    Ok(enqueued) if enqueued.len() == tasks.len() => {
-                        enqueued.into_iter().map(Ok).collect()
-                    }
-                    Ok(enqueued) => {
-                        let err = Error::Internal(format!(
-                            "enqueue answered {} of {} tasks",
-                            enqueued.len(),
-                            tasks.len()
-                        ));
-                        vec![Err(err); tasks.len()]
-                    }
-                    Err(Error::ResourceExhausted(_)) if tasks.len() > 1 => {
-                        let mut answers = Vec::with_capacity(tasks.len());
-                        for task in &tasks {
-                            answers.push(
-                                store
-                                    .enqueue(
-                                        &project,
-                                        &queue,
-                                        std::slice::from_ref(task),
-                                        settings.max_size,
-                                        retention,
-                                    )
-                                    .await
-                                    .and_then(|mut one| {
-                                        one.pop().ok_or_else(|| {
-                                            Error::Internal("enqueue answered nothing".into())
-                                        })
-                                    }),
-                            );
-                        }
-                        answers
-                    }
-                    Err(err) => vec![Err(err); tasks.len()],
-                };
-                (indexes, answers)
-            }
-        });
-    let mut out: Vec<Option<Result<Enqueued>>> = (0..n).map(|_| None).collect();
-    for (indexes, answers) in futures::future::join_all(calls).await {
-        for (i, answer) in indexes.into_iter().zip(answers) {
-            out[i] = Some(answer);
+    })
+    .await
+}
+
+/// A unary Complete's task id, lease token and result.
+type Completing = (String, String, Vec<u8>);
+
+/// Completes unary Completes that arrived together: one complete script call per queue,
+/// each task judged on its own. Answers each task's run time (ms; `None` for a repeat).
+async fn complete_gathered(
+    store: &QueueStore,
+    items: Vec<Addressed<Completing>>,
+) -> Vec<Result<Option<u64>>> {
+    per_queue(items, |project, queue, items| async move {
+        let batch: Vec<Completion<'_>> = items
+            .iter()
+            .map(|(id, token, result)| (id.as_str(), token.as_str(), result.as_slice()))
+            .collect();
+        match store.complete_many(&project, &queue, &batch).await {
+            Ok(outcomes) => outcomes,
+            Err(err) => vec![Err(err); items.len()],
         }
+    })
+    .await
+}
+
+/// A task result must fit the payload bound.
+fn check_result(result: &[u8]) -> Result<()> {
+    if result.len() > MAX_PAYLOAD {
+        return Err(Error::invalid(
+            "result",
+            format!("at most {MAX_PAYLOAD} bytes"),
+        ));
     }
-    Ok(out
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(Error::Internal("enqueue: no answer".into()))))
-        .collect())
+    Ok(())
+}
+
+/// Metrics of a completion that ran `ran` ms (`None`: a repeat, not counted again).
+fn completed(queue: &str, ran: Option<u64>) {
+    if let Some(ms) = ran {
+        metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned())
+            .record(ms as f64 / 1000.0);
+        metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned()).increment(1);
+    }
 }
 
 /// A random number in [0, 1), from a UUIDv7's random bits.
@@ -237,15 +238,20 @@ impl QueueService {
         queues: Arc<Queues>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
-        let enqueuer = matches!(*store, QueueStore::Redis(_)).then(|| {
+        let redis = matches!(*store, QueueStore::Redis(_));
+        let enqueuer = redis.then(|| {
             let (store, queues) = (Arc::clone(&store), Arc::clone(&queues));
-            Arc::new(Batcher::spawn(
-                ENQUEUE_GATHER,
-                ENQUEUE_CALLS,
-                move |items: Vec<Addressed>| {
-                    enqueue_gathered(Arc::clone(&store), Arc::clone(&queues), items)
-                },
-            ))
+            Arc::new(Batcher::spawn(GATHER, GATHER_CALLS, move |items| {
+                let (store, queues) = (Arc::clone(&store), Arc::clone(&queues));
+                async move { Ok(enqueue_gathered(&store, &queues, items).await) }
+            }))
+        });
+        let completer = redis.then(|| {
+            let store = Arc::clone(&store);
+            Arc::new(Batcher::spawn(GATHER, GATHER_CALLS, move |items| {
+                let store = Arc::clone(&store);
+                async move { Ok(complete_gathered(&store, items).await) }
+            }))
         });
         Self {
             store,
@@ -254,6 +260,7 @@ impl QueueService {
             cursor: Arc::default(),
             streams: crate::lease::StreamState::new(shutdown),
             enqueuer,
+            completer,
         }
     }
 
@@ -366,10 +373,23 @@ impl QueueService {
         token: &str,
         result: &[u8],
     ) -> Result<()> {
-        self.complete_tasks(project, queue, &[(id, token, result)])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(Error::Internal("complete: no answer".into())))
+        let Some(completer) = &self.completer else {
+            return self
+                .complete_tasks(project, queue, &[(id, token, result)])
+                .await?
+                .pop()
+                .unwrap_or_else(|| Err(Error::Internal("complete: no answer".into())));
+        };
+        check_result(result)?;
+        let ran = completer
+            .submit((
+                project.to_owned(),
+                queue.to_owned(),
+                (id.to_owned(), token.to_owned(), result.to_vec()),
+            ))
+            .await?;
+        completed(queue, ran);
+        Ok(())
     }
 
     /// Completes leased tasks of one queue in one store call (a Lease stream's completions
@@ -383,15 +403,11 @@ impl QueueService {
         let mut answers = Vec::with_capacity(items.len());
         let mut valid = Vec::with_capacity(items.len());
         for item in items {
-            if item.2.len() > MAX_PAYLOAD {
-                answers.push(Err(Error::invalid(
-                    "result",
-                    format!("at most {MAX_PAYLOAD} bytes"),
-                )));
-            } else {
-                answers.push(Ok(()));
+            let checked = check_result(item.2);
+            if checked.is_ok() {
                 valid.push(*item);
             }
+            answers.push(checked);
         }
         if valid.is_empty() {
             return Ok(answers);
@@ -401,17 +417,12 @@ impl QueueService {
             .complete_many(project, queue, &valid)
             .await?
             .into_iter();
-        let run = metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned());
-        let completed =
-            metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned());
         for answer in answers.iter_mut().filter(|a| a.is_ok()) {
             *answer = match outcomes.next() {
-                Some(Ok(Some(ms))) => {
-                    run.record(ms as f64 / 1000.0);
-                    completed.increment(1);
+                Some(Ok(ran)) => {
+                    completed(queue, ran);
                     Ok(())
                 }
-                Some(Ok(None)) => Ok(()),
                 Some(Err(err)) => Err(err),
                 None => Err(Error::Internal("complete: short answer".into())),
             };
