@@ -47,6 +47,20 @@ impl Queue {
             _queues: file,
         })
     }
+
+    /// The stats of `project`'s `queue`.
+    pub async fn stats(&self, project: &str, queue: &str) -> anyhow::Result<pb::QueueStats> {
+        self.client
+            .clone()
+            .get_queue_stats(pb::GetQueueStatsRequest {
+                project: project.into(),
+                queue: queue.into(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .ok_or_else(|| anyhow::anyhow!("GetQueueStats answered no stats"))
+    }
 }
 
 /// A task spec with a payload and a priority.

@@ -139,17 +139,7 @@ async fn credits_bound_what_a_worker_holds(url: Option<String>) -> anyhow::Resul
     }
     assert_eq!(most, 3, "the worker was kept busy up to its credit");
     drop(w); // a worker that hangs up; otherwise shutdown waits out its grace for the stream
-    let stats = q
-        .client
-        .clone()
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "flow".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = q.stats("p", "flow").await?;
     assert_eq!(
         (stats.ready, stats.leased, stats.succeeded_retained),
         (0, 0, 1000)
@@ -367,17 +357,7 @@ async fn completions_sent_together_are_judged_one_by_one(
     }
     let (mut succeeded, mut leased) = (0, 0);
     for queue in ["ga", "gb"] {
-        let stats = q
-            .client
-            .clone()
-            .get_queue_stats(pb::GetQueueStatsRequest {
-                project: "p".into(),
-                queue: queue.into(),
-            })
-            .await?
-            .into_inner()
-            .stats
-            .expect("stats");
+        let stats = q.stats("p", queue).await?;
         succeeded += stats.succeeded_retained;
         leased += stats.leased;
     }

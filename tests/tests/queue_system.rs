@@ -402,16 +402,7 @@ async fn retries_follow_the_policy_then_dead_letters_and_redrive(
             result: vec![],
         })
         .await?;
-    let stats = q
-        .client
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "retry".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = q.stats("p", "retry").await?;
     assert_eq!(
         (stats.ready, stats.scheduled, stats.leased, stats.dead),
         (0, 0, 0, 0)
@@ -589,16 +580,7 @@ async fn redrive_respects_max_size(url: Option<String>) -> anyhow::Result<()> {
         .expect_err("the queue is full");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("max_size"), "{err:?}");
-    let stats = q
-        .client
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "tight".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = q.stats("p", "tight").await?;
     assert_eq!(
         (stats.ready, stats.dead),
         (2, 1),
@@ -712,17 +694,7 @@ async fn two_instances_32_dequeuers_20000_tasks_each_succeeds_once() -> anyhow::
         total += worker.await??;
     }
     assert_eq!(total, 20_000, "every task completed exactly once");
-    let stats = a
-        .client
-        .clone()
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "bulk".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = a.stats("p", "bulk").await?;
     assert_eq!(
         (
             stats.ready,
@@ -929,16 +901,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::
         .await
         .expect_err("full");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    let stats = q
-        .client
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "small".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = q.stats("p", "small").await?;
     assert_eq!(stats.ready, 2);
     q.service.stop().await
 }
@@ -966,16 +929,7 @@ async fn a_dequeue_answer_stays_under_4_mib_and_gives_back_the_rest() -> anyhow:
         3,
         "three 1 MiB payloads fit under 4 MiB, a fourth does not"
     );
-    let stats = q
-        .client
-        .get_queue_stats(pb::GetQueueStatsRequest {
-            project: "p".into(),
-            queue: "big".into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .expect("stats");
+    let stats = q.stats("p", "big").await?;
     assert_eq!(
         (stats.leased, stats.ready),
         (3, 3),
@@ -1027,17 +981,7 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     assert_eq!(ids.len(), 1, "one task for one key: {ids:?}");
     assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
     for (queue, expected) in [("ten", 10), ("idem", 1)] {
-        let stats = q
-            .client
-            .clone()
-            .get_queue_stats(pb::GetQueueStatsRequest {
-                project: "p".into(),
-                queue: queue.into(),
-            })
-            .await?
-            .into_inner()
-            .stats
-            .expect("stats");
+        let stats = q.stats("p", queue).await?;
         assert_eq!(stats.ready, expected, "{queue}");
     }
     q.service.stop().await
