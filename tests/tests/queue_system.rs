@@ -986,3 +986,80 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     }
     q.service.stop().await
 }
+
+/// Task records are stored as MessagePack; a record stored as JSON (as earlier versions did)
+/// is still leased, completed and read, and is written back as MessagePack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stored_as_json_are_still_served() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let id = q
+        .client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "legacy", b"old", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let mut admin = redis.client().await?;
+    let key = "sluice:q:{p/legacy}:tasks";
+    let stored: Vec<u8> = redis::cmd("HGET")
+        .arg(key)
+        .arg(&id)
+        .query_async(&mut admin)
+        .await?;
+    assert_ne!(stored.first(), Some(&b'{'), "stored as MessagePack");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let json = format!(
+        r#"{{"p":2,"st":"ready","att":0,"max":3,"to":600000,"enq":{now_ms},"hd":{{"origin":"json"}}}}"#
+    );
+    let _: i64 = redis::cmd("HSET")
+        .arg(key)
+        .arg(&id)
+        .arg(&json)
+        .query_async(&mut admin)
+        .await?;
+    let lease = q
+        .client
+        .dequeue(dequeue("p", "legacy", 1))
+        .await?
+        .into_inner()
+        .leases
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the JSON record leased"))?;
+    let task = lease.task.expect("task");
+    assert_eq!((task.id.as_str(), lease.attempt), (id.as_str(), 1));
+    assert_eq!(task.payload, b"old");
+    assert_eq!(task.headers.get("origin").map(String::as_str), Some("json"));
+    q.client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "legacy".into(),
+            task_id: id.clone(),
+            lease_token: lease.lease_token,
+            result: b"done".to_vec(),
+        })
+        .await?;
+    let stored: Vec<u8> = redis::cmd("HGET")
+        .arg(key)
+        .arg(&id)
+        .query_async(&mut admin)
+        .await?;
+    assert_ne!(stored.first(), Some(&b'{'), "written back as MessagePack");
+    let task = q
+        .client
+        .get_task(pb::GetTaskRequest {
+            project: "p".into(),
+            queue: "legacy".into(),
+            task_id: id,
+        })
+        .await?
+        .into_inner()
+        .task
+        .expect("task");
+    assert_eq!(task.state, i32::from(pb::TaskState::Succeeded));
+    assert_eq!(task.result, b"done");
+    q.service.stop().await
+}
