@@ -179,6 +179,9 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let (service, method) = telemetry::rpc_names(&path);
+        // Logs take the caller's trace id from its `traceparent`; set when the span is made,
+        // since recording a field later makes the JSON log layer rewrite the span's fields.
+        let caller_trace = telemetry::trace_id_from_headers(request.headers()).unwrap_or("");
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %path.trim_start_matches('/'),
@@ -187,18 +190,17 @@ where
             rpc.service = %service,
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
+            trace_id = caller_trace,
         );
-        if !span.is_disabled() {
+        let exporting = telemetry::exporting();
+        if exporting && !span.is_disabled() {
             // A malformed traceparent yields an empty context: the call starts a new trace.
             let _ = span.set_parent(telemetry::extract_from_headers(request.headers()));
-            match telemetry::trace_id(&span) {
-                Some(trace_id) => span.record("trace_id", trace_id.as_str()),
-                None => span.record(
-                    "trace_id",
-                    telemetry::trace_id_from_headers(request.headers()),
-                ),
-            };
+            if let Some(trace_id) = telemetry::trace_id(&span)
+                && trace_id != caller_trace
+            {
+                span.record("trace_id", trace_id.as_str());
+            }
         }
         let started = Instant::now();
         let future = self.inner.call(request);
@@ -216,7 +218,9 @@ where
                         .to_owned(),
                     Err(_) => "transport".to_owned(),
                 };
-                tracing::Span::current().record("rpc.grpc.status_code", code.as_str());
+                if exporting {
+                    tracing::Span::current().record("rpc.grpc.status_code", code.as_str());
+                }
                 metrics::counter!("sluice_grpc_requests_total", "method" => path.clone(), "code" => code)
                     .increment(1);
                 metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path)

@@ -97,6 +97,10 @@ pub fn init(default_service_name: &str, args: &TelemetryArgs) -> anyhow::Result<
     // Spans are built only when they go somewhere: without an endpoint the OpenTelemetry layer
     // would cost every call span bookkeeping for nothing (logs then take the caller's trace id
     // from its `traceparent`, see `crate::server`).
+    EXPORTING.store(
+        args.otlp_endpoint.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let otel = args.otlp_endpoint.is_some().then(|| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("sluice"))
@@ -113,6 +117,14 @@ pub fn init(default_service_name: &str, args: &TelemetryArgs) -> anyhow::Result<
         tracing::info!(%endpoint, service_name, "exporting traces over OTLP/gRPC");
     }
     Ok(TelemetryGuard { provider })
+}
+
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported (an OTLP endpoint is set): only then do span fields that only
+/// the exporter reads need recording.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The trace id of `span` as 32 hex digits, or `None` when it has no valid trace.
