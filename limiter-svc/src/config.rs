@@ -56,6 +56,13 @@ pub struct Config {
     #[arg(long, env = "SLUICE_BREAKER_PROBE_INTERVAL", value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
     pub breaker_probe_interval: Duration,
 
+    /// Let concurrent requests share one check script call on standalone Redis (each still
+    /// all or nothing). `false` behind a proxy that shards by key (twemproxy, Envoy's Redis
+    /// proxy): such a proxy sends a script to the node of its first key, and a shared call
+    /// holds many requests' keys. Redis Cluster URLs never share calls.
+    #[arg(long, env = "SLUICE_BATCH_CHECKS", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub batch_checks: bool,
+
     /// Most live counters in the embedded store (and in the local failure-mode store).
     #[arg(
         long,

@@ -86,7 +86,10 @@ pub async fn run(
                 health.clone(),
                 shutdown.clone(),
             ));
-            (Store::Redis(RedisStore::new(pool)), Some(breaker))
+            (
+                Store::Redis(RedisStore::new(pool, config.batch_checks)),
+                Some(breaker),
+            )
         }
         None => (
             Store::Embedded(EmbeddedStore::new(config.embedded_max_keys)),

@@ -125,10 +125,11 @@ struct SlotReply {
 }
 
 impl RedisStore {
-    /// A store on `pool`; on standalone Redis it starts the batcher (needs a tokio runtime).
-    pub fn new(pool: RedisPool) -> Self {
+    /// A store on `pool`; on standalone Redis with `batch` it starts the batcher (needs a
+    /// tokio runtime), so concurrent requests share check calls.
+    pub fn new(pool: RedisPool, batch: bool) -> Self {
         let check = Arc::new(Script::new("limiter.check", algorithm::CHECK_LUA));
-        let batcher = (!pool.is_cluster()).then(|| {
+        let batcher = (batch && !pool.is_cluster()).then(|| {
             let (pool, check) = (pool.clone(), Arc::clone(&check));
             Batcher::spawn(BATCH_REQUESTS, BATCH_CALLS, move |requests: Vec<Checks>| {
                 let (pool, check) = (pool.clone(), Arc::clone(&check));

@@ -65,6 +65,40 @@ impl Queue {
         Ok(Some(ran))
     }
 
+    /// Auto-redrive of one dead letter: `Some(true)` when it qualified and was brought back,
+    /// `Some(false)` when it does not qualify, `None` when it qualifies but `room` is 0.
+    fn auto_redrive_one(
+        &mut self,
+        entry: &(u64, String),
+        policy: &AutoRedrive,
+        room: &mut usize,
+    ) -> Option<bool> {
+        let qualifies = self.tasks.get(&entry.1).is_some_and(|t| {
+            t.st == "dead"
+                && t.rd < policy.max
+                && t.err
+                    .last()
+                    .is_some_and(|e| policy.categories.contains(&e.category))
+        });
+        if !qualifies {
+            return Some(false);
+        }
+        if *room == 0 {
+            return None;
+        }
+        let Some(mut task) = self.tasks.remove(&entry.1) else {
+            return Some(false);
+        };
+        *room -= 1;
+        self.dead.remove(entry);
+        task.att = 0;
+        task.dd = None;
+        task.rd += 1;
+        self.make_ready(&mut task);
+        self.tasks.insert(entry.1.clone(), task);
+        Some(true)
+    }
+
     /// Tasks counted against max_size: ready, scheduled and leased.
     fn size(&self) -> usize {
         self.ready.len() + self.sched.len() + self.leased.len()
@@ -687,48 +721,103 @@ impl EmbeddedQueue {
                 usize::MAX
             };
             let cool = u64::try_from(policy.after.as_millis()).unwrap_or(u64::MAX);
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let due: Vec<(u64, String)> = q
                 .dead
                 .iter()
                 .filter(|(score, _)| *score > q.auto_cursor && *score <= now.saturating_sub(cool))
-                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .take(limit)
                 .cloned()
                 .collect();
-            let (mut done, first) = (0, due.first().map(|d| d.0));
+            let mut done = 0;
             let mut last = q.auto_cursor;
-            let mut full = false;
+            let mut more = false;
             for entry in &due {
-                let eligible = q.tasks.get(&entry.1).is_some_and(|t| {
-                    t.st == "dead"
-                        && t.rd < policy.max
-                        && t.err
-                            .last()
-                            .is_some_and(|e| policy.categories.contains(&e.category))
-                });
-                if eligible && room == 0 {
-                    // The queue is full: look at this one (and its millisecond) again later.
-                    last = entry.0 - 1;
-                    full = true;
-                    break;
+                match q.auto_redrive_one(entry, policy, &mut room) {
+                    Some(redriven) => done += u64::from(redriven),
+                    None => {
+                        // The queue is full: look at this millisecond again next time.
+                        last = entry.0 - 1;
+                        more = true;
+                        break;
+                    }
                 }
                 last = entry.0;
-                if eligible && let Some(mut task) = q.tasks.remove(&entry.1) {
-                    room -= 1;
-                    q.dead.remove(entry);
-                    task.att = 0;
-                    task.dd = None;
-                    task.rd += 1;
-                    q.make_ready(&mut task);
-                    q.tasks.insert(entry.1.clone(), task);
-                    done += 1;
-                }
             }
-            let more = full || due.len() as u64 == limit;
-            if !full && more && first.is_some_and(|f| f < last) {
-                last -= 1;
+            if !more && due.len() == limit {
+                more = true;
+                // The rest of the last millisecond, so the cursor passes it without skipping.
+                let rest: Vec<(u64, String)> = q
+                    .dead
+                    .range((last, String::new())..)
+                    .take_while(|(score, _)| *score == last)
+                    .cloned()
+                    .collect();
+                for entry in &rest {
+                    match q.auto_redrive_one(entry, policy, &mut room) {
+                        Some(redriven) => done += u64::from(redriven),
+                        None => {
+                            last -= 1;
+                            break;
+                        }
+                    }
+                }
             }
             q.auto_cursor = last;
             Ok((done, more))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More dead letters died in one millisecond than one pass looks at: the cursor still
+    /// passes that millisecond without skipping any, and a full queue holds the rest back.
+    #[test]
+    fn auto_redrive_skips_nothing_in_a_crowded_millisecond() -> Result<()> {
+        let store = EmbeddedQueue::new();
+        let policy = AutoRedrive {
+            after: std::time::Duration::from_secs(1),
+            categories: vec!["transient".into()],
+            max: 3,
+        };
+        let died = store.now() - 5_000;
+        store.with("p", "q", |q, _| {
+            for i in 0..5 {
+                let id = format!("t{i}");
+                let error = ErrorRecord {
+                    attempt: 1,
+                    category: if i == 1 { "permanent" } else { "transient" }.into(),
+                    message: "boom".into(),
+                    retryable: i != 1,
+                    at: died as f64,
+                };
+                let task = Record {
+                    id: id.clone(),
+                    st: "dead".into(),
+                    att: 1,
+                    max: 1,
+                    to: 60_000,
+                    err: vec![error],
+                    ..Record::default()
+                };
+                q.dead.insert((died, id.clone()));
+                q.tasks.insert(id, task);
+            }
+            Ok(())
+        })?;
+        // Room for 2 more tasks: the first pass stops when the queue is full.
+        assert_eq!(store.auto_redrive("p", "q", &policy, 2, 2)?, (2, true));
+        assert_eq!(store.auto_redrive("p", "q", &policy, 2, 2)?.0, 0, "full");
+        // Unbounded: the rest of that millisecond, past the limit of 2, in one pass.
+        assert_eq!(store.auto_redrive("p", "q", &policy, 2, 0)?, (2, true));
+        assert_eq!(store.auto_redrive("p", "q", &policy, 2, 0)?, (0, false));
+        let dead: Vec<String> = store.with("p", "q", |q, _| {
+            Ok(q.dead.iter().map(|(_, id)| id.clone()).collect())
+        })?;
+        assert_eq!(dead, ["t1"], "only the permanent failure stays dead");
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
+use prost::Message as _;
 use sluice::error::Error;
 use sluice::proto::sluice::queue::v1 as pb;
 use tokio::sync::mpsc;
@@ -624,20 +625,25 @@ impl Stream {
     }
 }
 
-/// Most messages a stream takes in one go (see [`gather`]).
+/// Most messages, and bytes, a stream takes in one go (see [`gather`]).
 const MAX_GATHER: usize = 256;
+const MAX_GATHER_BYTES: usize = 4 * 1024 * 1024;
 
-/// `first` and whatever else has already arrived on the stream (at most [`MAX_GATHER`]), and
-/// whether the stream ended after them.
+/// `first` and whatever else has already arrived on the stream (at most [`MAX_GATHER`]
+/// messages, and past [`MAX_GATHER_BYTES`] no more), and whether the stream ended after them.
 fn gather(
     first: pb::LeaseRequest,
     inbound: &mut tonic::Streaming<pb::LeaseRequest>,
 ) -> (Vec<pb::LeaseRequest>, bool) {
+    let mut bytes = first.encoded_len();
     let mut batch = vec![first];
-    while batch.len() < MAX_GATHER {
+    while batch.len() < MAX_GATHER && bytes < MAX_GATHER_BYTES {
         // `message` keeps its state in the stream, so a poll that finds nothing loses nothing.
         match inbound.message().now_or_never() {
-            Some(Ok(Some(request))) => batch.push(request),
+            Some(Ok(Some(request))) => {
+                bytes += request.encoded_len();
+                batch.push(request);
+            }
             Some(Ok(None)) => return (batch, true),
             Some(Err(status)) => {
                 tracing::debug!(%status, "lease stream broke; delivered leases stay valid until their deadline");

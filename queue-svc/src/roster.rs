@@ -2,15 +2,15 @@
 //! Redis it also writes them, every [`PUBLISH_EVERY`], into one hash per project
 //! (`keys::workers`), each entry under `<instance>/<stream>` with its own expiry
 //! ([`ENTRY_TTL`], on the writer's clock) ahead of the encoded `WorkerInfo`. ListWorkers answers
-//! this instance's streams live and the other instances' as last written; an instance that
-//! dies without cleaning up leaves entries that expire, and the first ListWorkers to see them
-//! deletes them.
+//! this instance's streams live and the other instances' as last written (only its own when
+//! Redis is unreachable); an instance that dies without cleaning up leaves entries that
+//! expire, and the first ListWorkers to see them deletes them (the hash itself expires when no
+//! instance writes it).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
-use sluice::error::Result;
 use sluice::proto::sluice::queue::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -104,12 +104,20 @@ pub async fn list(
     service: &QueueService,
     project: &str,
     queue: &str,
-) -> Result<(Vec<pb::WorkerInfo>, bool)> {
+) -> (Vec<pb::WorkerInfo>, bool) {
     let mut workers = service.workers().list(project, queue);
     let own = format!("{}/", service.instance());
     let now = now_ms();
     let mut expired = Vec::new();
-    for (field, value) in service.store().workers(project).await? {
+    // Without Redis, this instance's own streams are still known: answer those.
+    let roster = match service.store().workers(project).await {
+        Ok(roster) => roster,
+        Err(err) => {
+            tracing::warn!(project, error = %err, "ListWorkers: the roster is unreachable; listing this instance's workers only");
+            Vec::new()
+        }
+    };
+    for (field, value) in roster {
         if field.starts_with(&own) {
             continue; // this instance's streams are listed live above
         }
@@ -133,7 +141,7 @@ pub async fn list(
     });
     let truncated = workers.len() > MAX_LISTED;
     workers.truncate(MAX_LISTED);
-    Ok((workers, truncated))
+    (workers, truncated)
 }
 
 #[cfg(test)]

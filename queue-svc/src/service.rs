@@ -58,9 +58,11 @@ pub struct QueueService {
 }
 
 /// Most single-task Enqueues (and unary Completes) in one gathering, and gatherings stored
-/// at once.
+/// at once. Payloads and results larger than `GATHER_ITEM_BYTES` go alone, so a gathered
+/// script call carries at most 4 MiB of them.
 const GATHER: usize = 128;
 const GATHER_CALLS: usize = 4;
+const GATHER_ITEM_BYTES: usize = 32 * 1024;
 
 /// Stores single-task Enqueues that arrived together: one enqueue script call per queue
 /// among them, each task answered on its own. The script is all or none, so when a
@@ -373,7 +375,11 @@ impl QueueService {
         token: &str,
         result: &[u8],
     ) -> Result<()> {
-        let Some(completer) = &self.completer else {
+        let Some(completer) = self
+            .completer
+            .as_ref()
+            .filter(|_| result.len() <= GATHER_ITEM_BYTES)
+        else {
             return self
                 .complete_tasks(project, queue, &[(id, token, result)])
                 .await?
@@ -581,7 +587,7 @@ impl QueueService {
         queue_ref(project, queue)?;
         self.register(project, queue).await?;
         let result = match (&self.enqueuer, tasks) {
-            (Some(enqueuer), [task]) => enqueuer
+            (Some(enqueuer), [task]) if task.payload.len() <= GATHER_ITEM_BYTES => enqueuer
                 .submit((project.to_owned(), queue.to_owned(), task.clone()))
                 .await
                 .map(|enqueued| vec![enqueued]),
@@ -1052,7 +1058,7 @@ impl pb::queue_server::Queue for QueueService {
         if !r.queue.is_empty() {
             validate_name(&r.queue, "queue")?;
         }
-        let (workers, truncated) = crate::roster::list(self, &r.project, &r.queue).await?;
+        let (workers, truncated) = crate::roster::list(self, &r.project, &r.queue).await;
         Ok(Response::new(pb::ListWorkersResponse {
             workers,
             truncated,

@@ -602,10 +602,7 @@ impl RedisQueue {
             .arg(max_size)
             .invoke(&self.pool)
             .await?;
-        match r.as_slice() {
-            [-1, _] => Ok((0, true)),
-            _ => dead_outcome(&r, queue, "auto"),
-        }
+        dead_outcome(&r, queue, "auto")
     }
 
     /// Writes `entries` (field, value) into `project`'s worker roster and removes `gone`.
@@ -623,6 +620,12 @@ impl RedisQueue {
                 cmd.arg(field).arg(value);
             }
             let _: i64 = self.pool.query(&cmd).await?;
+            // The whole roster goes when no instance has written it for a while.
+            let ttl = u64::try_from(crate::roster::ENTRY_TTL.as_millis()).unwrap_or(u64::MAX);
+            let _: i64 = self
+                .pool
+                .query(redis::cmd("PEXPIRE").arg(&key).arg(ttl.saturating_mul(2)))
+                .await?;
         }
         if !gone.is_empty() {
             let _: i64 = self

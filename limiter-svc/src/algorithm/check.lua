@@ -17,7 +17,22 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local reply = { now }
-local a, k = 2, 0
+
+-- Every algorithm is known before anything is consumed, so a bad one fails the call whole.
+local a = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  for _ = 1, n do
+    if not ALGORITHMS[tonumber(ARGV[a])] then
+      return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(ARGV[a]))
+    end
+    a = a + 6
+  end
+end
+
+local k
+a, k = 2, 0
 
 for _ = 1, tonumber(ARGV[1]) do
   local writable, nonce, n = ARGV[a] == 'check', ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -33,11 +48,7 @@ for _ = 1, tonumber(ARGV[1]) do
       shadow = ARGV[a + 5] == '1',
     }
     a = a + 6
-    local algorithm = ALGORITHMS[p.alg]
-    if not algorithm then
-      return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(p.alg))
-    end
-    local r = algorithm.peek(KEYS[k + i], now, p, writable)
+    local r = ALGORITHMS[p.alg].peek(KEYS[k + i], now, p, writable)
     r.limit = r.limit or p.limit
     checks[i], results[i] = p, r
     if r.allowed == 0 and not p.shadow then all = false end

@@ -1,6 +1,6 @@
 -- complete: finish leased tasks as succeeded, each fenced by its lease token. One call
--- completes a batch (a Lease stream's completions that arrived together); each task is judged
--- on its own.
+-- completes a batch (a Lease stream's completions, or concurrent unary Completes, that
+-- arrived together); each task is judged on its own.
 -- ARGV[1] n, then per task 3 args: task id, lease token, result bytes.
 -- Returns per task two entries: 'ok' and its run ms (since the lease began; -1 for a repeat),
 -- 'nf' and '' (no such task), or 'stale' and its state (the token is not the live lease).

@@ -5,7 +5,7 @@
 -- ARGV[6] dead before (ms, 0 = any); ARGV[7] the queue's max size (redrive and auto; 0 =
 -- unbounded): redriven tasks count against it, so only as many as fit are moved.
 -- list returns {total, then per task: record JSON, payload}; redrive and purge return
--- {count, more (0/1)}, or {-1, size} for a redrive with no room left while some matched.
+-- {count, more (0/1)}, or {-1, max size} for a redrive with no room left while some matched.
 -- Redrive resets attempts and makes the task ready again.
 -- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
 -- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
@@ -23,21 +23,15 @@ if op == 'auto' then
   -- later calls. A task dying again gets a later score and is looked at again.
   local categories, cool, most = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local from = tonumber(redis.call('HGET', K_META, 'autocur') or '0')
-  local due = redis.call('ZRANGEBYSCORE', K_DEAD, '(' .. from, now - cool, 'WITHSCORES', 'LIMIT', 0, limit)
   local space = room()
-  local done, first, last, full = 0, nil, from, false
-  for i = 1, #due, 2 do
-    local id, score = due[i], tonumber(due[i + 1])
+  local done = 0
+  -- Redrives `id` when it qualifies; false when it qualifies but the queue has no room.
+  local function consider(id)
     local task = load(id)
     local e = task and task.err and task.err[#task.err]
     if task and task.st == 'dead' and e and (task.rd or 0) < most
       and string.find(categories, ',' .. e.c .. ',', 1, true) then
-      if space >= 0 and done >= space then
-        -- The queue is full: look at this one (and its millisecond) again next time.
-        last = score - 1
-        full = true
-        break
-      end
+      if space >= 0 and done >= space then return false end
       redis.call('ZREM', K_DEAD, id)
       task.att = 0
       task.dd = nil
@@ -46,17 +40,30 @@ if op == 'auto' then
       save(task)
       done = done + 1
     end
-    first = first or score
+    return true
+  end
+  local due = redis.call('ZRANGEBYSCORE', K_DEAD, '(' .. from, now - cool, 'WITHSCORES', 'LIMIT', 0, limit)
+  local last, more = from, 0
+  for i = 1, #due, 2 do
+    local score = tonumber(due[i + 1])
+    if not consider(due[i]) then
+      -- The queue is full: look at this millisecond again next time.
+      last, more = score - 1, 1
+      break
+    end
     last = score
   end
-  local more = 0
-  if full then
+  if more == 0 and #due == 2 * limit then
     more = 1
-  elseif #due == 2 * limit then
-    more = 1
-    -- Dead letters of the last millisecond may lie beyond the limit: look at it again,
-    -- unless the whole batch died in that millisecond (then move on, or stay stuck).
-    if first < last then last = last - 1 end
+    -- More dead letters of the last millisecond may lie beyond the limit: take all of that
+    -- millisecond now (one reaper pass dead-letters at most a few hundred at once), so the
+    -- cursor can pass it without skipping any.
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DEAD, last, last)) do
+      if not consider(id) then
+        last = last - 1
+        break
+      end
+    end
   end
   redis.call('HSET', K_META, 'autocur', last)
   wake_streams()
