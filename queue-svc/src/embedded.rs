@@ -9,7 +9,8 @@ use sluice::error::{Error, Result};
 use crate::model::{ErrorRecord, Record};
 use crate::queues::AutoRedrive;
 use crate::store::{
-    Completion, DeadOp, DeadSelector, Enqueued, FailOutcome, Full, Leased, NewTask, Stats,
+    Completion, DEAD_SCAN, DeadOp, DeadPass, DeadSelector, Enqueued, FailOutcome, Full, Leased,
+    NewTask, Stats, no_room,
 };
 
 const MAX_ERRORS: usize = 10;
@@ -639,8 +640,13 @@ impl EmbeddedQueue {
         op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
-    ) -> Result<(u64, bool)> {
+        cursor: &str,
+    ) -> Result<DeadPass> {
         let redrive = matches!(op, DeadOp::Redrive { .. });
+        // The cursor is `<score> <id>` of the last dead letter a previous call looked at.
+        let after: Option<(u64, String)> = cursor
+            .split_once(' ')
+            .and_then(|(score, id)| Some((score.parse().ok()?, id.to_owned())));
         self.with(project, queue, |q, _| {
             let matches = |task: &Record| match selector {
                 DeadSelector::All => true,
@@ -655,51 +661,78 @@ impl EmbeddedQueue {
                             || task.dd.is_some_and(|d| ms(d) < *dead_before_ms))
                 }
             };
-            let chosen: Vec<(u64, String)> = q
-                .dead
-                .iter()
-                .filter(|(_, id)| {
-                    q.tasks
-                        .get(id)
-                        .is_some_and(|t| t.st == "dead" && matches(t))
-                })
-                .cloned()
-                .collect();
-            let mut limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            if let DeadOp::Redrive { max_size } = op
-                && max_size > 0
-            {
-                let room = usize::try_from(max_size)
+            let looked: Vec<(u64, String)> = match selector {
+                DeadSelector::Id(id) => q.dead.iter().filter(|(_, i)| i == id).cloned().collect(),
+                _ => q
+                    .dead
+                    .iter()
+                    .filter(|entry| after.as_ref().is_none_or(|a| *entry > a))
+                    .take_while(|(score, _)| match selector {
+                        DeadSelector::Filter { dead_before_ms, .. } if *dead_before_ms > 0 => {
+                            score < dead_before_ms
+                        }
+                        _ => true,
+                    })
+                    .take(DEAD_SCAN)
+                    .cloned()
+                    .collect(),
+            };
+            let mut more = !matches!(selector, DeadSelector::Id(_)) && looked.len() == DEAD_SCAN;
+            let room = match op {
+                DeadOp::Redrive { max_size } if max_size > 0 => usize::try_from(max_size)
                     .unwrap_or(usize::MAX)
-                    .saturating_sub(q.size());
-                if room == 0 && !chosen.is_empty() {
-                    return Err(Error::ResourceExhausted(format!(
-                        "queue `{queue}` is at its max_size ({max_size}): no room for redriven \
-                         tasks; retry once it has drained, or raise max_size"
-                    )));
-                }
-                limit = limit.min(room);
-            }
-            let more = chosen.len() > limit;
-            let mut n = 0;
-            for entry in chosen.into_iter().take(limit) {
-                q.dead.remove(&entry);
-                let id = entry.1;
-                if redrive {
-                    if let Some(mut task) = q.tasks.remove(&id) {
-                        task.att = 0;
-                        task.dd = None;
-                        q.make_ready(&mut task);
-                        q.tasks.insert(id, task);
+                    .saturating_sub(q.size()),
+                _ => usize::MAX,
+            };
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let (mut n, mut blocked, mut at) = (0, false, None);
+            for entry in looked {
+                let qualifies = q
+                    .tasks
+                    .get(&entry.1)
+                    .is_some_and(|t| t.st == "dead" && matches(t));
+                if qualifies {
+                    if n >= limit || n >= room {
+                        more = true;
+                        blocked = n >= room;
+                        break;
                     }
-                } else {
-                    q.tasks.remove(&id);
-                    q.payloads.remove(&id);
-                    q.results.remove(&id);
+                    q.dead.remove(&entry);
+                    let id = entry.1.clone();
+                    if redrive {
+                        if let Some(mut task) = q.tasks.remove(&id) {
+                            task.att = 0;
+                            task.dd = None;
+                            q.make_ready(&mut task);
+                            q.tasks.insert(id, task);
+                        }
+                    } else {
+                        q.tasks.remove(&id);
+                        q.payloads.remove(&id);
+                        q.results.remove(&id);
+                    }
+                    n += 1;
                 }
-                n += 1;
+                at = Some(entry);
             }
-            Ok((n, more))
+            if n == 0 && blocked {
+                let max_size = match op {
+                    DeadOp::Redrive { max_size } => max_size,
+                    DeadOp::Purge => 0,
+                };
+                return Err(no_room(queue, max_size));
+            }
+            let cursor = match at {
+                Some((score, id)) if more && !matches!(selector, DeadSelector::Id(_)) => {
+                    format!("{score} {id}")
+                }
+                _ => String::new(),
+            };
+            Ok(DeadPass {
+                count: n as u64,
+                more,
+                cursor,
+            })
         })
     }
 
@@ -772,6 +805,54 @@ impl EmbeddedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A filtered redrive looks at no more than `DEAD_SCAN` dead letters per call and hands
+    /// back a cursor to go on from there (the Redis version: `queue_system.rs`).
+    #[test]
+    fn a_filtered_redrive_pages_with_a_cursor() -> Result<()> {
+        let store = EmbeddedQueue::new();
+        store.with("p", "q", |q, _| {
+            for i in 0..=DEAD_SCAN as u64 {
+                let id = format!("00000000-0000-7000-8000-{i:012}");
+                let category = if i == DEAD_SCAN as u64 {
+                    "transient"
+                } else {
+                    "permanent"
+                };
+                let task = Record {
+                    id: id.clone(),
+                    st: "dead".into(),
+                    max: 1,
+                    to: 60_000,
+                    dd: Some((1_000 + i) as f64),
+                    err: vec![ErrorRecord {
+                        attempt: 1,
+                        category: category.into(),
+                        message: "boom".into(),
+                        retryable: false,
+                        at: (1_000 + i) as f64,
+                    }],
+                    ..Record::default()
+                };
+                q.dead.insert((1_000 + i, id.clone()));
+                q.tasks.insert(id, task);
+            }
+            Ok(())
+        })?;
+        let transient = DeadSelector::Filter {
+            category: "transient".into(),
+            dead_before_ms: 0,
+        };
+        let redrive = DeadOp::Redrive { max_size: 0 };
+        let first = store.redrive_or_purge("p", "q", redrive, 1000, &transient, "")?;
+        assert_eq!((first.count, first.more), (0, true));
+        let second = store.redrive_or_purge("p", "q", redrive, 1000, &transient, &first.cursor)?;
+        assert_eq!(
+            (second.count, second.more, second.cursor.as_str()),
+            (1, false, "")
+        );
+        Ok(())
+    }
 
     /// More dead letters died in one millisecond than one pass looks at: the cursor still
     /// passes that millisecond without skipping any, and a full queue holds the rest back.

@@ -131,6 +131,25 @@ async fn complete_gathered(
     .await
 }
 
+/// A redrive or purge page token: empty, or `<score> <task id>` as a previous call issued.
+fn dead_cursor(token: &str) -> Result<&str> {
+    let valid = token.is_empty()
+        || token.split_once(' ').is_some_and(|(score, id)| {
+            !score.is_empty()
+                && score.len() <= 20
+                && score.bytes().all(|b| b.is_ascii_digit())
+                && validate_task_id(id, "page_token").is_ok()
+        });
+    if valid {
+        Ok(token)
+    } else {
+        Err(Error::invalid(
+            "page_token",
+            "not a token this service issued; leave it empty to start at the oldest",
+        ))
+    }
+}
+
 /// A task result must fit the payload bound.
 fn check_result(result: &[u8]) -> Result<()> {
     if result.len() > MAX_PAYLOAD {
@@ -1155,7 +1174,7 @@ impl pb::queue_server::Queue for QueueService {
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
         let selector = self.selector(r.selector.as_ref())?;
-        let (n, more) = self
+        let pass = self
             .store
             .redrive_or_purge(
                 &r.project,
@@ -1165,11 +1184,13 @@ impl pb::queue_server::Queue for QueueService {
                 },
                 limit_of(r.limit)?,
                 &selector,
+                dead_cursor(&r.page_token)?,
             )
             .await?;
         Ok(Response::new(pb::RedriveDeadLettersResponse {
-            redriven: u32::try_from(n).unwrap_or(u32::MAX),
-            more,
+            redriven: u32::try_from(pass.count).unwrap_or(u32::MAX),
+            more: pass.more,
+            next_page_token: pass.cursor,
         }))
     }
 
@@ -1180,7 +1201,7 @@ impl pb::queue_server::Queue for QueueService {
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
         let selector = self.selector(r.selector.as_ref())?;
-        let (n, more) = self
+        let pass = self
             .store
             .redrive_or_purge(
                 &r.project,
@@ -1188,11 +1209,13 @@ impl pb::queue_server::Queue for QueueService {
                 DeadOp::Purge,
                 limit_of(r.limit)?,
                 &selector,
+                dead_cursor(&r.page_token)?,
             )
             .await?;
         Ok(Response::new(pb::PurgeDeadLettersResponse {
-            purged: u32::try_from(n).unwrap_or(u32::MAX),
-            more,
+            purged: u32::try_from(pass.count).unwrap_or(u32::MAX),
+            more: pass.more,
+            next_page_token: pass.cursor,
         }))
     }
 }

@@ -69,16 +69,49 @@ pub enum DeadOp {
     Redrive { max_size: u64 },
 }
 
-/// The outcome of a redrive or purge script call: (count, more), or RESOURCE_EXHAUSTED.
-fn dead_outcome(r: &[i64], queue: &str, op: &str) -> Result<(u64, bool)> {
-    match r {
-        [-1, max_size] => Err(Error::ResourceExhausted(format!(
-            "queue `{queue}` is at its max_size ({max_size}): no room for redriven tasks; \
-             retry once it has drained, or raise max_size"
-        ))),
-        [n, more] => Ok((u64::try_from(*n).unwrap_or(0), *more == 1)),
-        _ => Err(Error::Internal(format!("dead {op}: {} numbers", r.len()))),
+/// What one redrive or purge call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadPass {
+    /// Dead letters moved or deleted.
+    pub count: u64,
+    /// More may match: call again with `cursor`.
+    pub more: bool,
+    /// Where to go on from (`<score> <id>` of the last dead letter looked at), or empty.
+    pub cursor: String,
+}
+
+/// Dead letters one redrive or purge call looks at, at most.
+pub const DEAD_SCAN: usize = 10_000;
+
+/// RESOURCE_EXHAUSTED for a redrive into a full queue.
+pub fn no_room(queue: &str, max_size: u64) -> Error {
+    Error::ResourceExhausted(format!(
+        "queue `{queue}` is at its max_size ({max_size}): no room for redriven tasks; \
+         retry once it has drained, or raise max_size"
+    ))
+}
+
+/// The outcome of a redrive, purge or auto-redrive script call.
+fn dead_outcome(r: &[redis::Value], queue: &str, op: &str) -> Result<DeadPass> {
+    let n = number(r.first(), op)? as i64;
+    if n == -1 {
+        return Err(no_room(queue, number(r.get(1), op)? as u64));
     }
+    Ok(DeadPass {
+        count: u64::try_from(n).unwrap_or(0),
+        more: number(r.get(1), op)? == 1.0,
+        cursor: match (r.get(2), r.get(3)) {
+            (Some(_), Some(_)) => {
+                let (score, id) = (text(r.get(2), op)?, text(r.get(3), op)?);
+                if score.is_empty() {
+                    String::new()
+                } else {
+                    format!("{score} {id}")
+                }
+            }
+            _ => String::new(),
+        },
+    })
 }
 
 /// Queue depth and rates.
@@ -568,13 +601,15 @@ impl RedisQueue {
         op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
-    ) -> Result<(u64, bool)> {
+        cursor: &str,
+    ) -> Result<DeadPass> {
         let (name, max_size) = match op {
             DeadOp::Purge => ("purge", 0),
             DeadOp::Redrive { max_size } => ("redrive", max_size),
         };
-        let r: Vec<i64> = self
+        let r: Vec<redis::Value> = self
             .dead_call(project, queue, name, limit, 0, selector, max_size)
+            .arg(cursor)
             .invoke(&self.pool)
             .await?;
         dead_outcome(&r, queue, name)
@@ -592,7 +627,7 @@ impl RedisQueue {
         limit: u64,
         max_size: u64,
     ) -> Result<(u64, bool)> {
-        let r: Vec<i64> = Self::call(&self.dead, project, queue)
+        let r: Vec<redis::Value> = Self::call(&self.dead, project, queue)
             .arg("auto")
             .arg(limit)
             .arg(0)
@@ -602,7 +637,7 @@ impl RedisQueue {
             .arg(max_size)
             .invoke(&self.pool)
             .await?;
-        dead_outcome(&r, queue, "auto")
+        dead_outcome(&r, queue, "auto").map(|pass| (pass.count, pass.more))
     }
 
     /// Writes `entries` (field, value) into `project`'s worker roster and removes `gone`.
@@ -807,8 +842,12 @@ impl QueueStore {
         op: DeadOp,
         limit: u64,
         selector: &DeadSelector,
-    ) -> Result<(u64, bool)> {
-        delegate!(self, redrive_or_purge(project, queue, op, limit, selector))
+        cursor: &str,
+    ) -> Result<DeadPass> {
+        delegate!(
+            self,
+            redrive_or_purge(project, queue, op, limit, selector, cursor)
+        )
     }
 
     /// See [`RedisQueue::auto_redrive`].

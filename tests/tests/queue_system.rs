@@ -387,6 +387,7 @@ async fn retries_follow_the_policy_then_dead_letters_and_redrive(
                 selector: Some(pb::dead_letter_selector::Selector::TaskId(doomed.clone())),
             }),
             limit: 0,
+            page_token: String::new(),
         })
         .await?
         .into_inner();
@@ -560,6 +561,7 @@ async fn redrive_respects_max_size(url: Option<String>) -> anyhow::Result<()> {
             selector: Some(pb::dead_letter_selector::Selector::All(true)),
         }),
         limit: 0,
+        page_token: String::new(),
     };
     // Room for one of them.
     q.client
@@ -1061,5 +1063,77 @@ async fn records_stored_as_json_are_still_served() -> anyhow::Result<()> {
         .expect("task");
     assert_eq!(task.state, i32::from(pb::TaskState::Succeeded));
     assert_eq!(task.result, b"done");
+    q.service.stop().await
+}
+
+/// A filtered redrive looks at no more than 10,000 dead letters per call and hands back a
+/// token to go on from there: 10,000 permanent dead letters ahead of one transient one cost
+/// two bounded calls, not one unbounded scan. (The dead letters are written straight into
+/// Redis, as JSON records, the format earlier versions stored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_redrive_pages_through_many_dead_letters() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let mut admin = redis.client().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..10_001u64 {
+        let id = format!("00000000-0000-7000-8000-{i:012}");
+        let category = if i == 10_000 {
+            "transient"
+        } else {
+            "permanent"
+        };
+        let at = 1_000_000 + i;
+        let record = format!(
+            r#"{{"p":2,"st":"dead","att":1,"max":1,"to":60000,"dd":{at},"err":[{{"a":1,"c":"{category}","m":"boom","r":false,"t":{at}}}]}}"#
+        );
+        pipe.hset("sluice:q:{p/many}:tasks", &id, record).ignore();
+        pipe.hset("sluice:q:{p/many}:payloads", &id, "x").ignore();
+        pipe.zadd("sluice:q:{p/many}:dead", &id, at).ignore();
+    }
+    let () = pipe.query_async(&mut admin).await?;
+    let redrive = |page_token: String| pb::RedriveDeadLettersRequest {
+        project: "p".into(),
+        queue: "many".into(),
+        selector: Some(pb::DeadLetterSelector {
+            selector: Some(pb::dead_letter_selector::Selector::Filter(
+                pb::DeadLetterFilter {
+                    category: pb::FailureCategory::Transient.into(),
+                    dead_before: None,
+                },
+            )),
+        }),
+        limit: 0,
+        page_token,
+    };
+    let first = q
+        .client
+        .redrive_dead_letters(redrive(String::new()))
+        .await?
+        .into_inner();
+    assert_eq!((first.redriven, first.more), (0, true), "{first:?}");
+    assert!(!first.next_page_token.is_empty());
+    let second = q
+        .client
+        .redrive_dead_letters(redrive(first.next_page_token))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (
+            second.redriven,
+            second.more,
+            second.next_page_token.as_str()
+        ),
+        (1, false, "")
+    );
+    let stats = q.stats("p", "many").await?;
+    assert_eq!((stats.ready, stats.dead), (1, 10_000));
+    let err = q
+        .client
+        .redrive_dead_letters(redrive("not a token".into()))
+        .await
+        .expect_err("a made-up token");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("page_token"), "{err:?}");
     q.service.stop().await
 }

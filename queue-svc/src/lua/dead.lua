@@ -3,9 +3,11 @@
 -- ARGV[2] limit; ARGV[3] offset (list only)
 -- ARGV[4] selector: 'id' | 'all' | 'filter'; ARGV[5] task id (id) or category ('' = any);
 -- ARGV[6] dead before (ms, 0 = any); ARGV[7] the queue's max size (redrive and auto; 0 =
--- unbounded): redriven tasks count against it, so only as many as fit are moved.
+-- unbounded): redriven tasks count against it, so only as many as fit are moved; ARGV[8]
+-- (redrive and purge) the cursor a previous call returned, '' to start at the oldest.
 -- list returns {total, then per task: record JSON, payload}; redrive and purge return
--- {count, more (0/1)}, or {-1, max size} for a redrive with no room left while some matched.
+-- {count, more (0/1), cursor score, cursor id} (the cursor to go on from, '' when done), or
+-- {-1, max size} for a redrive with no room left while some matched.
 -- Redrive resets attempts and makes the task ready again.
 -- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
 -- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
@@ -92,14 +94,47 @@ if op == 'list' then
   end
   return out
 end
-local candidates
-if selector == 'id' then candidates = { arg } else candidates = redis.call('ZRANGE', K_DEAD, 0, -1) end
+-- Redrive and purge look at most SCAN dead letters per call, oldest dead first, from the
+-- cursor ARGV[8] ('<score> <id>' of the last one a previous call looked at; '' = the start),
+-- so a filter matching few of many dead letters costs a bounded amount per call.
+local SCAN = 10000
 local space = room()
-local done, more = 0, 0
-for _, id in ipairs(candidates) do
+local done, more, blocked = 0, 0, false
+local at_score, at_id = '', ''
+-- a > b, byte by byte (the order of a sorted set's members of equal score).
+local function after(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+local candidates = {}
+if selector == 'id' then
+  candidates = { arg, '0' }
+else
+  local from_score, from_id = string.match(ARGV[8] or '', '^(%d+) (.+)$')
+  local high = '+inf'
+  if before > 0 then high = '(' .. before end
+  local found = redis.call('ZRANGEBYSCORE', K_DEAD, from_score or '-inf', high, 'WITHSCORES', 'LIMIT', 0, SCAN)
+  for i = 1, #found, 2 do
+    -- Past the cursor: a later score, or the same score and a later id (ties sort by id).
+    if not from_score or found[i + 1] ~= from_score or after(found[i], from_id) then
+      candidates[#candidates + 1] = found[i]
+      candidates[#candidates + 1] = found[i + 1]
+    end
+  end
+  if #found == 2 * SCAN then more = 1 end
+end
+for i = 1, #candidates, 2 do
+  local id = candidates[i]
   local task = load(id)
   if task and task.st == 'dead' and matches(task) then
-    if done >= limit or (space >= 0 and done >= space) then more = 1 break end
+    if done >= limit or (space >= 0 and done >= space) then
+      more = 1
+      blocked = space >= 0 and done >= space
+      break
+    end
     redis.call('ZREM', K_DEAD, id)
     if op == 'redrive' then
       task.att = 0
@@ -113,7 +148,9 @@ for _, id in ipairs(candidates) do
     end
     done = done + 1
   end
+  at_score, at_id = candidates[i + 1], id
 end
-if done == 0 and more == 1 and space == 0 then return { -1, max_size } end
+if done == 0 and blocked then return { -1, max_size } end
 wake_streams()
-return { done, more }
+if more == 0 or selector == 'id' then at_score, at_id = '', '' end
+return { done, more, at_score, at_id }
