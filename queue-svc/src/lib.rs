@@ -54,17 +54,19 @@ pub async fn run(
         Some(pool) => store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool))),
         None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),
     });
+    let service = service::QueueService::new(store.clone(), queues.clone(), shutdown.clone());
+    let waker = service.clone();
     tasks.spawn(reaper::run(
-        store.clone(),
-        queues.clone(),
+        store,
+        queues,
         config.reaper_interval,
         shutdown.clone(),
+        move |ready| waker.wake_local(ready),
     ));
     let (router, _health) = sluice::server::router(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
         &["sluice.queue.v1.Queue"],
     )?;
-    let service = service::QueueService::new(store, queues, shutdown.clone());
     if let Some(redis) = common.redis.redis_config()? {
         tasks.spawn(service.clone().listen_for_wakeups(redis));
         tasks.spawn(roster::publish(service.clone(), shutdown.clone()));

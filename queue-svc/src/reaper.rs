@@ -13,12 +13,15 @@ use crate::store::{QueueStore, Stats};
 /// Tasks handled per queue per step.
 const BATCH: u64 = 500;
 
-/// Runs the reaper every `interval` until `shutdown`.
+/// Runs the reaper every `interval` until `shutdown`. `wake` is told how many tasks a step
+/// made ready (promoted or redriven), for the Lease streams of this instance when no Redis
+/// pub/sub announces them (the embedded store).
 pub async fn run(
     store: Arc<QueueStore>,
     queues: Arc<Queues>,
     interval: Duration,
     shutdown: CancellationToken,
+    wake: impl Fn(usize) + Send + 'static,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -50,16 +53,20 @@ pub async fn run(
                 )
                 .await
             {
-                Ok((expired, _, _)) if expired > 0 => {
-                    metrics::counter!("sluice_queue_lease_expiries_total", "queue" => queue.clone()).increment(expired);
-                    tracing::info!(
-                        project,
-                        queue,
-                        expired,
-                        "leases expired; tasks returned to their queue"
-                    );
+                Ok((expired, promoted, _)) => {
+                    if promoted > 0 {
+                        wake(usize::try_from(promoted).unwrap_or(usize::MAX));
+                    }
+                    if expired > 0 {
+                        metrics::counter!("sluice_queue_lease_expiries_total", "queue" => queue.clone()).increment(expired);
+                        tracing::info!(
+                            project,
+                            queue,
+                            expired,
+                            "leases expired; tasks returned to their queue"
+                        );
+                    }
                 }
-                Ok(_) => {}
                 Err(err) => tracing::debug!(project, queue, error = %err, "reaper step failed"),
             }
             if let Some(policy) = &settings.auto_redrive {
@@ -68,6 +75,7 @@ pub async fn run(
                     .await
                 {
                     Ok((redriven, _)) if redriven > 0 => {
+                        wake(usize::try_from(redriven).unwrap_or(usize::MAX));
                         metrics::counter!("sluice_queue_redriven_total", "queue" => queue.clone(), "how" => "auto").increment(redriven);
                         tracing::info!(
                             project,
