@@ -1,12 +1,13 @@
 //! Natural batching: the items of concurrent callers gathered into one store call.
 //!
 //! A [`Batcher`] lets a bounded number of calls run at once. While they are busy, new items
-//! wait; the next call takes every item that waited (up to a maximum). There is no timer: a
-//! lone item on an idle batcher goes at once, so batching adds no latency when load is light
-//! and grows with the load. Each item gets its own answer; a call that fails fails the items
-//! it carried, no others.
+//! wait; the next call takes every item that waited (up to a maximum). There is no timer: an
+//! item that finds the batcher idle runs at once, in its caller's task, so batching adds no
+//! latency when load is light and grows with the load. Each item gets its own
+//! answer; a call that fails fails the items it carried, no others.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -14,11 +15,37 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::error::{Error, Result};
 
 type Pending<I, O> = (I, oneshot::Sender<Result<O>>);
+type Answers<O> = Pin<Box<dyn Future<Output = Result<Vec<Result<O>>>> + Send>>;
+type Runner<I, O> = Arc<dyn Fn(Vec<I>) -> Answers<O> + Send + Sync>;
 
 /// Gathers items of type `I` into calls answering one `O` per item.
-#[derive(Debug)]
 pub struct Batcher<I, O> {
     tx: mpsc::Sender<Pending<I, O>>,
+    permits: Arc<Semaphore>,
+    /// Call slots in all.
+    calls: usize,
+    run: Runner<I, O>,
+}
+
+impl<I, O> std::fmt::Debug for Batcher<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("waiting", &(self.tx.max_capacity() - self.tx.capacity()))
+            .field("free_calls", &self.permits.available_permits())
+            .finish()
+    }
+}
+
+/// One answer per item, or the call's error for each.
+fn spread<O>(n: usize, answers: Result<Vec<Result<O>>>) -> Vec<Result<O>> {
+    match answers {
+        Ok(answers) if answers.len() == n => answers,
+        Ok(answers) => {
+            let err = Error::Internal(format!("a batch of {n} got {} answers", answers.len()));
+            (0..n).map(|_| Err(err.clone())).collect()
+        }
+        Err(err) => (0..n).map(|_| Err(err.clone())).collect(),
+    }
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
@@ -34,8 +61,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let max_batch = max_batch.max(1);
         let (tx, mut rx) = mpsc::channel::<Pending<I, O>>(max_batch * max_in_flight.max(1) * 4);
         let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
-        let run = Arc::new(run);
+        let run: Runner<I, O> = Arc::new(move |items| Box::pin(run(items)));
+        let (gatherer_permits, gatherer_run) = (Arc::clone(&permits), Arc::clone(&run));
         tokio::spawn(async move {
+            let (permits, run) = (gatherer_permits, gatherer_run);
             loop {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     return;
@@ -53,18 +82,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 let run = Arc::clone(&run);
                 tokio::spawn(async move {
                     let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
-                    let n = items.len();
-                    let answers = match run(items).await {
-                        Ok(answers) if answers.len() == n => answers,
-                        Ok(answers) => {
-                            let err = Error::Internal(format!(
-                                "a batch of {n} got {} answers",
-                                answers.len()
-                            ));
-                            (0..n).map(|_| Err(err.clone())).collect()
-                        }
-                        Err(err) => (0..n).map(|_| Err(err.clone())).collect(),
-                    };
+                    let answers = spread(items.len(), run(items).await);
                     drop(permit);
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         // A caller that gave up no longer listens.
@@ -73,11 +91,26 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 });
             }
         });
-        Self { tx }
+        Self {
+            tx,
+            permits,
+            calls: max_in_flight.max(1),
+            run,
+        }
     }
 
     /// Submits one item and waits for its answer.
     pub async fn submit(&self, item: I) -> Result<O> {
+        // Idle (nothing waiting, no call running; the gathering task holds one slot while it
+        // waits): no one to gather with, go now. Once a call runs, items gather behind it.
+        if self.tx.capacity() == self.tx.max_capacity()
+            && self.permits.available_permits() + 1 == self.calls
+            && let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned()
+        {
+            let answer = spread(1, (self.run)(vec![item]).await).pop();
+            drop(permit);
+            return answer.unwrap_or_else(|| Err(Error::Internal("a call gave no answer".into())));
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((item, reply))
@@ -132,6 +165,27 @@ mod tests {
             (7..100).contains(&calls),
             "100 items in {calls} calls of at most 16"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lone_item_on_an_idle_batcher_runs_in_its_callers_task() {
+        let batcher = Arc::new(Batcher::spawn(8, 2, |items: Vec<u32>| async move {
+            Ok(items.into_iter().map(|_| Ok(tokio::task::try_id())).collect())
+        }));
+        // The gathering task takes its call slot, then waits for items.
+        for _ in 0..1000 {
+            if batcher.permits.available_permits() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(batcher.permits.available_permits(), 1, "the gatherer waits");
+        let caller = tokio::spawn(async move {
+            (tokio::task::try_id(), batcher.submit(7).await.ok().flatten())
+        });
+        let (caller_task, run_task) = caller.await.expect("the caller task");
+        assert!(caller_task.is_some());
+        assert_eq!(run_task, caller_task, "no hop to another task");
     }
 
     #[tokio::test]
