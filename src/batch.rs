@@ -170,7 +170,10 @@ mod tests {
     #[tokio::test]
     async fn a_lone_item_on_an_idle_batcher_runs_in_its_callers_task() {
         let batcher = Arc::new(Batcher::spawn(8, 2, |items: Vec<u32>| async move {
-            Ok(items.into_iter().map(|_| Ok(tokio::task::try_id())).collect())
+            Ok(items
+                .into_iter()
+                .map(|_| Ok(tokio::task::try_id()))
+                .collect())
         }));
         // The gathering task takes its call slot, then waits for items.
         for _ in 0..1000 {
@@ -181,7 +184,10 @@ mod tests {
         }
         assert_eq!(batcher.permits.available_permits(), 1, "the gatherer waits");
         let caller = tokio::spawn(async move {
-            (tokio::task::try_id(), batcher.submit(7).await.ok().flatten())
+            (
+                tokio::task::try_id(),
+                batcher.submit(7).await.ok().flatten(),
+            )
         });
         let (caller_task, run_task) = caller.await.expect("the caller task");
         assert!(caller_task.is_some());
