@@ -29,7 +29,8 @@
 //! ]
 //! ```
 //!
-//! The file is reloaded when it changes; a file that fails to parse or validate is logged and
+//! The file is reloaded when it changes and then stays the same for one more look (a file
+//! caught mid-write is never applied); a file that fails to parse or validate is logged and
 //! ignored, and the policies in force stay.
 
 use std::collections::{BTreeMap, HashMap};
@@ -454,6 +455,9 @@ pub struct PolicyStore {
     current: RwLock<Arc<Policies>>,
     path: Option<PathBuf>,
     loaded_text: RwLock<Option<String>>,
+    /// A changed text seen once; applied when the next look finds it unchanged, so a file
+    /// caught mid-write (truncated, half written) is never applied.
+    pending_text: RwLock<Option<String>>,
 }
 
 impl PolicyStore {
@@ -473,6 +477,7 @@ impl PolicyStore {
             current: RwLock::new(Arc::new(policies)),
             path: path.map(Path::to_path_buf),
             loaded_text: RwLock::new(text),
+            pending_text: RwLock::new(None),
         })
     }
 
@@ -482,6 +487,7 @@ impl PolicyStore {
             current: RwLock::new(Arc::new(policies)),
             path: None,
             loaded_text: RwLock::new(None),
+            pending_text: RwLock::new(None),
         }
     }
 
@@ -493,8 +499,8 @@ impl PolicyStore {
         }
     }
 
-    /// Re-reads the file; swaps the policies if it changed and is valid. Returns whether the
-    /// policies changed.
+    /// Re-reads the file; swaps the policies if it changed, has stayed the same since the
+    /// previous look, and is valid. Returns whether the policies changed.
     pub fn reload(&self) -> bool {
         let Some(path) = &self.path else {
             return false;
@@ -512,6 +518,18 @@ impl PolicyStore {
             .map(|loaded| loaded.as_deref() == Some(text.as_str()))
             .unwrap_or(false);
         if unchanged {
+            return false;
+        }
+        // A new text waits one look: a writer may be halfway through the file.
+        let settled = match self.pending_text.write() {
+            Ok(mut pending) => {
+                let settled = pending.as_deref() == Some(text.as_str());
+                *pending = if settled { None } else { Some(text.clone()) };
+                settled
+            }
+            Err(_) => true,
+        };
+        if !settled {
             return false;
         }
         let result = Policies::parse(&text);
@@ -556,6 +574,34 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_file_applies_once_it_has_settled() -> anyhow::Result<()> {
+        let path = std::env::temp_dir().join(format!(
+            "sluice-limits-{}-{}.toml",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ));
+        let limit_of_p = |store: &PolicyStore| store.current().named("p").map(|p| p.limit.limit);
+        std::fs::write(&path, "[policies.p]\nlimit = 1\nwindow = \"1h\"\n")?;
+        let store = PolicyStore::load(Some(&path))?;
+        assert_eq!(limit_of_p(&store), Some(1));
+        // A writer caught halfway: an empty file, then the full one.
+        std::fs::write(&path, "")?;
+        assert!(!store.reload(), "seen once: waits");
+        std::fs::write(&path, "[policies.p]\nlimit = 3\nwindow = \"1h\"\n")?;
+        assert!(!store.reload(), "changed again: waits");
+        assert_eq!(
+            limit_of_p(&store),
+            Some(1),
+            "the empty file was never applied"
+        );
+        assert!(store.reload(), "unchanged since the last look: applied");
+        assert_eq!(limit_of_p(&store), Some(3));
+        assert!(!store.reload(), "nothing new");
+        std::fs::remove_file(&path)?;
+        Ok(())
+    }
 
     #[test]
     fn seed_defaults() {
