@@ -23,7 +23,7 @@ use tonic::Status;
 
 use crate::model::{category_name, timestamp, validate_name, validate_task_id};
 use crate::service::QueueService;
-use crate::store::{Completion, FailOutcome};
+use crate::store::FailOutcome;
 
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
@@ -432,51 +432,12 @@ impl Stream {
         if completes.is_empty() {
             return;
         }
-        let mut answers: Vec<Option<sluice::error::Result<()>>> = vec![None; completes.len()];
-        let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, c) in completes.iter().enumerate() {
-            match validate_name(&c.queue, "complete.queue")
-                .and_then(|()| validate_task_id(&c.task_id, "complete.task_id"))
-            {
-                Ok(()) => by_queue.entry(c.queue.as_str()).or_default().push(i),
-                Err(err) => answers[i] = Some(Err(err)),
-            }
-        }
-        for (queue, indexes) in by_queue {
-            let items: Vec<Completion<'_>> = indexes
-                .iter()
-                .map(|&i| {
-                    let c = &completes[i];
-                    (
-                        c.task_id.as_str(),
-                        c.lease_token.as_str(),
-                        c.result.as_slice(),
-                    )
-                })
-                .collect();
-            match self
-                .service
-                .complete_tasks(&self.project, queue, &items)
-                .await
-            {
-                Ok(outcomes) => {
-                    for (&i, outcome) in indexes.iter().zip(outcomes) {
-                        answers[i] = Some(outcome);
-                    }
-                }
-                Err(err) => {
-                    for &i in &indexes {
-                        answers[i] = Some(Err(err.clone()));
-                    }
-                }
-            }
-        }
-        for (c, answer) in completes.into_iter().zip(answers) {
-            self.in_flight.remove(&c.task_id);
-            let kind = match answer {
-                Some(Ok(())) => acked(c.task_id, pb::ack::Kind::Completed),
-                Some(Err(err)) => rejected(c.task_id, err),
-                None => rejected(c.task_id, Error::Internal("complete: no answer".into())),
+        let outcomes = self.service.complete_stream(&self.project, completes).await;
+        for (id, outcome) in outcomes {
+            self.in_flight.remove(&id);
+            let kind = match outcome {
+                Ok(()) => acked(id, pb::ack::Kind::Completed),
+                Err(err) => rejected(id, err),
             };
             if !self.send(kind).await {
                 break;

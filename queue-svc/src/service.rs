@@ -54,7 +54,7 @@ pub struct QueueService {
     /// On Redis: concurrent single-task Enqueues share script calls (see [`enqueue_gathered`]).
     enqueuer: Option<Arc<Batcher<Addressed<NewTask>, Enqueued>>>,
     /// On Redis: concurrent unary Completes share script calls (see [`complete_gathered`]).
-    completer: Option<Arc<Batcher<Addressed<Completing>, Option<u64>>>>,
+    completer: Option<Arc<Batcher<Addressed<Completing>, ()>>>,
 }
 
 /// Most single-task Enqueues (and unary Completes) in one gathering, and gatherings stored
@@ -74,25 +74,13 @@ async fn enqueue_gathered(
     items: Vec<Addressed<NewTask>>,
 ) -> Vec<Result<Enqueued>> {
     per_queue(items, |project, queue, tasks| async move {
-        let settings = queues.get(&project, &queue);
-        let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
-        match store
-            .enqueue(&project, &queue, &tasks, settings.max_size, retention)
-            .await
-        {
+        match store_tasks(store, queues, &project, &queue, &tasks).await {
             Ok(enqueued) => enqueued.into_iter().map(Ok).collect(),
             Err(Error::ResourceExhausted(_)) if tasks.len() > 1 => {
                 let mut answers = Vec::with_capacity(tasks.len());
                 for task in &tasks {
                     answers.push(
-                        store
-                            .enqueue(
-                                &project,
-                                &queue,
-                                std::slice::from_ref(task),
-                                settings.max_size,
-                                retention,
-                            )
+                        store_tasks(store, queues, &project, &queue, std::slice::from_ref(task))
                             .await
                             .and_then(|mut one| {
                                 one.pop().ok_or_else(|| {
@@ -109,22 +97,40 @@ async fn enqueue_gathered(
     .await
 }
 
-/// A unary Complete's task id, lease token and result.
+/// Stores `tasks` in `queue` of `project`, all or none, under the queue's settings.
+async fn store_tasks(
+    store: &QueueStore,
+    queues: &Queues,
+    project: &str,
+    queue: &str,
+    tasks: &[NewTask],
+) -> Result<Vec<Enqueued>> {
+    let settings = queues.get(project, queue);
+    let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+    store
+        .enqueue(project, queue, tasks, settings.max_size, retention)
+        .await
+}
+
+/// A completion's task id, lease token and result.
 type Completing = (String, String, Vec<u8>);
 
-/// Completes unary Completes that arrived together: one complete script call per queue,
-/// each task judged on its own. Answers each task's run time (ms; `None` for a repeat).
+/// Completes tasks that arrived together (gathered unary Completes, or a Lease stream's):
+/// one complete script call per queue, each task judged on its own, with their metrics.
 async fn complete_gathered(
     store: &QueueStore,
     items: Vec<Addressed<Completing>>,
-) -> Vec<Result<Option<u64>>> {
+) -> Vec<Result<()>> {
     per_queue(items, |project, queue, items| async move {
         let batch: Vec<Completion<'_>> = items
             .iter()
             .map(|(id, token, result)| (id.as_str(), token.as_str(), result.as_slice()))
             .collect();
         match store.complete_many(&project, &queue, &batch).await {
-            Ok(outcomes) => outcomes,
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|outcome| outcome.map(|ran| completed(&queue, ran)))
+                .collect(),
             Err(err) => vec![Err(err); items.len()],
         }
     })
@@ -394,65 +400,58 @@ impl QueueService {
         token: &str,
         result: &[u8],
     ) -> Result<()> {
-        let Some(completer) = self
-            .completer
-            .as_ref()
-            .filter(|_| result.len() <= GATHER_ITEM_BYTES)
-        else {
-            return self
-                .complete_tasks(project, queue, &[(id, token, result)])
-                .await?
-                .pop()
-                .unwrap_or_else(|| Err(Error::Internal("complete: no answer".into())));
-        };
         check_result(result)?;
-        let ran = completer
-            .submit((
-                project.to_owned(),
-                queue.to_owned(),
-                (id.to_owned(), token.to_owned(), result.to_vec()),
-            ))
-            .await?;
-        completed(queue, ran);
-        Ok(())
+        let item = (
+            project.to_owned(),
+            queue.to_owned(),
+            (id.to_owned(), token.to_owned(), result.to_vec()),
+        );
+        match &self.completer {
+            Some(completer) if result.len() <= GATHER_ITEM_BYTES => completer.submit(item).await,
+            _ => complete_gathered(&self.store, vec![item])
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(Error::Internal("complete: no answer".into()))),
+        }
     }
 
-    /// Completes leased tasks of one queue in one store call (a Lease stream's completions
-    /// that arrived together), with their metrics; each is judged on its own.
-    pub(crate) async fn complete_tasks(
+    /// Completes a Lease stream's completions that arrived together (possibly of several
+    /// queues), each judged on its own: per completion, in order, its task id and outcome.
+    pub(crate) async fn complete_stream(
         &self,
         project: &str,
-        queue: &str,
-        items: &[Completion<'_>],
-    ) -> Result<Vec<Result<()>>> {
-        let mut answers = Vec::with_capacity(items.len());
-        let mut valid = Vec::with_capacity(items.len());
-        for item in items {
-            let checked = check_result(item.2);
-            if checked.is_ok() {
-                valid.push(*item);
-            }
-            answers.push(checked);
-        }
-        if valid.is_empty() {
-            return Ok(answers);
-        }
-        let mut outcomes = self
-            .store
-            .complete_many(project, queue, &valid)
-            .await?
-            .into_iter();
-        for answer in answers.iter_mut().filter(|a| a.is_ok()) {
-            *answer = match outcomes.next() {
-                Some(Ok(ran)) => {
-                    completed(queue, ran);
-                    Ok(())
+        completes: Vec<pb::CompleteTask>,
+    ) -> Vec<(String, Result<()>)> {
+        let mut answers = Vec::with_capacity(completes.len());
+        let mut valid = Vec::with_capacity(completes.len());
+        for c in completes {
+            let checked = validate_name(&c.queue, "complete.queue")
+                .and_then(|()| validate_task_id(&c.task_id, "complete.task_id"))
+                .and_then(|()| check_result(&c.result));
+            match checked {
+                Ok(()) => {
+                    answers.push((c.task_id.clone(), None));
+                    valid.push((
+                        project.to_owned(),
+                        c.queue,
+                        (c.task_id, c.lease_token, c.result),
+                    ));
                 }
-                Some(Err(err)) => Err(err),
-                None => Err(Error::Internal("complete: short answer".into())),
-            };
+                Err(err) => answers.push((c.task_id, Some(Err(err)))),
+            }
         }
-        Ok(answers)
+        let mut outcomes = complete_gathered(&self.store, valid).await.into_iter();
+        answers
+            .into_iter()
+            .map(|(id, answer)| {
+                let outcome = answer.unwrap_or_else(|| {
+                    outcomes
+                        .next()
+                        .unwrap_or_else(|| Err(Error::Internal("complete: short answer".into())))
+                });
+                (id, outcome)
+            })
+            .collect()
     }
 
     /// Fails a leased task's attempt (unary and stream), with its metrics.
@@ -610,13 +609,7 @@ impl QueueService {
                 .submit((project.to_owned(), queue.to_owned(), task.clone()))
                 .await
                 .map(|enqueued| vec![enqueued]),
-            _ => {
-                let settings = self.queues.get(project, queue);
-                let retention = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
-                self.store
-                    .enqueue(project, queue, tasks, settings.max_size, retention)
-                    .await
-            }
+            _ => store_tasks(&self.store, &self.queues, project, queue, tasks).await,
         };
         if let Ok(enqueued) = &result {
             self.wake_local(
