@@ -58,6 +58,46 @@ pub struct ServerArgs {
     /// anyway (e.g. 10s, 500ms).
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Threads running the event loop. 1: a single thread (tokio's current-thread scheduler),
+    /// the least CPU per call, as responses finished together leave in one socket write;
+    /// N > 1: tokio's work-stealing scheduler with N threads; 0: 1 on machines with up to 2
+    /// cores (Redis and the network stack keep the other), else one per core.
+    #[arg(long, env = "SLUICE_THREADS", value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub threads: u16,
+}
+
+impl ServerArgs {
+    /// The event-loop threads `--threads` asks for on this machine.
+    pub fn event_loop_threads(&self) -> usize {
+        event_loop_threads(self.threads)
+    }
+}
+
+/// What `--threads N` means here: N, or for 0 the default for this machine's core count.
+pub fn event_loop_threads(threads: u16) -> usize {
+    match threads {
+        0 => match std::thread::available_parallelism().map_or(1, std::num::NonZero::get) {
+            cores @ 3.. => cores,
+            _ => 1,
+        },
+        n => usize::from(n),
+    }
+}
+
+/// A tokio runtime with `threads` event-loop threads: the current-thread scheduler for 1, the
+/// work-stealing one otherwise. Either way there is a blocking pool and timers and I/O.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
 }
 
 /// How to reach Redis.

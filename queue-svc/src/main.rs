@@ -6,13 +6,12 @@ use queue_svc::{Config, SERVICE_NAME, config::DEFAULTS};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config: Config = sluice::config::parse(DEFAULTS).unwrap_or_else(|e| e.exit());
-    sluice::server::main(
+    let runtime = sluice::config::runtime(config.common.server.event_loop_threads())?;
+    runtime.block_on(sluice::server::main(
         SERVICE_NAME,
         &config.common.clone(),
         |listeners, shutdown| queue_svc::run(listeners, config, shutdown),
-    )
-    .await
+    ))
 }

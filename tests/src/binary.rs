@@ -136,6 +136,8 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         "--log",
         "--otlp-endpoint",
         "--service-name",
+        "--threads",
+        "SLUICE_THREADS",
         "SLUICE_LISTEN",
         "SLUICE_METRICS_LISTEN",
         "SLUICE_REDIS_URL",
@@ -143,37 +145,40 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         anyhow::ensure!(help.contains(option), "--help mentions {option}:\n{help}");
     }
 
-    let mut binary = Binary::start(path, &[]).await?;
-    let url = binary.url();
-    anyhow::ensure!(
-        crate::probe::health(&url, "").await? == crate::probe::SERVING,
-        "SERVING"
-    );
-    let standard = [
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-        "grpc.reflection.v1alpha.ServerReflection",
-    ];
-    for listed in [
-        crate::probe::reflection_v1(&url).await?,
-        crate::probe::reflection_v1alpha(&url).await?,
-    ] {
-        for expected in standard.iter().chain(services) {
-            anyhow::ensure!(
-                listed.iter().any(|s| s == expected),
-                "{expected} listed in {listed:?}"
-            );
+    // Both schedulers: one event-loop thread (the default on small machines) and several.
+    for threads in ["1", "2"] {
+        let mut binary = Binary::start(path, &["--threads", threads]).await?;
+        let url = binary.url();
+        anyhow::ensure!(
+            crate::probe::health(&url, "").await? == crate::probe::SERVING,
+            "SERVING"
+        );
+        let standard = [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        for listed in [
+            crate::probe::reflection_v1(&url).await?,
+            crate::probe::reflection_v1alpha(&url).await?,
+        ] {
+            for expected in standard.iter().chain(services) {
+                anyhow::ensure!(
+                    listed.iter().any(|s| s == expected),
+                    "{expected} listed in {listed:?}"
+                );
+            }
         }
+        binary.sigterm()?;
+        let started = tokio::time::Instant::now();
+        let code = binary.wait(Duration::from_secs(5)).await?;
+        anyhow::ensure!(
+            code == Some(0),
+            "--threads {threads}: exit code {code:?} after SIGTERM; log: {:?}",
+            binary.drain_log()
+        );
+        tracing::debug!(threads, elapsed = ?started.elapsed(), "stopped");
     }
-    binary.sigterm()?;
-    let started = tokio::time::Instant::now();
-    let code = binary.wait(Duration::from_secs(5)).await?;
-    anyhow::ensure!(
-        code == Some(0),
-        "exit code {code:?} after SIGTERM; log: {:?}",
-        binary.drain_log()
-    );
-    tracing::debug!(elapsed = ?started.elapsed(), "stopped");
     Ok(())
 }
 
