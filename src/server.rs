@@ -33,6 +33,8 @@ pub fn router(
     descriptor_sets: &[&'static [u8]],
     services: &[&str],
 ) -> Result<(Router, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
+    // Installed before any call is served: the per-call layer keeps the handles it gets.
+    metrics_handle();
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
         let mut builder = tonic_reflection::server::Builder::configure()
@@ -182,17 +184,28 @@ where
         // Logs take the caller's trace id from its `traceparent`; set when the span is made,
         // since recording a field later makes the JSON log layer rewrite the span's fields.
         let caller_trace = telemetry::trace_id_from_headers(request.headers()).unwrap_or("");
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = %path.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            trace_id = caller_trace,
-        );
         let exporting = telemetry::exporting();
+        let span = if exporting {
+            tracing::info_span!(
+                "grpc.server",
+                otel.name = %path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = %service,
+                rpc.method = %method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                trace_id = caller_trace,
+            )
+        } else {
+            // Only for the logs: each field is formatted when the span is made, on every call,
+            // so the span carries what a log line needs and no OpenTelemetry attributes.
+            tracing::info_span!(
+                "grpc.server",
+                rpc.service = %service,
+                rpc.method = %method,
+                trace_id = caller_trace,
+            )
+        };
         if exporting && !span.is_disabled() {
             // A malformed traceparent yields an empty context: the call starts a new trace.
             let _ = span.set_parent(telemetry::extract_from_headers(request.headers()));
@@ -221,14 +234,55 @@ where
                 if exporting {
                     tracing::Span::current().record("rpc.grpc.status_code", code.as_str());
                 }
-                metrics::counter!("sluice_grpc_requests_total", "method" => path.clone(), "code" => code)
-                    .increment(1);
-                metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path)
-                    .record(started.elapsed().as_secs_f64());
+                let elapsed = started.elapsed().as_secs_f64();
+                if code == "0" {
+                    CallMetrics::with(&path, |m| {
+                        m.ok.increment(1);
+                        m.duration.record(elapsed);
+                    });
+                } else {
+                    metrics::counter!("sluice_grpc_requests_total", "method" => path.clone(), "code" => code)
+                        .increment(1);
+                    metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path)
+                        .record(elapsed);
+                }
                 result
             }
             .instrument(span),
         )
+    }
+}
+
+/// The metric handles of one method's successful calls, kept per thread: looking a labelled
+/// metric up in the registry costs more than the update itself, on every call.
+struct CallMetrics {
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl CallMetrics {
+    /// Methods kept per thread; calls to others (a client probing unknown paths) look their
+    /// metrics up each time.
+    const MAX_METHODS: usize = 256;
+
+    fn with(path: &str, f: impl FnOnce(&Self)) {
+        thread_local! {
+            static KNOWN: std::cell::RefCell<std::collections::HashMap<Box<str>, CallMetrics>> =
+                std::cell::RefCell::default();
+        }
+        let lookup = || Self {
+            ok: metrics::counter!("sluice_grpc_requests_total", "method" => path.to_owned(), "code" => "0"),
+            duration: metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path.to_owned()),
+        };
+        KNOWN.with_borrow_mut(|known| {
+            if let Some(m) = known.get(path) {
+                f(m);
+            } else if known.len() < Self::MAX_METHODS {
+                f(known.entry(path.into()).or_insert_with(lookup));
+            } else {
+                f(&lookup());
+            }
+        });
     }
 }
 

@@ -86,7 +86,7 @@ impl Limit {
         limit: u64,
         window: Duration,
         burst: u64,
-        field: &str,
+        field: impl std::fmt::Display,
     ) -> Result<Self> {
         if limit == 0 {
             return Err(Error::invalid(
@@ -268,16 +268,16 @@ struct RuleSpec {
 }
 
 /// Validates a scope or policy name; errors name `field`.
-pub fn validate_name(value: &str, field: &str) -> Result<()> {
+pub fn validate_name(value: &str, field: impl std::fmt::Display) -> Result<()> {
     if value.is_empty() || value.len() > 64 {
         return Err(Error::invalid(
-            field,
+            field.to_string(),
             format!("must be 1 to 64 bytes, got {}", value.len()),
         ));
     }
     if !value.bytes().all(is_name_byte) {
         return Err(Error::invalid(
-            field,
+            field.to_string(),
             format!("`{value}` may use only A-Z a-z 0-9 _ . -"),
         ));
     }
@@ -347,7 +347,7 @@ impl Policies {
         };
         let mut scopes = HashMap::new();
         for (scope, policy) in &spec.scopes {
-            validate_name(scope, &format!("scopes.{scope}"))?;
+            validate_name(scope, format!("scopes.{scope}"))?;
             scopes.insert(scope.clone(), lookup(policy, &format!("scopes.{scope}"))?);
         }
         let mut endpoints = HashMap::new();

@@ -47,9 +47,9 @@ fn proto_duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-fn std_duration(d: &prost_types::Duration, field: &str) -> Result<Duration> {
+fn std_duration(d: &prost_types::Duration, field: impl std::fmt::Display) -> Result<Duration> {
     if d.seconds < 0 || d.nanos < 0 {
-        return Err(Error::invalid(field, "must not be negative"));
+        return Err(Error::invalid(field.to_string(), "must not be negative"));
     }
     Ok(Duration::new(
         d.seconds.unsigned_abs(),
@@ -57,11 +57,11 @@ fn std_duration(d: &prost_types::Duration, field: &str) -> Result<Duration> {
     ))
 }
 
-fn normalize_cost(cost: u64, field: &str) -> Result<u64> {
+fn normalize_cost(cost: u64, field: impl std::fmt::Display) -> Result<u64> {
     match cost {
         0 => Ok(1),
         c if c > MAX_COST => Err(Error::invalid(
-            field,
+            field.to_string(),
             format!("{c} is above the maximum of {MAX_COST}"),
         )),
         c => Ok(c),
@@ -73,13 +73,13 @@ fn counter_for(
     subject: &str,
     policy: &Arc<Policy>,
     cost: u64,
-    field: &str,
-    cost_field: &str,
+    field: impl std::fmt::Display,
+    cost_field: impl std::fmt::Display,
 ) -> Result<Resolved> {
     let limit = policy.limit;
     if cost > limit.capacity() {
         return Err(Error::invalid(
-            cost_field,
+            cost_field.to_string(),
             format!(
                 "{cost} is above {field}'s capacity of {}: such a request could never pass",
                 limit.capacity()
@@ -108,6 +108,25 @@ fn counter_for(
     })
 }
 
+/// An element of a repeated request field (`checks[2]`), as text only when shown.
+struct At(&'static str, usize);
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
+    }
+}
+
+/// A field under another (`parent` + `suffix`, e.g. `checks[0]` + `.inline`), as text only
+/// when shown.
+struct Field<'a>(&'a dyn std::fmt::Display, &'static str);
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.0, self.1)
+    }
+}
+
 /// Validates `checks` and finds each one's policy.
 fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<Resolved>> {
     if checks.is_empty() || checks.len() > MAX_CHECKS {
@@ -118,8 +137,9 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
     }
     let mut resolved: Vec<Resolved> = Vec::with_capacity(checks.len());
     for (i, check) in checks.iter().enumerate() {
-        let field = format!("checks[{i}]");
-        validate_name(&check.scope, &format!("{field}.scope"))?;
+        // Field names become text only in an error.
+        let field = Field(&At("checks", i), "");
+        validate_name(&check.scope, Field(&field, ".scope"))?;
         if check.subject.is_empty() || check.subject.len() > MAX_SUBJECT {
             return Err(Error::invalid(
                 format!("{field}.subject"),
@@ -134,7 +154,7 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
                 Error::NotFound(format!("{field}.policy: no policy named `{name}` in the limits file"))
             })?,
             Some(pb::check::Limit::Inline(inline)) => {
-                let inline_field = format!("{field}.inline");
+                let inline_field = Field(&field, ".inline");
                 let algorithm = Algorithm::from_proto(inline.algorithm).ok_or_else(|| {
                     Error::invalid(
                         format!("{inline_field}.algorithm"),
@@ -145,7 +165,7 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
                     .window
                     .as_ref()
                     .ok_or_else(|| Error::invalid(format!("{inline_field}.window"), "is required"))
-                    .and_then(|w| std_duration(w, &format!("{inline_field}.window")))?;
+                    .and_then(|w| std_duration(w, Field(&inline_field, ".window")))?;
                 Arc::new(Policy {
                     name: String::new(),
                     limit: Limit::new(algorithm, inline.limit, window, inline.burst, &inline_field)?,
@@ -163,7 +183,7 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
         let r = counter_for(&check.scope, &check.subject, &policy, cost, &field, "cost")?;
         if let Some(j) = resolved.iter().position(|p| p.counter.key == r.counter.key) {
             return Err(Error::invalid(
-                field,
+                field.to_string(),
                 format!("repeats checks[{j}]; send each counter once"),
             ));
         }
@@ -344,7 +364,7 @@ fn unit_of(window: Duration) -> rls::rate_limit_response::rate_limit::Unit {
     }
 }
 
-fn window_of(unit: i32, field: &str) -> Result<Duration> {
+fn window_of(unit: i32, field: impl std::fmt::Display) -> Result<Duration> {
     use rls::rate_limit_response::rate_limit::Unit;
     let secs = match Unit::try_from(unit) {
         Ok(Unit::Second) => 1,
@@ -356,7 +376,7 @@ fn window_of(unit: i32, field: &str) -> Result<Duration> {
         Ok(Unit::Year) => 365 * 86400,
         _ => {
             return Err(Error::invalid(
-                field,
+                field.to_string(),
                 format!("unit {unit} is not a known time unit"),
             ));
         }
@@ -405,7 +425,8 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
         let mut matched: Vec<(usize, Resolved)> = Vec::new();
         let mut impossible: Vec<(usize, Arc<Policy>)> = Vec::new();
         for (i, descriptor) in request.descriptors.iter().enumerate() {
-            let field = format!("descriptors[{i}]");
+            // Field names become text only in an error.
+            let field = At("descriptors", i);
             if descriptor.entries.is_empty() || descriptor.entries.len() > MAX_ENTRIES {
                 return Err(Error::invalid(
                     format!("{field}.entries"),
@@ -415,7 +436,7 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
             }
             let cost = normalize_cost(
                 descriptor.hits_addend.unwrap_or(request_cost),
-                &format!("{field}.hits_addend"),
+                Field(&field, ".hits_addend"),
             )?;
             let rule = rules.iter().find(|rule| {
                 rule.entries.len() == descriptor.entries.len()
@@ -447,9 +468,9 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                     limit: Limit::new(
                         rule.policy.limit.algorithm,
                         u64::from(over.requests_per_unit),
-                        window_of(over.unit, &format!("{field}.limit.unit"))?,
+                        window_of(over.unit, Field(&field, ".limit.unit"))?,
                         0,
-                        &format!("{field}.limit"),
+                        Field(&field, ".limit"),
                     )?,
                     shadow: rule.policy.shadow,
                     failure_mode: rule.policy.failure_mode,
@@ -462,10 +483,16 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
                 impossible.push((i, policy));
                 continue;
             }
-            let cost_field = format!("{field}.hits_addend");
             matched.push((
                 i,
-                counter_for("rls", &subject, &policy, cost, &field, &cost_field)?,
+                counter_for(
+                    "rls",
+                    &subject,
+                    &policy,
+                    cost,
+                    &field,
+                    Field(&field, ".hits_addend"),
+                )?,
             ));
         }
         let mut statuses: Vec<DescriptorStatus> = request
