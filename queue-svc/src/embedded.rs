@@ -9,8 +9,8 @@ use sluice::error::{Error, Result};
 use crate::model::{ErrorRecord, Record};
 use crate::queues::AutoRedrive;
 use crate::store::{
-    Completion, DEAD_SCAN, DeadOp, DeadPass, DeadSelector, Enqueued, FailOutcome, Full, Leased,
-    NewTask, Stats, no_room,
+    Completion, DEAD_SCAN, DeadOp, DeadPass, DeadSelector, Enqueued, Extended, FailOutcome, Full,
+    Lease, Leased, NewTask, Stats, no_room,
 };
 
 const MAX_ERRORS: usize = 10;
@@ -426,24 +426,28 @@ impl EmbeddedQueue {
         })
     }
 
-    /// See `RedisQueue::extend`.
-    pub fn extend(
+    /// See `RedisQueue::extend_many`.
+    pub fn extend_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
+        leases: &[Lease<'_>],
         by_ms: u64,
-    ) -> Result<(f64, bool)> {
+    ) -> Result<Vec<Result<Extended>>> {
         self.with(project, queue, |q, now| {
-            let mut task = q.leased_task(id, token, now)?;
-            q.unlease(&task);
-            let deadline = task.dl.map_or(0, ms).max(now + by_ms);
-            task.dl = Some(deadline as f64);
-            q.leased.insert((deadline, id.to_owned()));
-            let cancel = task.cr;
-            q.tasks.insert(id.to_owned(), task);
-            Ok((deadline as f64, cancel))
+            Ok(leases
+                .iter()
+                .map(|(id, token)| {
+                    let mut task = q.leased_task(id, token, now)?;
+                    q.unlease(&task);
+                    let deadline = task.dl.map_or(0, ms).max(now + by_ms);
+                    task.dl = Some(deadline as f64);
+                    q.leased.insert((deadline, (*id).to_owned()));
+                    let cancel = task.cr;
+                    q.tasks.insert((*id).to_owned(), task);
+                    Ok((deadline as f64, cancel))
+                })
+                .collect())
         })
     }
 

@@ -27,6 +27,8 @@ use crate::store::FailOutcome;
 
 /// Most credit a stream may hold.
 pub const MAX_CREDIT: u64 = 10_000;
+/// Most leases one heartbeat extends (the contract's bound on `Heartbeat.tasks`).
+pub const MAX_HEARTBEAT_TASKS: usize = 1000;
 /// How long a stream with credit waits for a wake-up before looking anyway, without Redis
 /// pub/sub wake-ups (the embedded store, or while the subscription is down).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
@@ -470,30 +472,57 @@ impl Stream {
                 self.publish();
             }
             Some(Kind::Heartbeat(h)) => {
+                if h.tasks.len() > MAX_HEARTBEAT_TASKS {
+                    return Err(Error::invalid(
+                        "heartbeat.tasks",
+                        format!(
+                            "at most {MAX_HEARTBEAT_TASKS} per heartbeat, got {}: send several",
+                            h.tasks.len()
+                        ),
+                    )
+                    .into());
+                }
                 let mut ack = pb::HeartbeatAck::default();
+                // Malformed entries are lost; the rest are extended with one call per queue.
+                let mut refs = Vec::with_capacity(h.tasks.len());
                 for t in h.tasks {
-                    let result = async {
-                        validate_name(&t.queue, "heartbeat.tasks.queue")?;
-                        validate_task_id(&t.task_id, "heartbeat.tasks.task_id")?;
-                        service
-                            .store()
-                            .extend(
-                                &self.project,
-                                &t.queue,
-                                &t.task_id,
-                                &t.lease_token,
-                                self.heartbeat_ms,
-                            )
-                            .await
+                    if validate_name(&t.queue, "heartbeat.tasks.queue").is_ok()
+                        && validate_task_id(&t.task_id, "heartbeat.tasks.task_id").is_ok()
+                    {
+                        refs.push(t);
+                    } else {
+                        ack.lost.push(t.task_id);
                     }
+                }
+                let by = self.heartbeat_ms;
+                let store = service.store();
+                let items = refs
+                    .iter()
+                    .map(|t| {
+                        let lease = (t.task_id.clone(), t.lease_token.clone());
+                        (self.project.clone(), t.queue.clone(), lease)
+                    })
+                    .collect();
+                let answers =
+                    crate::gather::per_queue(items, |project, queue, leases| async move {
+                        let leases: Vec<(&str, &str)> = leases
+                            .iter()
+                            .map(|(id, token)| (id.as_str(), token.as_str()))
+                            .collect();
+                        match store.extend_many(&project, &queue, &leases, by).await {
+                            Ok(answers) => answers,
+                            Err(err) => leases.iter().map(|_| Err(err.clone())).collect(),
+                        }
+                    })
                     .await;
-                    match result {
+                for (t, answer) in refs.into_iter().zip(answers) {
+                    match answer {
                         Ok((deadline, cancel_requested)) => {
                             if cancel_requested {
                                 let revoked = pb::Revoked {
                                     task_id: t.task_id.clone(),
                                     reason: "cancelled".into(),
-                                    queue: t.queue.clone(),
+                                    queue: t.queue,
                                 };
                                 if !self.send(pb::lease_response::Kind::Revoked(revoked)).await {
                                     return Ok(());

@@ -961,8 +961,10 @@ impl pb::queue_server::Queue for QueueService {
         }
         let (deadline, cancel_requested) = self
             .store
-            .extend(&r.project, &r.queue, &r.task_id, &r.lease_token, by)
-            .await?;
+            .extend_many(&r.project, &r.queue, &[(&r.task_id, &r.lease_token)], by)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("extend: no answer".into())))?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             deadline: Some(timestamp(deadline)),
             cancel_requested,

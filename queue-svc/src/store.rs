@@ -22,6 +22,10 @@ macro_rules! script {
 pub type Leased = (Record, Vec<u8>);
 /// One completion of a batch: task id, lease token, result.
 pub type Completion<'a> = (&'a str, &'a str, &'a [u8]);
+/// One lease of a batch: task id, lease token.
+pub type Lease<'a> = (&'a str, &'a str);
+/// An extended lease: its deadline (ms) and whether the task's cancellation was requested.
+pub type Extended = (f64, bool);
 /// A stored task with its payload and result.
 pub type Full = (Record, Vec<u8>, Vec<u8>);
 
@@ -408,28 +412,39 @@ impl RedisQueue {
         }
     }
 
-    /// Extends a live lease; returns (deadline ms, cancel requested).
-    pub async fn extend(
+    /// Extends live leases of one queue, each judged on its own: per lease its deadline (ms) and
+    /// whether its cancellation was requested, or why it was refused.
+    pub async fn extend_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
+        leases: &[Lease<'_>],
         by_ms: u64,
-    ) -> Result<(f64, bool)> {
-        let reply: Vec<redis::Value> = Self::call(&self.extend, project, queue)
-            .arg(id)
-            .arg(token)
-            .arg(by_ms)
-            .invoke(&self.pool)
-            .await?;
-        match text(reply.first(), "extend")?.as_str() {
-            "ok" => Ok((
-                number(reply.get(1), "extend")?,
-                number(reply.get(2), "extend")? == 1.0,
-            )),
-            _ => Err(status_error(&reply, "ExtendLease")),
+    ) -> Result<Vec<Result<Extended>>> {
+        let mut call = Self::call(&self.extend, project, queue)
+            .arg(leases.len())
+            .arg(by_ms);
+        for (id, token) in leases {
+            call = call.arg(*id).arg(*token);
         }
+        let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
+        if reply.len() != leases.len() * 3 {
+            return Err(Error::Internal(format!(
+                "extend: {} reply entries for {} tasks",
+                reply.len(),
+                leases.len()
+            )));
+        }
+        Ok(reply
+            .chunks(3)
+            .map(|entry| match text(entry.first(), "extend")?.as_str() {
+                "ok" => Ok((
+                    number(entry.get(1), "extend")?,
+                    number(entry.get(2), "extend")? == 1.0,
+                )),
+                _ => Err(status_error(entry, "ExtendLease")),
+            })
+            .collect())
     }
 
     /// One task with its payload and result.
@@ -769,16 +784,15 @@ impl QueueStore {
         )
     }
 
-    /// See [`RedisQueue::extend`].
-    pub async fn extend(
+    /// See [`RedisQueue::extend_many`].
+    pub async fn extend_many(
         &self,
         project: &str,
         queue: &str,
-        id: &str,
-        token: &str,
+        leases: &[Lease<'_>],
         by_ms: u64,
-    ) -> Result<(f64, bool)> {
-        delegate!(self, extend(project, queue, id, token, by_ms))
+    ) -> Result<Vec<Result<Extended>>> {
+        delegate!(self, extend_many(project, queue, leases, by_ms))
     }
 
     /// See [`RedisQueue::get`].

@@ -370,6 +370,92 @@ async fn completions_sent_together_are_judged_one_by_one(
     q.service.stop().await
 }
 
+/// A heartbeat over leases of two queues extends each valid lease on its own: a wrong token,
+/// an unknown task and a malformed id are reported lost, the rest extended and still leased;
+/// a heartbeat over more leases than the contract allows is refused, naming the field.
+async fn a_heartbeat_extends_each_lease_on_its_own(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    enqueue(&q, "ha", 3).await?;
+    enqueue(&q, "hb", 3).await?;
+    let mut w = Worker::subscribe(&q, &["ha", "hb"], "w-heartbeat").await?;
+    w.credits(6).await?;
+    let mut leases = Vec::new();
+    while leases.len() < 6 {
+        match w.next().await? {
+            Down::Task(lease) => leases.push(lease),
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let mut refs: Vec<pb::TaskRef> = leases
+        .iter()
+        .map(|lease| {
+            let task = lease.task.clone().unwrap_or_default();
+            pb::TaskRef {
+                queue: task.queue,
+                task_id: task.id,
+                lease_token: lease.lease_token.clone(),
+            }
+        })
+        .collect();
+    refs[1].lease_token = "not-the-token".into();
+    let unknown = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".to_owned();
+    refs.push(pb::TaskRef {
+        queue: "hb".into(),
+        task_id: unknown.clone(),
+        lease_token: "t".into(),
+    });
+    refs.push(pb::TaskRef {
+        queue: "ha".into(),
+        task_id: "nope".into(),
+        lease_token: "t".into(),
+    });
+    w.send(Up::Heartbeat(pb::Heartbeat {
+        tasks: refs.clone(),
+    }))
+    .await?;
+    let Down::HeartbeatAck(ack) = w.next().await? else {
+        anyhow::bail!("a heartbeat ack")
+    };
+    let mut lost = ack.lost.clone();
+    lost.sort();
+    let mut expected_lost = vec![refs[1].task_id.clone(), unknown, "nope".to_owned()];
+    expected_lost.sort();
+    assert_eq!(lost, expected_lost, "{ack:?}");
+    assert_eq!(ack.extended.len(), 5, "{ack:?}");
+    for extended in &ack.extended {
+        let lease = leases
+            .iter()
+            .find(|l| l.task.as_ref().is_some_and(|t| t.id == extended.task_id))
+            .ok_or_else(|| anyhow::anyhow!("extended a task it did not lease"))?;
+        let (before, after) = (
+            lease.deadline.unwrap_or_default(),
+            extended.deadline.unwrap_or_default(),
+        );
+        assert!(
+            (after.seconds, after.nanos) >= (before.seconds, before.nanos),
+            "a heartbeat never shortens a lease: {before:?} -> {after:?}"
+        );
+    }
+    let (ha, hb) = (q.stats("p", "ha").await?, q.stats("p", "hb").await?);
+    assert_eq!((ha.leased, hb.leased), (3, 3), "every lease still held");
+
+    let many = (0..1001).map(|_| refs[0].clone()).collect();
+    w.send(Up::Heartbeat(pb::Heartbeat { tasks: many })).await?;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), w.down.message()).await? {
+            Ok(Some(pb::LeaseResponse {
+                kind: Some(Down::Keepalive(_)),
+            })) => continue,
+            Ok(other) => anyhow::bail!("expected the stream to fail, got {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("heartbeat.tasks"), "{status:?}");
+    drop(w);
+    q.service.stop().await
+}
+
 macro_rules! on_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -396,7 +482,8 @@ macro_rules! on_stores {
 on_stores!(
     credits_bound_what_a_worker_holds,
     push_release_heartbeat_revoke_drain_and_broken_streams,
-    completions_sent_together_are_judged_one_by_one
+    completions_sent_together_are_judged_one_by_one,
+    a_heartbeat_extends_each_lease_on_its_own
 );
 
 /// A task enqueued on one instance reaches a worker streaming from another at once, through

@@ -30,6 +30,10 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// Most leases in one heartbeat (the contract's bound on `Heartbeat.tasks`); a worker holding
+/// more sends several.
+const MAX_HEARTBEAT_TASKS: usize = 1000;
+
 /// A queue client whose calls carry the caller's trace context.
 pub type Client = QueueClient<GrpcClientTrace<Channel>>;
 
@@ -348,11 +352,13 @@ async fn session<H: Handler>(
                 report(&mut client, &send, lost.is_some(), &options.project, queue, id, token, outcome).await;
             }
             _ = heartbeat.tick(), if !running.is_empty() && lost.is_none() => {
-                let refs = running
+                let refs: Vec<pb::TaskRef> = running
                     .iter()
                     .map(|(id, r)| pb::TaskRef { queue: r.queue.clone(), task_id: id.clone(), lease_token: r.token.clone() })
                     .collect();
-                send(Up::Heartbeat(pb::Heartbeat { tasks: refs })).await;
+                for tasks in refs.chunks(MAX_HEARTBEAT_TASKS) {
+                    send(Up::Heartbeat(pb::Heartbeat { tasks: tasks.to_vec() })).await;
+                }
             }
             () = shutdown.cancelled(), if !draining => {
                 tracing::info!(running = running.len(), "draining: taking no more tasks");
