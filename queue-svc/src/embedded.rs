@@ -10,7 +10,7 @@ use crate::model::{ErrorRecord, Record};
 use crate::queues::AutoRedrive;
 use crate::store::{
     Completion, DEAD_SCAN, DeadOp, DeadPass, DeadSelector, Enqueued, Extended, FailOutcome, Full,
-    Lease, Leased, NewTask, Stats, no_room,
+    Lease, Leased, NewTask, Retention, Stats, no_room,
 };
 
 const MAX_ERRORS: usize = 10;
@@ -558,8 +558,7 @@ impl EmbeddedQueue {
         project: &str,
         queue: &str,
         limit: u64,
-        retention_ms: u64,
-        dead_ms: u64,
+        retention: Option<Retention>,
     ) -> Result<(u64, u64, u64)> {
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         self.with(project, queue, |q, now| {
@@ -589,10 +588,15 @@ impl EmbeddedQueue {
             }
             let promoted = q.promote(now, limit);
             let mut removed = 0;
-            for (set, before) in [
-                (&mut q.done, now.saturating_sub(retention_ms)),
-                (&mut q.dead, now.saturating_sub(dead_ms)),
+            let Some(retention) = retention else {
+                return Ok((expired.len() as u64, promoted, removed));
+            };
+            for (set, keep) in [
+                (&mut q.done, retention.finished),
+                (&mut q.dead, retention.dead),
             ] {
+                let before =
+                    now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
                 let old: Vec<(u64, String)> = set
                     .iter()
                     .take_while(|(at, _)| *at <= before)

@@ -1,6 +1,8 @@
 //! The queue in Redis: one typed wrapper per script in `lua/`, each owning its argument order
 //! and checking its reply's shape.
 
+use std::time::Duration;
+
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
 use sluice::script::{Call, Script};
@@ -22,6 +24,14 @@ macro_rules! script {
 pub type Leased = (Record, Vec<u8>);
 /// One completion of a batch: task id, lease token, result.
 pub type Completion<'a> = (&'a str, &'a str, &'a [u8]);
+/// How long finished tasks and dead letters are kept, for a reaper pass that applies it.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Succeeded and cancelled tasks (and idempotency keys, which expire on their own clock).
+    pub finished: Duration,
+    /// Dead letters.
+    pub dead: Duration,
+}
 /// One lease of a batch: task id, lease token.
 pub type Lease<'a> = (&'a str, &'a str);
 /// An extended lease: its deadline (ms) and whether the task's cancellation was requested.
@@ -537,9 +547,12 @@ impl RedisQueue {
         project: &str,
         queue: &str,
         limit: u64,
-        retention_ms: u64,
-        dead_ms: u64,
+        retention: Option<Retention>,
     ) -> Result<(u64, u64, u64)> {
+        let (retention_ms, dead_ms) = retention.map_or((-1, -1), |r| {
+            let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            (ms(r.finished), ms(r.dead))
+        });
         let r: Vec<u64> = Self::call(&self.reap, project, queue)
             .arg(limit)
             .arg(retention_ms)
@@ -831,10 +844,9 @@ impl QueueStore {
         project: &str,
         queue: &str,
         limit: u64,
-        retention_ms: u64,
-        dead_ms: u64,
+        retention: Option<Retention>,
     ) -> Result<(u64, u64, u64)> {
-        delegate!(self, reap(project, queue, limit, retention_ms, dead_ms))
+        delegate!(self, reap(project, queue, limit, retention))
     }
 
     /// See [`RedisQueue::list_dead`].

@@ -591,6 +591,73 @@ async fn redrive_respects_max_size(url: Option<String>) -> anyhow::Result<()> {
     q.service.stop().await
 }
 
+/// Retention: a succeeded task is removed once the queue's retention has passed, and its
+/// idempotency key with it, so the same key then makes a new task.
+async fn finished_tasks_and_idempotency_keys_expire(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "[queues.short]\nretention = \"1s\"\n", &[]).await?;
+    let mut client = q.client.clone();
+    let mut task = spec("p", "short", b"x", pb::Priority::Normal);
+    task.idempotency_key = "once".into();
+    let first = client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(task.clone()),
+        })
+        .await?
+        .into_inner();
+    let lease = client
+        .dequeue(dequeue("p", "short", 1))
+        .await?
+        .into_inner()
+        .leases;
+    let [lease] = lease.as_slice() else {
+        anyhow::bail!("one lease, got {lease:?}")
+    };
+    client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "short".into(),
+            task_id: first.task_id.clone(),
+            lease_token: lease.lease_token.clone(),
+            result: vec![],
+        })
+        .await?;
+    let again = client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(task.clone()),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        again.duplicate,
+        "within retention the key answers the first task"
+    );
+    assert_eq!(again.task_id, first.task_id);
+
+    eventually(Duration::from_secs(10), "the finished task removed", || {
+        let mut client = client.clone();
+        let id = first.task_id.clone();
+        async move {
+            let status = client
+                .get_task(pb::GetTaskRequest {
+                    project: "p".into(),
+                    queue: "short".into(),
+                    task_id: id,
+                })
+                .await
+                .err()?;
+            (status.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await?;
+    let fresh = client
+        .enqueue(pb::EnqueueRequest { task: Some(task) })
+        .await?
+        .into_inner();
+    assert!(!fresh.duplicate, "after retention the key makes a new task");
+    assert_ne!(fresh.task_id, first.task_id);
+    q.service.stop().await
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -629,7 +696,8 @@ on_every_store!(
     lease_expiry_fences_the_old_holder,
     retries_follow_the_policy_then_dead_letters_and_redrive,
     auto_redrive_brings_back_transient_dead_letters,
-    redrive_respects_max_size
+    redrive_respects_max_size,
+    finished_tasks_and_idempotency_keys_expire
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,9 @@
 -- atomic and bounded by ARGV[1] tasks):
 --   expired leases fail as a timeout attempt (retried or dead-lettered);
 --   due scheduled tasks become ready;
---   finished tasks older than ARGV[2] ms, dead letters older than ARGV[3] ms and expired
---   idempotency keys are removed.
+--   unless ARGV[2] is -1 (the reaper applies retention on every tenth pass only): finished
+--   tasks older than ARGV[2] ms, dead letters older than ARGV[3] ms and expired idempotency
+--   keys are removed.
 -- Returns {expired, promoted, removed}.
 local limit, retention, dead_retention = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local expired = 0
@@ -28,11 +29,13 @@ local function drop(zset, before)
     removed = removed + 1
   end
 end
-drop(K_DONE, now - retention)
-drop(K_DEAD, now - dead_retention)
-for _, key in ipairs(redis.call('ZRANGEBYSCORE', K_IDEMX, '-inf', now, 'LIMIT', 0, limit)) do
-  redis.call('ZREM', K_IDEMX, key)
-  redis.call('HDEL', K_IDEM, key)
+if retention >= 0 then
+  drop(K_DONE, now - retention)
+  drop(K_DEAD, now - dead_retention)
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', K_IDEMX, '-inf', now, 'LIMIT', 0, limit)) do
+    redis.call('ZREM', K_IDEMX, key)
+    redis.call('HDEL', K_IDEM, key)
+  end
 end
 wake_streams()
 return { expired, promoted, removed }
