@@ -1096,6 +1096,8 @@ impl pb::queue_server::Queue for QueueService {
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
         let paused = self.store.set_paused(&r.project, &r.queue, false).await?;
+        // Its ready tasks can be leased again (Redis pub/sub announces them when it flows).
+        self.wake_local(256);
         Ok(Response::new(pb::ResumeQueueResponse { paused }))
     }
 

@@ -456,6 +456,39 @@ async fn a_heartbeat_extends_each_lease_on_its_own(url: Option<String>) -> anyho
     q.service.stop().await
 }
 
+/// A paused queue leases nothing to a waiting stream; resuming it wakes the stream at once
+/// (not at its next safety poll, 10 s while Redis pub/sub flows).
+async fn resuming_a_queue_wakes_its_idle_streams(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    let mut client = q.client.clone();
+    client
+        .pause_queue(pb::PauseQueueRequest {
+            project: "p".into(),
+            queue: "pz".into(),
+        })
+        .await?;
+    let mut w = Worker::subscribe(&q, &["pz"], "w-resume").await?;
+    w.credits(1).await?;
+    let ids = enqueue(&q, "pz", 1).await?;
+    let early = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    assert!(early.is_err(), "a paused queue leases nothing: {early:?}");
+    client
+        .resume_queue(pb::ResumeQueueRequest {
+            project: "p".into(),
+            queue: "pz".into(),
+        })
+        .await?;
+    let leased = tokio::time::timeout(Duration::from_secs(3), w.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("no lease within 3 s of ResumeQueue"))??;
+    let Down::Task(lease) = leased else {
+        anyhow::bail!("a task, got {leased:?}")
+    };
+    assert_eq!(lease.task.map(|t| t.id), ids.first().cloned());
+    drop(w);
+    q.service.stop().await
+}
+
 macro_rules! on_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -483,7 +516,8 @@ on_stores!(
     credits_bound_what_a_worker_holds,
     push_release_heartbeat_revoke_drain_and_broken_streams,
     completions_sent_together_are_judged_one_by_one,
-    a_heartbeat_extends_each_lease_on_its_own
+    a_heartbeat_extends_each_lease_on_its_own,
+    resuming_a_queue_wakes_its_idle_streams
 );
 
 /// A task enqueued on one instance reaches a worker streaming from another at once, through

@@ -2,7 +2,9 @@
 -- ARGV[1] n; ARGV[2] lease (ms; 0 = each task's processing timeout); ARGV[3] worker id;
 -- ARGV[4 ..] n lease tokens (made by the caller, one per possible lease).
 -- Returns a flat list: per leased task its record JSON (with its id) and its payload. A paused queue
--- leases nothing. Due scheduled tasks are promoted first, so delays hold to the millisecond.
+-- leases nothing. Due scheduled tasks are promoted first, so delays hold to the millisecond;
+-- when it leased all it asked for, some it promoted may still be ready, and are announced to
+-- the Lease streams.
 local n, lease, worker = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 if redis.call('HGET', K_META, 'paused') == '1' then return {} end
 promote(1000)
@@ -32,4 +34,5 @@ while leased < n and p <= 4 do
   end
   end
 end
+if leased >= n then wake_streams() end
 return out
