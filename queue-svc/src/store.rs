@@ -199,6 +199,32 @@ fn status_error(reply: &[redis::Value], what: &str) -> Error {
     }
 }
 
+/// The reply of a script that judges each task of a batch on its own: `width` entries per
+/// task, the first `ok` (the rest read by `accepted`) or why the task was refused (see
+/// [`status_error`]; `rpc` names the call in that message).
+fn judged<T>(
+    reply: &[redis::Value],
+    tasks: usize,
+    width: usize,
+    script: &str,
+    rpc: &str,
+    accepted: impl Fn(&[redis::Value]) -> Result<T>,
+) -> Result<Vec<Result<T>>> {
+    if reply.len() != tasks * width {
+        return Err(Error::Internal(format!(
+            "{script}: {} reply entries for {tasks} tasks",
+            reply.len()
+        )));
+    }
+    Ok(reply
+        .chunks(width)
+        .map(|entry| match text(entry.first(), script)?.as_str() {
+            "ok" => accepted(entry),
+            _ => Err(status_error(entry, rpc)),
+        })
+        .collect())
+}
+
 fn text(value: Option<&redis::Value>, what: &str) -> Result<String> {
     value
         .cloned()
@@ -370,20 +396,9 @@ impl RedisQueue {
             call = call.arg(*id).arg(*token).arg(*result);
         }
         let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
-        if reply.len() != items.len() * 2 {
-            return Err(Error::Internal(format!(
-                "complete: {} reply entries for {} tasks",
-                reply.len(),
-                items.len()
-            )));
-        }
-        Ok(reply
-            .chunks(2)
-            .map(|pair| match text(pair.first(), "complete")?.as_str() {
-                "ok" => Ok(u64::try_from(number(pair.get(1), "complete")? as i64).ok()),
-                _ => Err(status_error(pair, "Complete")),
-            })
-            .collect())
+        judged(&reply, items.len(), 2, "complete", "Complete", |entry| {
+            Ok(u64::try_from(number(entry.get(1), "complete")? as i64).ok())
+        })
     }
 
     /// Fails a leased task's attempt.
@@ -438,23 +453,12 @@ impl RedisQueue {
             call = call.arg(*id).arg(*token);
         }
         let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
-        if reply.len() != leases.len() * 3 {
-            return Err(Error::Internal(format!(
-                "extend: {} reply entries for {} tasks",
-                reply.len(),
-                leases.len()
-            )));
-        }
-        Ok(reply
-            .chunks(3)
-            .map(|entry| match text(entry.first(), "extend")?.as_str() {
-                "ok" => Ok((
-                    number(entry.get(1), "extend")?,
-                    number(entry.get(2), "extend")? == 1.0,
-                )),
-                _ => Err(status_error(entry, "ExtendLease")),
-            })
-            .collect())
+        judged(&reply, leases.len(), 3, "extend", "ExtendLease", |entry| {
+            Ok((
+                number(entry.get(1), "extend")?,
+                number(entry.get(2), "extend")? == 1.0,
+            ))
+        })
     }
 
     /// One task with its payload and result.
