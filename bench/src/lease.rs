@@ -722,6 +722,7 @@ fn produce(
     (tasks, rate): (u64, f64),
     (start, end): (Instant, Instant),
 ) -> anyhow::Result<(JoinSet<()>, u64, bool)> {
+    crate::driver::precise_sleeps();
     let mut in_flight = JoinSet::new();
     let mut dropped = 0;
     for seq in 0..tasks {
