@@ -54,13 +54,14 @@ pub struct Call<'s> {
 impl Call<'_> {
     /// Appends a key (KEYS[n]).
     pub fn key(mut self, key: impl ToRedisArgs) -> Self {
-        self.keys.extend(key.to_redis_args());
+        // Written in place: `to_redis_args` would allocate a list per key as well.
+        key.write_redis_args(&mut self.keys);
         self
     }
 
     /// Appends an argument (ARGV[n]); a value that encodes to several arguments adds them all.
     pub fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        self.args.extend(arg.to_redis_args());
+        arg.write_redis_args(&mut self.args);
         self
     }
 

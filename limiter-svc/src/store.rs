@@ -114,7 +114,8 @@ const BATCH_CALLS: usize = 4;
 struct Checks {
     counters: Vec<Counter>,
     mode: Mode,
-    nonce: String,
+    /// The request's number at this instance: its nonce is `<instance>.<seq>`.
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -129,40 +130,35 @@ impl RedisStore {
     /// tokio runtime), so concurrent requests share check calls.
     pub fn new(pool: RedisPool, batch: bool) -> Self {
         let check = Arc::new(Script::new("limiter.check", algorithm::CHECK_LUA));
+        let instance = uuid::Uuid::now_v7().simple().to_string();
         let batcher = (batch && !pool.is_cluster()).then(|| {
             let (pool, check) = (pool.clone(), Arc::clone(&check));
+            let instance: Arc<str> = instance.clone().into();
             Batcher::spawn(BATCH_REQUESTS, BATCH_CALLS, move |requests: Vec<Checks>| {
                 let (pool, check) = (pool.clone(), Arc::clone(&check));
-                async move { run_checks(&pool, &check, &requests).await }
+                let instance = Arc::clone(&instance);
+                async move { run_checks(&pool, &check, &instance, &requests).await }
             })
         });
         Self {
             pool,
             check,
             refund: Script::new("limiter.refund", algorithm::REFUND_LUA),
-            instance: uuid::Uuid::now_v7().simple().to_string(),
+            instance,
             sequence: AtomicU64::new(0),
             batcher,
         }
     }
 
-    /// A request-unique nonce naming the sliding-log members it adds.
-    fn nonce(&self) -> String {
-        format!(
-            "{}.{}",
-            self.instance,
-            self.sequence.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
     async fn evaluate(&self, counters: &[Counter], mode: Mode) -> Result<Evaluation> {
-        let nonce = self.nonce();
+        // Request-unique: the nonce `<instance>.<seq>` names the sliding-log members it adds.
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         if let Some(batcher) = &self.batcher {
             let reply = batcher
                 .submit(Checks {
                     counters: counters.to_vec(),
                     mode,
-                    nonce,
+                    seq,
                 })
                 .await?;
             return Ok(Evaluation {
@@ -171,7 +167,7 @@ impl RedisStore {
             });
         }
         if same_slot(counters) {
-            let reply = self.run_check(counters, mode, &nonce).await?;
+            let reply = self.run_check(counters, mode, seq).await?;
             return Ok(Evaluation {
                 allowed: reply.all,
                 verdicts: reply.verdicts,
@@ -187,12 +183,7 @@ impl RedisStore {
         let groups: Vec<Vec<usize>> = groups.into_values().collect();
         let calls = groups.iter().map(|indices| {
             let group: Vec<Counter> = indices.iter().map(|&i| counters[i].clone()).collect();
-            let nonce = &nonce;
-            async move {
-                self.run_check(&group, mode, nonce)
-                    .await
-                    .map(|r| (group, r))
-            }
+            async move { self.run_check(&group, mode, seq).await.map(|r| (group, r)) }
         });
         let replies = futures::future::join_all(calls).await;
         let mut verdicts: Vec<Option<Verdict>> = vec![None; counters.len()];
@@ -218,7 +209,7 @@ impl RedisStore {
         }
         if !all {
             for (indices, group, now) in consumed {
-                self.run_refund(&group, &nonce, now).await?;
+                self.run_refund(&group, seq, now).await?;
                 for (&i, counter) in indices.iter().zip(&group) {
                     if let Some(verdict) = verdicts[i].as_mut() {
                         // Refunded: report what is left without this request.
@@ -240,24 +231,29 @@ impl RedisStore {
         })
     }
 
-    async fn run_check(&self, counters: &[Counter], mode: Mode, nonce: &str) -> Result<SlotReply> {
+    async fn run_check(&self, counters: &[Counter], mode: Mode, seq: u64) -> Result<SlotReply> {
         let request = Checks {
             counters: counters.to_vec(),
             mode,
-            nonce: nonce.to_owned(),
+            seq,
         };
-        run_checks(&self.pool, &self.check, std::slice::from_ref(&request))
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(Error::Internal("limiter.check: no reply".into())))
+        run_checks(
+            &self.pool,
+            &self.check,
+            &self.instance,
+            std::slice::from_ref(&request),
+        )
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(Error::Internal("limiter.check: no reply".into())))
     }
 
-    async fn run_refund(&self, counters: &[Counter], nonce: &str, now: i64) -> Result<()> {
+    async fn run_refund(&self, counters: &[Counter], seq: u64, now: i64) -> Result<()> {
         let mut call = self.refund.call();
         for counter in counters {
             call = call.key(&counter.key);
         }
-        call = call.arg(nonce).arg(now);
+        call = call.arg(format!("{}.{seq}", self.instance)).arg(now);
         for c in counters {
             call = call
                 .arg(c.algorithm as u8)
@@ -281,35 +277,60 @@ impl RedisStore {
     }
 }
 
-/// One `check.lua` call for `requests`, each evaluated all or nothing in order.
+/// A limit as `check.lua` takes it: algorithm, limit, window (µs), burst, shadow.
+type LimitArgs = (u8, u64, u64, u64, bool);
+
+/// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
+/// nothing in order.
 async fn run_checks(
     pool: &RedisPool,
     check: &Script,
+    instance: &str,
     requests: &[Checks],
 ) -> Result<Vec<Result<SlotReply>>> {
     let mut call = check.call();
+    // Each distinct limit travels once; checks name it by its position (from 1).
+    let mut limits: Vec<LimitArgs> = Vec::new();
+    let mut positions: HashMap<LimitArgs, usize> = HashMap::new();
+    let mut per_check = Vec::new();
     for request in requests {
-        for counter in &request.counters {
-            call = call.key(&counter.key);
+        for c in &request.counters {
+            call = call.key(&c.key);
+            let limit = (
+                c.algorithm as u8,
+                c.params.limit as u64,
+                c.params.window as u64,
+                c.params.burst as u64,
+                c.shadow,
+            );
+            let position = *positions.entry(limit).or_insert_with(|| {
+                limits.push(limit);
+                limits.len()
+            });
+            per_check.push((position, c.params.cost as u64));
         }
     }
+    call = call.arg(instance).arg(limits.len());
+    for (algorithm, limit, window, burst, shadow) in limits {
+        call = call
+            .arg(algorithm)
+            .arg(limit)
+            .arg(window)
+            .arg(burst)
+            .arg(u8::from(shadow));
+    }
     call = call.arg(requests.len());
+    let mut checks = per_check.into_iter();
     for request in requests {
         call = call
             .arg(match request.mode {
-                Mode::Consume => "check",
-                Mode::Peek => "peek",
+                Mode::Consume => "c",
+                Mode::Peek => "p",
             })
-            .arg(&request.nonce)
+            .arg(request.seq)
             .arg(request.counters.len());
-        for c in &request.counters {
-            call = call
-                .arg(c.algorithm as u8)
-                .arg(c.params.limit as u64)
-                .arg(c.params.window as u64)
-                .arg(c.params.burst as u64)
-                .arg(c.params.cost as u64)
-                .arg(u8::from(c.shadow));
+        for (position, cost) in checks.by_ref().take(request.counters.len()) {
+            call = call.arg(position).arg(cost);
         }
     }
     let reply: Vec<i64> = call.invoke(pool).await?;

@@ -137,6 +137,82 @@ async fn cost_is_all_or_nothing_within_a_check(store: StoreKind) -> anyhow::Resu
     limiter.service.stop().await
 }
 
+/// Concurrent requests (which share script calls on standalone Redis) are judged one after
+/// another: the allowed ones' `remaining` values chain down from the limit by their costs, a
+/// denied one did not fit at its turn and took nothing, and two checks with different limits
+/// in one request are each charged. (On a cluster the two counters sit in different slots,
+/// which may see the requests in different orders and refund a denied request's units, so
+/// only the first counter's chain is in request order there; both end exact.)
+async fn concurrent_requests_are_judged_one_after_another(store: StoreKind) -> anyhow::Result<()> {
+    const COSTS: [u64; 16] = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1];
+    let mut limiter = Limiter::start(&store, LIMITS, &[]).await?;
+    for algorithm in ALGORITHMS {
+        let (small, large) = (subject("chain-small"), subject("chain-large"));
+        let hour = Duration::from_secs(3600);
+        let checks = move || {
+            vec![
+                inline_check("user", &small, algorithm, 10, hour, 0),
+                inline_check("project", &large, algorithm, 1000, hour, 0),
+            ]
+        };
+        let calls = COSTS.iter().map(|&cost| {
+            let mut client = limiter.client.clone();
+            let request = request(checks(), cost);
+            async move {
+                client
+                    .check_limit(request)
+                    .await
+                    .map(|r| (cost, r.into_inner()))
+            }
+        });
+        let answers = futures::future::try_join_all(calls).await?;
+        let mut allowed: Vec<(u64, u64)> = Vec::new();
+        for (cost, answer) in &answers {
+            let (a, b) = (&answer.results[0], &answer.results[1]);
+            assert!(
+                b.allowed,
+                "{algorithm:?}: the large limit never denies: {b:?}"
+            );
+            if answer.allowed {
+                allowed.push((a.remaining, *cost));
+            } else {
+                assert!(
+                    a.remaining < *cost,
+                    "{algorithm:?}: cost {cost} fitted in {a:?}"
+                );
+            }
+        }
+        allowed.sort_by_key(|&(remaining, _)| std::cmp::Reverse(remaining));
+        let mut small_left = 10;
+        for &(a, cost) in &allowed {
+            small_left -= cost;
+            assert_eq!(
+                a, small_left,
+                "{algorithm:?}: remaining after each allowed request, in order: {allowed:?}"
+            );
+        }
+        let large_left = 1000 - (10 - small_left);
+        assert!(
+            small_left < 3,
+            "{algorithm:?}: the denials left {small_left} unused"
+        );
+        let status = limiter
+            .client
+            .get_limit_status(pb::GetLimitStatusRequest {
+                checks: checks(),
+                cost: 1,
+            })
+            .await?
+            .into_inner();
+        assert_eq!(
+            (status.results[0].remaining, status.results[1].remaining),
+            (small_left, large_left),
+            "{algorithm:?}: denied requests consumed nothing"
+        );
+    }
+    limiter.service.stop().await
+}
+
 async fn a_denied_check_consumes_nothing_from_the_others(store: StoreKind) -> anyhow::Result<()> {
     let mut limiter = Limiter::start(&store, LIMITS, &[]).await?;
     // Different scopes and subjects: on the cluster these land in different slots.
@@ -354,6 +430,7 @@ macro_rules! suite {
 
 suite!(
     every_algorithm_admits_exactly_its_limit,
+    concurrent_requests_are_judged_one_after_another,
     cost_is_all_or_nothing_within_a_check,
     a_denied_check_consumes_nothing_from_the_others,
     status_reads_and_reset_clears,

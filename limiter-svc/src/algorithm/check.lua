@@ -2,10 +2,14 @@
 --
 -- KEYS     the requests' counter keys, request after request, check after check (on Redis
 --          Cluster every key of a call shares one hash slot).
--- ARGV[1]  number of requests R; then per request: mode ("check": consume when all its checks
---          pass; "peek": read only), nonce (unique per request; names the sliding-log members
---          it adds, so a refund can remove exactly them), number of checks n, then per check:
---          algorithm (1-5), limit, window (µs), burst, cost, shadow (1 = report only).
+-- ARGV[1]  nonce prefix: request r's nonce is `<prefix>.<seq of r>`; it names the
+--          sliding-log members r adds, so a refund can remove exactly them.
+-- ARGV[2]  number of limits L, then per limit: algorithm (1-5), limit, window (µs), burst,
+--          shadow (1 = report only). Checks name their limit by its position (1..L), so a
+--          limit many requests share travels once.
+-- then     number of requests R, then per request: mode (`c`: consume when all its checks
+--          pass; `p`: read only), seq, number of checks n, then per check: the position of
+--          its limit, cost.
 -- Returns  { now (µs), then per request: all_allowed (0/1), then per check: allowed, limit,
 --          remaining, reset_after (µs), retry_after (µs) }.
 --
@@ -14,58 +18,65 @@
 -- free; MULTI cannot branch on what it reads. Requests of one call are evaluated in order, each
 -- seeing what the ones before it consumed, exactly as separate calls in that order would. The
 -- clock is Redis's TIME, the same for every instance.
+--
+-- Its cost is most of Redis's work per check, so the loop keeps per-check tables out: an
+-- algorithm's peek returns its answer and commit's state as values, kept in arrays reused
+-- from request to request.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local reply = { now }
+local ceil = math.ceil
 
 -- Every algorithm is known before anything is consumed, so a bad one fails the call whole.
-local a = 2
-for _ = 1, tonumber(ARGV[1]) do
-  local n = tonumber(ARGV[a + 2])
-  a = a + 3
-  for _ = 1, n do
-    if not ALGORITHMS[tonumber(ARGV[a])] then
-      return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(ARGV[a]))
-    end
-    a = a + 6
+local limits, a = {}, 3
+for i = 1, tonumber(ARGV[2]) do
+  local algorithm = ALGORITHMS[tonumber(ARGV[a])]
+  if not algorithm then
+    return redis.error_reply('ERR sluice: unknown algorithm ' .. tostring(ARGV[a]))
   end
+  limits[i] = {
+    algorithm = algorithm,
+    limit = tonumber(ARGV[a + 1]),
+    window = tonumber(ARGV[a + 2]),
+    burst = tonumber(ARGV[a + 3]),
+    shadow = ARGV[a + 4] == '1',
+  }
+  a = a + 5
 end
 
-local k
-a, k = 2, 0
-
-for _ = 1, tonumber(ARGV[1]) do
-  local writable, nonce, n = ARGV[a] == 'check', ARGV[a + 1], tonumber(ARGV[a + 2])
+local reply, m, k = { now }, 1, 0
+-- Per check of the current request: its limit and cost, the peek's answer, commit's state.
+local ps, costs, allowed, limit, remaining, reset, retry, s1, s2, s3 = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
+local requests = tonumber(ARGV[a])
+a = a + 1
+for _ = 1, requests do
+  local writable, seq, n = ARGV[a] == 'c', ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
-  local checks, results, all = {}, {}, true
+  local all = true
   for i = 1, n do
-    local p = {
-      alg = tonumber(ARGV[a]),
-      limit = tonumber(ARGV[a + 1]),
-      window = tonumber(ARGV[a + 2]),
-      burst = tonumber(ARGV[a + 3]),
-      cost = tonumber(ARGV[a + 4]),
-      shadow = ARGV[a + 5] == '1',
-    }
-    a = a + 6
-    local r = ALGORITHMS[p.alg].peek(KEYS[k + i], now, p, writable)
-    r.limit = r.limit or p.limit
-    checks[i], results[i] = p, r
-    if r.allowed == 0 and not p.shadow then all = false end
+    local p, cost = limits[tonumber(ARGV[a])], tonumber(ARGV[a + 1])
+    a = a + 2
+    ps[i], costs[i] = p, cost
+    allowed[i], limit[i], remaining[i], reset[i], retry[i], s1[i], s2[i], s3[i] =
+      p.algorithm.peek(KEYS[k + i], now, p, cost, writable)
+    if allowed[i] == 0 and not p.shadow then all = false end
   end
 
-  reply[#reply + 1] = all and 1 or 0
+  m = m + 1
+  reply[m] = all and 1 or 0
+  local commit = writable and all
   for i = 1, n do
-    local p, r = checks[i], results[i]
-    if writable and all and r.allowed == 1 then
-      ALGORITHMS[p.alg].commit(KEYS[k + i], now, p, r, nonce)
-      r.remaining = math.max(0, r.remaining - p.cost)
+    local left, until_reset = remaining[i], reset[i]
+    if commit and allowed[i] == 1 then
+      until_reset = ps[i].algorithm.commit(KEYS[k + i], now, ps[i], costs[i], ARGV[1] .. '.' .. seq, s1[i], s2[i], s3[i])
+      left = left - costs[i]
+      if left < 0 then left = 0 end
     end
-    reply[#reply + 1] = r.allowed
-    reply[#reply + 1] = r.limit
-    reply[#reply + 1] = r.remaining
-    reply[#reply + 1] = math.max(0, math.ceil(r.reset))
-    reply[#reply + 1] = math.max(0, math.ceil(r.retry))
+    reply[m + 1] = allowed[i]
+    reply[m + 2] = limit[i]
+    reply[m + 3] = left
+    reply[m + 4] = until_reset > 0 and ceil(until_reset) or 0
+    reply[m + 5] = retry[i] > 0 and ceil(retry[i]) or 0
+    m = m + 5
   end
   k = k + n
 end

@@ -3,43 +3,35 @@
 -- TAT + cost*T - burst*T <= now (burst 0 = limit). Same admissions as a token bucket,
 -- in one number.
 -- Memory: one string per key.
--- p = { limit, window (µs), burst, cost }.
-local function gcra_burst(p)
-  if p.burst > 0 then return p.burst end
-  return p.limit
-end
-
+-- p = { limit, window (µs), burst }. peek returns the new TAT as commit's state.
 ALGORITHMS[5] = {
-  peek = function(key, now, p, writable)
-    local burst = gcra_burst(p)
+  peek = function(key, now, p, cost, writable)
+    local burst = p.burst
+    if burst <= 0 then burst = p.limit end
     local t = p.window / p.limit
-    local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-    local new_tat = tat + p.cost * t
+    local tat = tonumber(redis.call('GET', key)) or now
+    if tat < now then tat = now end
+    local new_tat = tat + cost * t
     local allow_at = new_tat - burst * t
-    local r = {
-      allowed = 0,
-      remaining = math.max(0, math.min(burst, math.floor((now - (tat - burst * t)) / t + 1e-9))),
-      retry = 0,
-      reset = math.ceil(tat - now),
-      new_tat = new_tat,
-      limit = burst,
-    }
+    local remaining = math.floor((now - (tat - burst * t)) / t + 1e-9)
+    if remaining > burst then remaining = burst end
+    if remaining < 0 then remaining = 0 end
+    local reset = math.ceil(tat - now)
     if allow_at <= now + 1e-6 then
-      r.allowed = 1
-    else
-      r.retry = math.ceil(allow_at - now)
+      return 1, burst, remaining, reset, 0, new_tat
     end
-    return r
+    return 0, burst, remaining, reset, math.ceil(allow_at - now), new_tat
   end,
-  commit = function(key, now, p, r, nonce)
-    r.reset = math.ceil(r.new_tat - now)
-    redis.call('SET', key, r.new_tat, 'PX', math.ceil(r.reset / 1000) + 1)
+  commit = function(key, now, p, cost, nonce, new_tat)
+    local reset = math.ceil(new_tat - now)
+    redis.call('SET', key, new_tat, 'PX', math.ceil(reset / 1000) + 1)
+    return reset
   end,
-  refund = function(key, now, p, nonce)
+  refund = function(key, now, p, cost, nonce)
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local t = p.window / p.limit
-      redis.call('SET', key, math.max(now, tat - p.cost * t), 'KEEPTTL')
+      redis.call('SET', key, math.max(now, tat - cost * t), 'KEEPTTL')
     end
   end,
 }

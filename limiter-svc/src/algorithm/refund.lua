@@ -10,12 +10,10 @@ local nonce, now = ARGV[1], tonumber(ARGV[2])
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 5
   local p = {
-    alg = tonumber(ARGV[b + 1]),
     limit = tonumber(ARGV[b + 2]),
     window = tonumber(ARGV[b + 3]),
     burst = tonumber(ARGV[b + 4]),
-    cost = tonumber(ARGV[b + 5]),
   }
-  ALGORITHMS[p.alg].refund(KEYS[i], now, p, nonce)
+  ALGORITHMS[tonumber(ARGV[b + 1])].refund(KEYS[i], now, p, tonumber(ARGV[b + 5]), nonce)
 end
 return #KEYS

@@ -2,7 +2,8 @@
 -- fixed window; the estimate weighs the previous count by the share of it still inside the
 -- sliding window: prev * (window - elapsed) / window + cur.
 -- Memory: one small hash (w, cur, prev) per key.
--- p = { limit, window (µs), burst (unused), cost }.
+-- p = { limit, window (µs), burst (unused) }. peek returns the window and both counts as
+-- commit's state.
 local function counter_state(key, now, p)
   local idx = math.floor(now / p.window)
   local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
@@ -18,41 +19,40 @@ local function counter_state(key, now, p)
 end
 
 ALGORITHMS[2] = {
-  peek = function(key, now, p, writable)
+  peek = function(key, now, p, cost, writable)
     local idx, cur, prev = counter_state(key, now, p)
     local start = idx * p.window
     local elapsed = now - start
     local estimate = prev * (p.window - elapsed) / p.window + cur
-    local r = { allowed = 0, remaining = math.max(0, math.floor(p.limit - estimate)), retry = 0, reset = 0 }
-    if estimate + p.cost <= p.limit then
-      r.allowed = 1
-    elseif cur + p.cost <= p.limit then
+    local allowed, retry, reset = 0, 0, 0
+    if estimate + cost <= p.limit then
+      allowed = 1
+    elseif cur + cost <= p.limit then
       -- Later in this window the previous count has decayed enough.
-      local e = p.window * (1 - (p.limit - cur - p.cost) / prev)
-      r.retry = math.ceil(start + e - now)
+      local e = p.window * (1 - (p.limit - cur - cost) / prev)
+      retry = math.ceil(start + e - now)
     else
       -- Next window: this window's count becomes the decaying previous one.
       local e = 0
-      if cur > 0 then e = math.max(0, p.window * (1 - (p.limit - p.cost) / cur)) end
-      r.retry = math.ceil(start + p.window + e - now)
+      if cur > 0 then e = math.max(0, p.window * (1 - (p.limit - cost) / cur)) end
+      retry = math.ceil(start + p.window + e - now)
     end
     if cur > 0 then
-      r.reset = start + 2 * p.window - now
+      reset = start + 2 * p.window - now
     elseif prev > 0 then
-      r.reset = start + p.window - now
+      reset = start + p.window - now
     end
-    r.idx, r.cur, r.prev = idx, cur, prev
-    return r
+    return allowed, p.limit, math.max(0, math.floor(p.limit - estimate)), reset, retry, idx, cur, prev
   end,
-  commit = function(key, now, p, r, nonce)
-    redis.call('HSET', key, 'w', r.idx, 'cur', r.cur + p.cost, 'prev', r.prev)
+  commit = function(key, now, p, cost, nonce, idx, cur, prev)
+    redis.call('HSET', key, 'w', idx, 'cur', cur + cost, 'prev', prev)
     redis.call('PEXPIRE', key, math.ceil(2 * p.window / 1000))
-    r.reset = r.idx * p.window + 2 * p.window - now
+    return idx * p.window + 2 * p.window - now
   end,
-  refund = function(key, now, p, nonce)
+  refund = function(key, now, p, cost, nonce)
     local idx = math.floor(now / p.window)
     if tonumber(redis.call('HGET', key, 'w')) == idx then
-      redis.call('HINCRBY', key, 'cur', -p.cost)
+      redis.call('HINCRBY', key, 'cur', -cost)
     end
   end,
 }

@@ -1,14 +1,14 @@
 -- Token bucket: holds up to `burst` tokens (burst 0 = limit), refilled continuously at
 -- `limit` tokens per `window`; a request takes `cost` tokens.
 -- Memory: one small hash (tokens, ts) per key.
--- p = { limit, window (µs), burst, cost }.
+-- p = { limit, window (µs), burst }. peek returns the tokens now as commit's state.
 local function bucket_capacity(p)
   if p.burst > 0 then return p.burst end
   return p.limit
 end
 
 ALGORITHMS[4] = {
-  peek = function(key, now, p, writable)
+  peek = function(key, now, p, cost, writable)
     local cap = bucket_capacity(p)
     local rate = p.limit / p.window -- tokens per µs
     local st = redis.call('HMGET', key, 'tokens', 'ts')
@@ -16,27 +16,26 @@ ALGORITHMS[4] = {
     if st[1] then
       tokens = math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * rate)
     end
-    local r = { allowed = 0, remaining = math.floor(tokens + 1e-9), retry = 0, reset = 0, tokens = tokens, limit = cap }
-    if tokens + 1e-9 >= p.cost then
-      r.allowed = 1
-    else
-      r.retry = math.ceil((p.cost - tokens) / rate)
+    local reset = 0
+    if tokens < cap then reset = math.ceil((cap - tokens) / rate) end
+    if tokens + 1e-9 >= cost then
+      return 1, cap, math.floor(tokens + 1e-9), reset, 0, tokens
     end
-    if tokens < cap then r.reset = math.ceil((cap - tokens) / rate) end
-    return r
+    return 0, cap, math.floor(tokens + 1e-9), reset, math.ceil((cost - tokens) / rate), tokens
   end,
-  commit = function(key, now, p, r, nonce)
+  commit = function(key, now, p, cost, nonce, tokens)
     local cap = bucket_capacity(p)
     local rate = p.limit / p.window
-    local left = r.tokens - p.cost
+    local left = tokens - cost
     redis.call('HSET', key, 'tokens', left, 'ts', now)
-    r.reset = math.ceil((cap - left) / rate)
-    redis.call('PEXPIRE', key, math.ceil(r.reset / 1000) + 1)
+    local reset = math.ceil((cap - left) / rate)
+    redis.call('PEXPIRE', key, math.ceil(reset / 1000) + 1)
+    return reset
   end,
-  refund = function(key, now, p, nonce)
+  refund = function(key, now, p, cost, nonce)
     local tokens = tonumber(redis.call('HGET', key, 'tokens'))
     if tokens then
-      redis.call('HSET', key, 'tokens', math.min(bucket_capacity(p), tokens + p.cost))
+      redis.call('HSET', key, 'tokens', math.min(bucket_capacity(p), tokens + cost))
     end
   end,
 }
