@@ -1050,10 +1050,36 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     let ids: HashSet<&str> = answers.iter().map(|a| a.task_id.as_str()).collect();
     assert_eq!(ids.len(), 1, "one task for one key: {ids:?}");
     assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
-    for (queue, expected) in [("ten", 10), ("idem", 1)] {
+    // Duplicates answer the first task's state, also when it is stored by the same script
+    // call: here three delayed tasks with one key in one batch.
+    let mut task = spec("", "", b"x", pb::Priority::Normal);
+    task.idempotency_key = "k2".into();
+    task.schedule = Some(pb::task_spec::Schedule::Delay(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    }));
+    let batch = q
+        .client
+        .clone()
+        .enqueue_batch(pb::EnqueueBatchRequest {
+            project: "p".into(),
+            queue: "later".into(),
+            tasks: vec![task; 3],
+        })
+        .await?
+        .into_inner()
+        .results;
+    let duplicates: Vec<bool> = batch.iter().map(|r| r.duplicate).collect();
+    assert_eq!(duplicates, [false, true, true], "{batch:?}");
+    for answer in &batch {
+        assert_eq!(answer.task_id, batch[0].task_id);
+        assert_eq!(answer.state(), pb::TaskState::Scheduled, "{answer:?}");
+    }
+    for (queue, expected) in [("ten", 10), ("idem", 1), ("later", 0)] {
         let stats = q.stats("p", queue).await?;
         assert_eq!(stats.ready, expected, "{queue}");
     }
+    assert_eq!(q.stats("p", "later").await?.scheduled, 1);
     q.service.stop().await
 }
 

@@ -46,6 +46,19 @@ local function encode(task)
   return cjson.encode(task)
 end
 
+-- Sends `command key args...` for a flat list of arguments gathered by a batch (field-value
+-- or score-member pairs), in chunks of 1,000: Lua's unpack has a stack limit. Nothing for an
+-- empty list.
+local function send_all(command, key, args)
+  local n = #args
+  local i = 1
+  while i <= n do
+    local j = math.min(n, i + 999)
+    redis.call(command, key, unpack(args, i, j))
+    i = j + 1
+  end
+end
+
 -- Ready tasks in all priority lists.
 local function ready_count()
   local n = 0

@@ -31,33 +31,69 @@ if max_size > 0 then
   local size = ready_count() + redis.call('ZCARD', K_SCHED) + redis.call('ZCARD', K_LEASED)
   if size + fresh > max_size then return { 'full', size } end
 end
-local reply = { 'ok' }
+-- The writes are gathered and sent as one command per key, not three or four per task.
+local reply, stored, created = { 'ok' }, {}, {}
+local payloads, ready, sched, idem, idemx = {}, {}, {}, {}, {}
 for i = 1, n do
   local p = plan[i]
   if p.dup then
-    local dup = load(p.dup)
+    local state = created[p.dup]
+    if not state then
+      local dup = load(p.dup)
+      state = (dup and dup.st) or 'ready'
+    end
     reply[#reply + 1] = p.dup
     reply[#reply + 1] = 1
-    reply[#reply + 1] = (dup and dup.st) or 'ready'
+    reply[#reply + 1] = state
   else
     local task = p.task
+    local id = task.id
     task.enq = now
     task.att = 0
-    redis.call('HSET', K_PAYLOADS, task.id, p.payload)
+    payloads[#payloads + 1] = id
+    payloads[#payloads + 1] = p.payload
     local at = 0
     if p.nb > 0 then at = p.nb end
     if p.delay > 0 then at = now + p.delay end
-    if at > now then schedule(task, at) else make_ready(task) end
-    save(task)
-    if task.idem then
-      redis.call('HSET', K_IDEM, task.idem, task.id)
-      redis.call('ZADD', K_IDEMX, now + idem_ttl, task.idem)
+    if at > now then
+      task.st = 'scheduled'
+      task.sch = at
+      sched[#sched + 1] = at
+      sched[#sched + 1] = id
+    else
+      task.st = 'ready'
+      local list = ready[task.p]
+      if not list then
+        list = {}
+        ready[task.p] = list
+      end
+      list[#list + 1] = id
+      made_ready = made_ready + 1
     end
-    reply[#reply + 1] = task.id
+    -- As save() stores it: the id is the hash field.
+    task.id = nil
+    stored[#stored + 1] = id
+    stored[#stored + 1] = cmsgpack.pack(task)
+    created[id] = task.st
+    if task.idem then
+      idem[#idem + 1] = task.idem
+      idem[#idem + 1] = id
+      idemx[#idemx + 1] = now + idem_ttl
+      idemx[#idemx + 1] = task.idem
+    end
+    reply[#reply + 1] = id
     reply[#reply + 1] = 0
     reply[#reply + 1] = task.st
   end
 end
+send_all('HSET', K_PAYLOADS, payloads)
+send_all('HSET', K_TASKS, stored)
+for priority = 0, 4 do
+  if ready[priority] then send_all('RPUSH', ready_key(priority), ready[priority]) end
+end
+send_all('ZADD', K_SCHED, sched)
+send_all('HSET', K_IDEM, idem)
+send_all('ZADD', K_IDEMX, idemx)
 if fresh > 0 then count('enqueued', fresh) end
 wake_streams()
 return reply
