@@ -313,7 +313,53 @@ async fn shadow_policies_report_and_never_deny(store: StoreKind) -> anyhow::Resu
         shadow_denials, 2,
         "the third and fourth would have been denied"
     );
+    // An enforced denial, and an inline limit (counted as policy "inline").
+    for expected in [true, false] {
+        let r = limiter
+            .client
+            .check_limit(request(vec![policy_check("api_key", &who, "one")], 1))
+            .await?
+            .into_inner();
+        assert_eq!(r.allowed, expected);
+    }
+    let hour = Duration::from_secs(3600);
+    let inline = inline_check("endpoint", &who, pb::Algorithm::Gcra, 5, hour, 0);
+    limiter.client.check_limit(request(vec![inline], 1)).await?;
+    // Each test runs in its own process (nextest), so these counts are this test's.
+    for (labels, expected) in [
+        (["watch", "user", "allowed", "store"], 2),
+        (["watch", "user", "shadow_denied", "store"], 2),
+        (["ten", "ip", "allowed", "store"], 4),
+        (["one", "api_key", "allowed", "store"], 1),
+        (["one", "api_key", "denied", "store"], 1),
+        (["inline", "endpoint", "allowed", "store"], 1),
+    ] {
+        assert_eq!(checks_counted(labels), expected, "{labels:?}");
+    }
     limiter.service.stop().await
+}
+
+/// `sluice_limiter_checks_total{policy, scope, decision, source}` as this process's
+/// `/metrics` renders it.
+fn checks_counted(labels: [&str; 4]) -> u64 {
+    let names = ["policy", "scope", "decision", "source"];
+    let text = sluice::server::metrics_handle().render();
+    text.lines()
+        .filter_map(|line| line.strip_prefix("sluice_limiter_checks_total{"))
+        .filter_map(|rest| rest.split_once("} "))
+        .filter(|(set, _)| {
+            let mut set: Vec<&str> = set.split(',').collect();
+            set.sort_unstable();
+            let mut want: Vec<String> = names
+                .iter()
+                .zip(labels)
+                .map(|(name, value)| format!("{name}=\"{value}\""))
+                .collect();
+            want.sort_unstable();
+            set == want
+        })
+        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+        .sum()
 }
 
 async fn defaults_and_endpoint_tiers_apply_without_a_policy(
