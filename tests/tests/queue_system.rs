@@ -1231,3 +1231,107 @@ async fn a_filtered_redrive_pages_through_many_dead_letters() -> anyhow::Result<
     assert!(err.message().starts_with("page_token"), "{err:?}");
     q.service.stop().await
 }
+
+/// The queue's metrics count what happened to tasks: enqueues, leases, completions, failures
+/// by category, retries, dead letters, wait and run times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happens_to_tasks() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // (The harness runs the reaper every 100 ms.)
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
+    for i in 0..3 {
+        let task = spec("p", "m", format!("t{i}").as_bytes(), pb::Priority::Normal);
+        q.client
+            .enqueue(pb::EnqueueRequest { task: Some(task) })
+            .await?;
+    }
+    let leases = q
+        .client
+        .dequeue(dequeue("p", "m", 3))
+        .await?
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 3);
+    let id = |i: usize| {
+        leases[i]
+            .task
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_default()
+    };
+    q.client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "m".into(),
+            task_id: id(0),
+            lease_token: leases[0].lease_token.clone(),
+            result: Vec::new(),
+        })
+        .await?;
+    for (i, category) in [
+        (1, pb::FailureCategory::Transient),
+        (2, pb::FailureCategory::Permanent),
+    ] {
+        q.client
+            .fail(pb::FailRequest {
+                project: "p".into(),
+                queue: "m".into(),
+                task_id: id(i),
+                lease_token: leases[i].lease_token.clone(),
+                message: "boom".into(),
+                category: category.into(),
+                retryable: None,
+            })
+            .await?;
+    }
+    // Each test runs in its own process (nextest), so these counts are this test's.
+    let text = sluice::server::metrics_handle().render();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series))
+            .filter_map(|rest| rest.trim().parse::<f64>().ok())
+            .sum()
+    };
+    for (series, expected) in [
+        ("sluice_queue_enqueued_total{queue=\"m\"}", 3.0),
+        ("sluice_queue_completed_total{queue=\"m\"}", 1.0),
+        (
+            "sluice_queue_failed_total{queue=\"m\",category=\"transient\"}",
+            1.0,
+        ),
+        (
+            "sluice_queue_failed_total{queue=\"m\",category=\"permanent\"}",
+            1.0,
+        ),
+        ("sluice_queue_retries_total{queue=\"m\"}", 1.0),
+        ("sluice_queue_dead_lettered_total{queue=\"m\"}", 1.0),
+        ("sluice_queue_task_wait_seconds_count{queue=\"m\"}", 3.0),
+        ("sluice_queue_task_run_seconds_count{queue=\"m\"}", 1.0),
+    ] {
+        assert_eq!(value(series), expected, "{series}\n{text}");
+    }
+    // Depth gauges come from the reaper's passes: nothing leased, one dead, and the retried
+    // task scheduled (or ready, if its jittered backoff was that short).
+    let depth = |state: &str, priority: &str| {
+        let series = format!(
+            "sluice_queue_depth{{project=\"p\",queue=\"m\",state=\"{state}\",priority=\"{priority}\"}}"
+        );
+        let text = sluice::server::metrics_handle().render();
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series.as_str()))
+            .find_map(|rest| rest.trim().parse::<f64>().ok())
+    };
+    eventually(Duration::from_secs(5), "the depth gauges", || async {
+        let (Some(leased), Some(dead), Some(scheduled), Some(ready)) = (
+            depth("leased", "all"),
+            depth("dead", "all"),
+            depth("scheduled", "all"),
+            depth("ready", "normal"),
+        ) else {
+            return None;
+        };
+        (leased == 0.0 && dead == 1.0 && scheduled + ready == 1.0).then_some(())
+    })
+    .await?;
+    q.service.stop().await
+}
