@@ -1294,6 +1294,7 @@ async fn metrics_count_what_happens_to_tasks() -> anyhow::Result<()> {
     };
     for (series, expected) in [
         ("sluice_queue_enqueued_total{queue=\"m\"}", 3.0),
+        ("sluice_queue_leased_total ", 3.0),
         ("sluice_queue_completed_total{queue=\"m\"}", 1.0),
         (
             "sluice_queue_failed_total{queue=\"m\",category=\"transient\"}",
