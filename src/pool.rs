@@ -227,6 +227,23 @@ impl std::fmt::Debug for RedisPool {
     }
 }
 
+/// Socket options of every connection to Redis: TCP_NODELAY, so that a command written while
+/// an earlier one is unanswered leaves at once. (The client's default leaves Nagle's algorithm
+/// on, which holds such a write until the earlier segment is acknowledged: calls meant to
+/// overlap on one connection would go one after another.)
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
+/// `url` parsed, with [`tcp_settings`].
+fn connection_info(url: &str) -> Result<redis::ConnectionInfo> {
+    use redis::IntoConnectionInfo as _;
+    Ok(url
+        .into_connection_info()
+        .map_err(|e| Error::invalid("redis-url", e.to_string()))?
+        .set_tcp_settings(tcp_settings()))
+}
+
 impl RedisPool {
     /// Builds the pool without dialling: a service starts while Redis is down and reports
     /// itself degraded until the first connection succeeds.
@@ -239,9 +256,10 @@ impl RedisPool {
         };
         let (backend, cluster) = match Topology::parse(&config.url)? {
             Topology::Standalone(url) => {
+                let info = connection_info(&url)?;
                 let client = match &config.tls_ca {
-                    Some(_) => redis::Client::build_with_tls(url.as_str(), certs()),
-                    None => redis::Client::open(url.as_str()),
+                    Some(_) => redis::Client::build_with_tls(info, certs()),
+                    None => redis::Client::open(info),
                 }
                 .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
                 let conn_config = redis::AsyncConnectionConfig::new()
@@ -265,6 +283,7 @@ impl RedisPool {
                     }
                 }
                 let client = builder
+                    .tcp_settings(tcp_settings())
                     .connection_timeout(config.connect_timeout)
                     .response_timeout(config.command_timeout)
                     .retries(2)
@@ -351,15 +370,16 @@ async fn subscribe_on(
     url: &str,
     channel: &str,
 ) -> Result<redis::aio::PubSubStream> {
+    let info = connection_info(url)?;
     let client = match &config.tls_ca {
         Some(ca) => redis::Client::build_with_tls(
-            url,
+            info,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(ca.clone()),
             },
         ),
-        None => redis::Client::open(url),
+        None => redis::Client::open(info),
     }
     .map_err(|e| Error::invalid("redis-url", e.to_string()))?;
     let mut pubsub = tokio::time::timeout(config.connect_timeout, client.get_async_pubsub())
@@ -387,6 +407,17 @@ pub fn from_args(args: &crate::config::RedisArgs) -> Result<Option<RedisPool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_disable_nagle() -> Result<()> {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://:pw@redis.internal:6380/0",
+        ] {
+            assert!(connection_info(url)?.tcp_settings().nodelay(), "{url}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn parses_standalone_and_cluster_urls() {
