@@ -365,6 +365,7 @@ impl Stream {
                     Some(false) => {}
                 }
             }
+            let _waiting = hungry.then(|| Waiting::new(&wake));
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
@@ -663,6 +664,29 @@ pub struct StreamState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Redis pub/sub wake-ups are flowing.
     pub pushed: std::sync::atomic::AtomicBool,
+    /// Streams now waiting for work (with credit, nothing to deliver). The instance listens
+    /// for Redis wake-ups only while some have waited lately.
+    pub waiting: AtomicU64,
+    /// Signalled when a stream starts waiting, for the wake-up listener.
+    pub wanted: tokio::sync::Notify,
+}
+
+/// Counts a stream as waiting for work for as long as it lives.
+struct Waiting<'a>(&'a StreamState);
+
+impl<'a> Waiting<'a> {
+    fn new(state: &'a StreamState) -> Self {
+        // Counted before the signal, so the listener that takes the signal sees the count.
+        state.waiting.fetch_add(1, Ordering::SeqCst);
+        state.wanted.notify_one();
+        Self(state)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl StreamState {
@@ -674,6 +698,8 @@ impl StreamState {
             instance: instance_id(),
             shutdown,
             pushed: std::sync::atomic::AtomicBool::new(false),
+            waiting: AtomicU64::new(0),
+            wanted: tokio::sync::Notify::new(),
         })
     }
 }

@@ -57,6 +57,11 @@ pub struct QueueService {
     completer: Option<Arc<Batcher<Addressed<Completing>, ()>>>,
 }
 
+/// How long the instance keeps listening for Redis wake-ups after its last stream stopped
+/// waiting for work, and how often it checks.
+const WAKE_LINGER: Duration = Duration::from_secs(10);
+const WAKE_CHECK: Duration = Duration::from_secs(1);
+
 /// Most single-task Enqueues (and unary Completes) in one gathering, and gatherings stored
 /// at once. Payloads and results larger than `GATHER_ITEM_BYTES` go alone, so a gathered
 /// script call carries at most 4 MiB of them.
@@ -333,33 +338,63 @@ impl QueueService {
     /// Receives the wake-ups every instance's scripts publish, and wakes this instance's
     /// streams; resubscribes after a lost connection (on a cluster, to whichever seed node
     /// answers). Returns at shutdown.
+    ///
+    /// It listens only while some stream of this instance waits for work, and for
+    /// [`WAKE_LINGER`] after the last one stopped: a wake-up published to no subscriber costs
+    /// Redis nothing more, while one delivered is a socket write and a read here per script
+    /// call (with busy workers or none, most of them). A stream that starts waiting while the
+    /// instance is not listening gets it subscribed; once subscribed, every stream looks once
+    /// more, so a task made ready in between is not missed.
     pub async fn listen_for_wakeups(self, redis: sluice::pool::RedisConfig) {
         use futures::StreamExt;
         use std::sync::atomic::Ordering;
         let shutdown = self.shutdown_token();
+        let waiting = || self.streams.waiting.load(Ordering::SeqCst);
         loop {
+            while waiting() == 0 {
+                tokio::select! {
+                    () = self.streams.wanted.notified() => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
             let subscription = tokio::select! {
                 s = sluice::pool::subscribe(&redis, "sluice:q:wake") => s,
                 () = shutdown.cancelled() => return,
             };
             match subscription {
                 Ok(mut messages) => {
-                    self.streams.pushed.store(true, Ordering::Relaxed);
+                    self.streams.pushed.store(true, Ordering::SeqCst);
                     // Anything made ready while unsubscribed is found by this look.
                     self.wake_for(256);
-                    loop {
+                    let mut check = tokio::time::interval(WAKE_CHECK);
+                    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut idle = Duration::ZERO;
+                    let lost = loop {
                         tokio::select! {
                             message = messages.next() => match message {
                                 Some(message) => {
                                     let tasks: usize = message.get_payload::<String>().ok().and_then(|n| n.parse().ok()).unwrap_or(1);
                                     self.wake_for(tasks);
                                 }
-                                None => break,
+                                None => break true,
                             },
+                            _ = check.tick() => {
+                                idle = if waiting() == 0 { idle + WAKE_CHECK } else { Duration::ZERO };
+                                if idle >= WAKE_LINGER {
+                                    break false;
+                                }
+                            }
                             () = shutdown.cancelled() => return,
                         }
+                    };
+                    drop(messages);
+                    // A stream that began waiting since the last check is counted in
+                    // `waiting`: the loop above subscribes again at once.
+                    self.streams.pushed.store(false, Ordering::SeqCst);
+                    if !lost {
+                        tracing::debug!("no stream waits for work; wake-ups unsubscribed");
+                        continue;
                     }
-                    self.streams.pushed.store(false, Ordering::Relaxed);
                     tracing::warn!("lost the Redis wake-up subscription; polling until it is back");
                 }
                 Err(err) => tracing::debug!(error = %err, "cannot subscribe to wake-ups yet"),

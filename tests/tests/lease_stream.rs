@@ -531,9 +531,10 @@ async fn a_task_enqueued_on_another_instance_is_pushed(
     let b = Queue::start(Some(&url), "", &[]).await?;
     let mut w = Worker::subscribe(&a, &["cross"], "w-cross").await?;
     w.credits(1).await?;
-    // Both instances listen on the wake-up channel: streams then poll only every 10 s, so
-    // delivery within the 5 s below is the push.
-    sluice_testkit::eventually(Duration::from_secs(10), "both instances subscribed", || {
+    // The instance whose stream waits for work listens on the wake-up channel: its streams
+    // then poll only every 10 s, so delivery within the 5 s below is the push. The other
+    // instance, with no stream, does not listen (a wake-up to no subscriber costs nothing).
+    let subscribers = || {
         let admins = admins.clone();
         async move {
             let mut subscribers = 0;
@@ -546,9 +547,17 @@ async fn a_task_enqueued_on_another_instance_is_pushed(
                     .ok()?;
                 subscribers += reply.1;
             }
-            (subscribers >= 2).then_some(())
+            Some(subscribers)
         }
-    })
+    };
+    sluice_testkit::eventually(
+        Duration::from_secs(10),
+        "the stream's instance subscribed",
+        || {
+            let subscribers = subscribers();
+            async move { (subscribers.await? >= 1).then_some(()) }
+        },
+    )
     .await?;
     // The stream started before the subscription: its first, 1 s, poll must have passed.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -575,6 +584,11 @@ async fn a_task_enqueued_on_another_instance_is_pushed(
         };
         w.credits(1).await?;
     }
+    assert_eq!(
+        subscribers().await,
+        Some(1),
+        "only the instance with a waiting stream listens"
+    );
     drop(w);
     a.service.stop().await?;
     b.service.stop().await
@@ -648,6 +662,59 @@ async fn list_workers_sees_the_workers_of_every_instance() -> anyhow::Result<()>
         || async { list("").await.ok()?.is_empty().then_some(()) },
     )
     .await?;
+    a.service.stop().await?;
+    b.service.stop().await
+}
+
+/// An instance listens for wake-ups only while a stream of its own waits for work (and a
+/// while after): once its last stream is gone it unsubscribes, and a new waiting stream gets
+/// it subscribed again and is pushed a task enqueued on another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_listens_for_wakeups_only_while_streams_wait() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let url = redis.url();
+    let a = Queue::start(Some(&url), "", &[]).await?;
+    let b = Queue::start(Some(&url), "", &[]).await?;
+    let subscribers = || {
+        let redis = &redis;
+        async move {
+            let mut admin = redis.client().await.ok()?;
+            let reply: (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("sluice:q:wake")
+                .query_async(&mut admin)
+                .await
+                .ok()?;
+            Some(reply.1)
+        }
+    };
+    let listening = |n: i64, what: &'static str| {
+        sluice_testkit::eventually(Duration::from_secs(15), what, move || {
+            let count = subscribers();
+            async move { (count.await? == n).then_some(()) }
+        })
+    };
+    // No stream anywhere: enqueues publish to no one.
+    enqueue(&b, "idle", 3).await?;
+    assert_eq!(subscribers().await, Some(0));
+    let w = Worker::subscribe(&a, &["idle2"], "w-idle").await?;
+    w.credits(1).await?;
+    listening(1, "the waiting stream's instance to subscribe").await?;
+    drop(w);
+    listening(0, "the instance to unsubscribe after its stream ended").await?;
+    let mut w = Worker::subscribe(&a, &["idle2"], "w-idle-again").await?;
+    w.credits(1).await?;
+    listening(1, "a new waiting stream to subscribe its instance again").await?;
+    // The stream's first wait may have begun before the subscription: past its 1 s poll,
+    // only the push delivers within the 5 s below (the subscribed poll is 10 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let id = enqueue(&b, "idle2", 1).await?.remove(0);
+    let got = tokio::time::timeout(Duration::from_secs(5), w.next()).await??;
+    let Down::Task(lease) = got else {
+        anyhow::bail!("a task, got {got:?}")
+    };
+    assert_eq!(lease.task.map(|t| t.id), Some(id));
+    drop(w);
     a.service.stop().await?;
     b.service.stop().await
 }
