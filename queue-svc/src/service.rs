@@ -387,10 +387,11 @@ impl QueueService {
                             () = shutdown.cancelled() => return,
                         }
                     };
-                    drop(messages);
-                    // A stream that began waiting since the last check is counted in
-                    // `waiting`: the loop above subscribes again at once.
+                    // Local enqueues wake local streams again from here on, before the
+                    // subscription ends. A stream that began waiting since the last check is
+                    // counted in `waiting`: the loop above subscribes again at once.
                     self.streams.pushed.store(false, Ordering::SeqCst);
+                    drop(messages);
                     if !lost {
                         tracing::debug!("no stream waits for work; wake-ups unsubscribed");
                         continue;
