@@ -253,8 +253,7 @@ where
     }
 }
 
-/// The metric handles of one method's successful calls, kept per thread: looking a labelled
-/// metric up in the registry costs more than the update itself, on every call.
+/// The metric handles of one method's successful calls, kept per thread.
 struct CallMetrics {
     ok: metrics::Counter,
     duration: metrics::Histogram,
@@ -267,22 +266,42 @@ impl CallMetrics {
 
     fn with(path: &str, f: impl FnOnce(&Self)) {
         thread_local! {
-            static KNOWN: std::cell::RefCell<std::collections::HashMap<Box<str>, CallMetrics>> =
+            static KNOWN: std::cell::RefCell<KeptHandles<CallMetrics>> =
                 std::cell::RefCell::default();
         }
         let lookup = || Self {
             ok: metrics::counter!("sluice_grpc_requests_total", "method" => path.to_owned(), "code" => "0"),
             duration: metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path.to_owned()),
         };
-        KNOWN.with_borrow_mut(|known| {
-            if let Some(m) = known.get(path) {
-                f(m);
-            } else if known.len() < Self::MAX_METHODS {
-                f(known.entry(path.into()).or_insert_with(lookup));
-            } else {
-                f(&lookup());
-            }
-        });
+        KNOWN.with_borrow_mut(|known| known.with(path, Self::MAX_METHODS, lookup, f));
+    }
+}
+
+/// Metric handles kept by key (their labels), for a thread-local: looking a labelled metric
+/// up in the registry costs more than the update itself, on every call.
+pub struct KeptHandles<T> {
+    by_key: std::collections::HashMap<Box<str>, T>,
+}
+
+impl<T> Default for KeptHandles<T> {
+    fn default() -> Self {
+        Self {
+            by_key: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<T> KeptHandles<T> {
+    /// Runs `f` on the handles kept for `key`, made by `make` the first time. Past `max` keys
+    /// (unbounded label values) the handles are made afresh each time and not kept.
+    pub fn with(&mut self, key: &str, max: usize, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
+        if let Some(handles) = self.by_key.get(key) {
+            f(handles);
+        } else if self.by_key.len() < max {
+            f(self.by_key.entry(key.into()).or_insert_with(make));
+        } else {
+            f(&make());
+        }
     }
 }
 

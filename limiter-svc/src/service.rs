@@ -8,6 +8,7 @@ use sluice::error::{Error, Result};
 use sluice::proto::envoy::config::core::v3::HeaderValue;
 use sluice::proto::envoy::service::ratelimit::v3 as rls;
 use sluice::proto::sluice::limiter::v1 as pb;
+use sluice::server::KeptHandles;
 use tonic::{Request, Response, Status};
 
 use crate::algorithm::{Algorithm, Params};
@@ -138,7 +139,7 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
     let mut resolved: Vec<Resolved> = Vec::with_capacity(checks.len());
     for (i, check) in checks.iter().enumerate() {
         // Field names become text only in an error.
-        let field = Field(&At("checks", i), "");
+        let field = At("checks", i);
         validate_name(&check.scope, Field(&field, ".scope"))?;
         if check.subject.is_empty() || check.subject.len() > MAX_SUBJECT {
             return Err(Error::invalid(
@@ -264,14 +265,13 @@ fn record_metrics(checks: &[Resolved], outcome: &Outcome) {
 }
 
 /// Adds one to `sluice_limiter_checks_total{policy, scope, decision, source}` (`labels` in
-/// that order). The handles are kept per thread, as the server keeps its call metrics:
-/// building four labels and looking them up in the registry cost more than the increment.
+/// that order), with handles kept per thread as the server keeps its call metrics.
 fn count_check(labels: [&str; 4]) {
     /// Label sets kept per thread; others (many custom scopes) are looked up each time.
     const MAX_KEPT: usize = 1024;
     thread_local! {
         /// A reused buffer for the lookup key, and the handles by key.
-        static KEPT: std::cell::RefCell<(String, std::collections::HashMap<Box<str>, metrics::Counter>)> =
+        static KEPT: std::cell::RefCell<(String, KeptHandles<metrics::Counter>)> =
             std::cell::RefCell::default();
     }
     let [policy, scope, decision, source] = labels;
@@ -290,15 +290,7 @@ fn count_check(labels: [&str; 4]) {
             key.push_str(label);
             key.push('\0');
         }
-        if let Some(counter) = kept.get(key.as_str()) {
-            counter.increment(1);
-        } else if kept.len() < MAX_KEPT {
-            kept.entry(key.as_str().into())
-                .or_insert_with(lookup)
-                .increment(1);
-        } else {
-            lookup().increment(1);
-        }
+        kept.with(key, MAX_KEPT, lookup, |counter| counter.increment(1));
     });
 }
 

@@ -74,6 +74,18 @@ impl Worker {
     async fn credits(&self, add: u32) -> anyhow::Result<()> {
         self.send(Up::Credits(pb::Credits { add })).await
     }
+
+    /// The next `n` messages, which must all be tasks.
+    async fn tasks(&mut self, n: usize) -> anyhow::Result<Vec<pb::TaskLease>> {
+        let mut leases = Vec::with_capacity(n);
+        while leases.len() < n {
+            match self.next().await? {
+                Down::Task(lease) => leases.push(lease),
+                other => anyhow::bail!("unexpected {other:?}"),
+            }
+        }
+        Ok(leases)
+    }
 }
 
 async fn enqueue(q: &Queue, queue: &str, n: usize) -> anyhow::Result<Vec<String>> {
@@ -308,13 +320,7 @@ async fn completions_sent_together_are_judged_one_by_one(
     enqueue(&q, "gb", 10).await?;
     let mut w = Worker::subscribe(&q, &["ga", "gb"], "w-gather").await?;
     w.credits(20).await?;
-    let mut leases = Vec::new();
-    while leases.len() < 20 {
-        match w.next().await? {
-            Down::Task(lease) => leases.push(lease),
-            other => anyhow::bail!("unexpected {other:?}"),
-        }
-    }
+    let leases = w.tasks(20).await?;
     // Every fourth with a wrong token, then a bad id, then a repeat of the first.
     let mut sent = Vec::new();
     for (i, lease) in leases.iter().enumerate() {
@@ -379,13 +385,7 @@ async fn a_heartbeat_extends_each_lease_on_its_own(url: Option<String>) -> anyho
     enqueue(&q, "hb", 3).await?;
     let mut w = Worker::subscribe(&q, &["ha", "hb"], "w-heartbeat").await?;
     w.credits(6).await?;
-    let mut leases = Vec::new();
-    while leases.len() < 6 {
-        match w.next().await? {
-            Down::Task(lease) => leases.push(lease),
-            other => anyhow::bail!("unexpected {other:?}"),
-        }
-    }
+    let leases = w.tasks(6).await?;
     let mut refs: Vec<pb::TaskRef> = leases
         .iter()
         .map(|lease| {
