@@ -1,6 +1,7 @@
 //! The queue in Redis: one typed wrapper per script in `lua/`, each owning its argument order
 //! and checking its reply's shape.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sluice::error::{Error, Result};
@@ -50,6 +51,47 @@ pub struct NewTask {
     pub not_before_ms: u64,
     /// After this delay (ms), or 0.
     pub delay_ms: u64,
+}
+
+/// A new task's record as `enqueue.lua` takes it: MessagePack, with the fields the service
+/// sets and the names `Record` gives them. The script appends the fields only it knows
+/// (enqueued at, attempts, state, scheduled for, a small payload) without decoding it; the id
+/// is the hash field and is not stored.
+#[derive(serde::Serialize)]
+struct NewRecord<'a> {
+    p: u8,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    ct: &'a str,
+    max: u32,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    hd: &'a HashMap<String, String>,
+    to: u64,
+    #[serde(skip_serializing_if = "<[u64]>::is_empty")]
+    dly: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rp: Option<&'a crate::model::RetryPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idem: Option<&'a str>,
+}
+
+impl<'a> NewRecord<'a> {
+    fn of(r: &'a Record) -> Self {
+        Self {
+            p: r.p,
+            ct: &r.ct,
+            max: r.max,
+            hd: &r.hd,
+            to: r.to,
+            dly: &r.dly,
+            rp: r.rp.as_ref(),
+            idem: r.idem.as_deref(),
+        }
+    }
+
+    /// A MessagePack map (at most 8 entries: a fixmap, as the script requires).
+    fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|e| Error::Internal(format!("task record: {e}")))
+    }
 }
 
 /// What Enqueue did for one task.
@@ -324,13 +366,15 @@ impl RedisQueue {
             .arg(idempotency_ms)
             .arg(tasks.len());
         for task in tasks {
-            let json =
-                serde_json::to_string(&task.record).map_err(|e| Error::Internal(e.to_string()))?;
+            let r = &task.record;
             call = call
-                .arg(json)
-                .arg(task.payload.as_slice())
+                .arg(r.id.as_str())
+                .arg(r.p)
+                .arg(r.idem.as_deref().unwrap_or(""))
                 .arg(task.not_before_ms)
-                .arg(task.delay_ms);
+                .arg(task.delay_ms)
+                .arg(task.payload.as_slice())
+                .arg(NewRecord::of(r).encode()?);
         }
         let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
         match text(reply.first(), "enqueue")?.as_str() {
@@ -339,16 +383,50 @@ impl RedisQueue {
                 number(reply.get(1), "enqueue")?,
                 tasks.len()
             ))),
-            "ok" if reply.len() == 1 + 3 * tasks.len() => reply[1..]
-                .chunks_exact(3)
-                .map(|c| {
-                    Ok(Enqueued {
-                        id: text(c.first(), "enqueue")?,
-                        duplicate: number(c.get(1), "enqueue")? == 1.0,
-                        state: text(c.get(2), "enqueue")?,
+            "ok" => {
+                let codes = text(reply.get(1), "enqueue")?;
+                if codes.len() != tasks.len() {
+                    return Err(Error::Internal(format!(
+                        "enqueue: {} answers for {} tasks",
+                        codes.len(),
+                        tasks.len()
+                    )));
+                }
+                let mut dups = reply.get(2..).unwrap_or_default().chunks_exact(2);
+                tasks
+                    .iter()
+                    .zip(codes.bytes())
+                    .map(|(task, code)| {
+                        let (id, duplicate, state) = match code {
+                            b'r' => (task.record.id.clone(), false, "ready".to_owned()),
+                            b's' => (task.record.id.clone(), false, "scheduled".to_owned()),
+                            b'd' => {
+                                let dup = dups.next().ok_or_else(|| {
+                                    Error::Internal(
+                                        "enqueue: a duplicate's answer is missing".into(),
+                                    )
+                                })?;
+                                (
+                                    text(dup.first(), "enqueue")?,
+                                    true,
+                                    text(dup.get(1), "enqueue")?,
+                                )
+                            }
+                            other => {
+                                return Err(Error::Internal(format!(
+                                    "enqueue: unexpected answer {:?}",
+                                    char::from(other)
+                                )));
+                            }
+                        };
+                        Ok(Enqueued {
+                            id,
+                            duplicate,
+                            state,
+                        })
                     })
-                })
-                .collect(),
+                    .collect()
+            }
             other => Err(Error::Internal(format!(
                 "enqueue: unexpected reply {other}"
             ))),

@@ -1083,8 +1083,121 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     q.service.stop().await
 }
 
-/// Task records are stored as MessagePack; a record stored as JSON (as earlier versions did)
-/// is still leased, completed and read, and is written back as MessagePack.
+/// Payloads of up to 1 KiB are stored inside the task's record, larger ones beside it; either
+/// way every byte (all 256 values, invalid UTF-8 included) comes back from GetTask, Dequeue
+/// and ListDeadLetters, and again after a redrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_come_back_byte_for_byte_inside_the_record_or_beside_it() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let bytes = |n: usize| (0..n).map(|i| (i % 256) as u8).rev().collect::<Vec<u8>>();
+    let payloads = [bytes(256), bytes(1024), bytes(1025)];
+    let reply = q
+        .client
+        .enqueue_batch(pb::EnqueueBatchRequest {
+            project: "p".into(),
+            queue: "bytes".into(),
+            tasks: payloads
+                .iter()
+                .map(|p| spec("", "", p, pb::Priority::Normal))
+                .collect(),
+        })
+        .await?
+        .into_inner();
+    let ids: Vec<String> = reply.results.into_iter().map(|r| r.task_id).collect();
+    let expected: HashMap<&str, &Vec<u8>> = ids.iter().map(String::as_str).zip(&payloads).collect();
+    let mut admin = redis.client().await?;
+    let beside: Vec<String> = redis::cmd("HKEYS")
+        .arg("sluice:q:{p/bytes}:payloads")
+        .query_async(&mut admin)
+        .await?;
+    assert_eq!(
+        beside,
+        [ids[2].clone()],
+        "only the 1,025-byte payload is stored beside its record"
+    );
+    for id in &ids {
+        let task = q
+            .client
+            .get_task(pb::GetTaskRequest {
+                project: "p".into(),
+                queue: "bytes".into(),
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner()
+            .task
+            .ok_or_else(|| anyhow::anyhow!("GetTask {id}"))?;
+        assert_eq!(&&task.payload, &expected[id.as_str()], "GetTask {id}");
+    }
+    for round in ["leased", "leased after a redrive"] {
+        let leases = q
+            .client
+            .dequeue(dequeue("p", "bytes", 10))
+            .await?
+            .into_inner()
+            .leases;
+        assert_eq!(leases.len(), ids.len(), "{round}");
+        for lease in leases {
+            let task = lease.task.expect("task");
+            assert_eq!(
+                &&task.payload,
+                &expected[task.id.as_str()],
+                "{round}: {}",
+                task.id
+            );
+            q.client
+                .fail(pb::FailRequest {
+                    project: "p".into(),
+                    queue: "bytes".into(),
+                    task_id: task.id,
+                    lease_token: lease.lease_token,
+                    message: "keep it".into(),
+                    category: pb::FailureCategory::Permanent.into(),
+                    retryable: None,
+                })
+                .await?;
+        }
+        let dead = q
+            .client
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                project: "p".into(),
+                queue: "bytes".into(),
+                include_payload: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(dead.tasks.len(), ids.len());
+        for task in dead.tasks {
+            assert_eq!(
+                &&task.payload,
+                &expected[task.id.as_str()],
+                "dead letter {}",
+                task.id
+            );
+        }
+        let redriven = q
+            .client
+            .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                project: "p".into(),
+                queue: "bytes".into(),
+                selector: Some(pb::DeadLetterSelector {
+                    selector: Some(pb::dead_letter_selector::Selector::All(true)),
+                }),
+                limit: 0,
+                page_token: String::new(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(redriven.redriven as usize, ids.len());
+    }
+    q.service.stop().await
+}
+
+/// Task records are stored as MessagePack; a record stored as JSON with its payload beside it
+/// (as earlier versions did) is still leased, completed and read, and is written back as
+/// MessagePack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_stored_as_json_are_still_served() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
@@ -1115,6 +1228,12 @@ async fn records_stored_as_json_are_still_served() -> anyhow::Result<()> {
         .arg(key)
         .arg(&id)
         .arg(&json)
+        .query_async(&mut admin)
+        .await?;
+    let _: i64 = redis::cmd("HSET")
+        .arg("sluice:q:{p/legacy}:payloads")
+        .arg(&id)
+        .arg("old")
         .query_async(&mut admin)
         .await?;
     let lease = q

@@ -1,8 +1,9 @@
 -- common: prepended to every queue script. Every script receives the same fifteen keys, all
 -- of one queue and one hash tag {<project>/<queue>}, so every script runs on Redis Cluster.
 --   KEYS[1]  tasks     hash: task id -> task record (MessagePack, short field names, without
---                      the id; the scripts answer the service with JSON)
---   KEYS[2]  payloads  hash: task id -> payload bytes
+--                      the id; the scripts answer the service with JSON). A payload of up to
+--                      INLINE_PAYLOAD bytes is kept in the record itself (field pl)
+--   KEYS[2]  payloads  hash: task id -> payload bytes, for larger payloads
 --   KEYS[3]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
 --   KEYS[4]  leased    zset: task id, score = lease deadline (ms)
 --   KEYS[5]  dead      zset: task id, score = ms it was dead-lettered
@@ -20,6 +21,10 @@ local function ready_key(p) return KEYS[11 + p] end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local MAX_ERRORS = 10
+-- Payloads up to this size live in the task's record: one hash entry per task instead of two
+-- (less memory, one insert less per enqueue and one read less per lease). Larger ones stay
+-- beside it, so a record stays cheap to decode and rewrite on every state change.
+local INLINE_PAYLOAD = 1024
 
 -- Stored records are MessagePack: smaller than JSON and cheaper to decode and encode, which is
 -- most of a script's work. Records stored as JSON (by earlier versions; they start with '{',
@@ -41,9 +46,18 @@ local function save(task)
   task.id = id
 end
 
--- The record as the service reads it (with its id).
+-- The record as the service reads it (with its id, without the payload).
 local function encode(task)
-  return cjson.encode(task)
+  local pl = task.pl
+  task.pl = nil
+  local json = cjson.encode(task)
+  task.pl = pl
+  return json
+end
+
+-- The task's payload: in its record, or beside it.
+local function payload_of(task)
+  return task.pl or redis.call('HGET', K_PAYLOADS, task.id) or ''
 end
 
 -- Sends `command key args...` for a flat list of arguments gathered by a batch (field-value

@@ -89,7 +89,7 @@ if op == 'list' then
     local task = load(id)
     if task then
       out[#out + 1] = encode(task)
-      out[#out + 1] = redis.call('HGET', K_PAYLOADS, id) or ''
+      out[#out + 1] = payload_of(task)
     end
   end
   return out

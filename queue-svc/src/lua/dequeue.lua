@@ -30,7 +30,7 @@ while leased < n and p <= 4 do
     redis.call('ZADD', K_LEASED, task.dl, task.id)
     save(task)
     out[#out + 1] = encode(task)
-    out[#out + 1] = redis.call('HGET', K_PAYLOADS, task.id) or ''
+    out[#out + 1] = payload_of(task)
   end
   end
 end

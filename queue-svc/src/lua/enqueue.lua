@@ -1,30 +1,38 @@
 -- enqueue: store a batch of tasks into one queue, all or none.
 -- ARGV[1] max size (0 = unbounded; counts ready + scheduled + leased)
 -- ARGV[2] idempotency retention (ms)
--- ARGV[3] n, then per task 4 args: record JSON, payload, not-before (ms, 0 = none),
---         delay (ms, 0 = none)
--- Returns {'full', size} or {'ok', then per task: id, duplicate (0/1), state}.
+-- ARGV[3] n, then per task 7 args: id, priority (0..4), idempotency key ('' = none),
+--         not-before (ms, 0 = none), delay (ms, 0 = none), payload, and the record: a
+--         MessagePack fixmap of the fields the service sets. The script appends what only it
+--         knows (enq, att, st, sch, a small payload) and raises the map's count, so a record
+--         is never decoded here.
+-- Returns {'full', size} or {'ok', codes, then per duplicate: its task id and state}, where
+-- codes holds one letter per task: 'r' stored ready, 's' stored scheduled, 'd' a duplicate.
 -- Why a script: the size check, the idempotency lookups and the writes must be one step.
 local max_size, idem_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ARGS = 7
+-- Per task: the id of the task it duplicates, or false.
 local plan, fresh, seen = {}, 0, {}
 for i = 1, n do
-  local b = 3 + (i - 1) * 4
-  local task = cjson.decode(ARGV[b + 1])
-  -- (the id travels in the record here; save() stores it as the hash field)
-  local existing = nil
-  if task.idem then
-    existing = seen[task.idem]
+  local b = 3 + (i - 1) * ARGS
+  local first = string.byte(ARGV[b + 7], 1) or 0
+  -- Up to 5 entries are appended: the map must stay a fixmap (0x80 .. 0x8f).
+  if first < 0x80 or first > 0x8a then
+    return redis.error_reply('enqueue: task ' .. i .. ': the record is not a MessagePack map of at most 10 entries')
+  end
+  local id, idem = ARGV[b + 1], ARGV[b + 3]
+  local existing = false
+  if idem ~= '' then
+    existing = seen[idem] or false
     if not existing then
-      local id = redis.call('HGET', K_IDEM, task.idem)
-      if id and redis.call('HEXISTS', K_TASKS, id) == 1 then existing = id end
+      local old = redis.call('HGET', K_IDEM, idem)
+      if old and redis.call('HEXISTS', K_TASKS, old) == 1 then existing = old end
     end
   end
-  if existing then
-    plan[i] = { dup = existing }
-  else
+  plan[i] = existing
+  if not existing then
     fresh = fresh + 1
-    plan[i] = { task = task, payload = ARGV[b + 2], nb = tonumber(ARGV[b + 3]), delay = tonumber(ARGV[b + 4]) }
-    if task.idem then seen[task.idem] = task.id end
+    if idem ~= '' then seen[idem] = id end
   end
 end
 if max_size > 0 then
@@ -32,58 +40,59 @@ if max_size > 0 then
   if size + fresh > max_size then return { 'full', size } end
 end
 -- The writes are gathered and sent as one command per key, not three or four per task.
-local reply, stored, created = { 'ok' }, {}, {}
+local codes, dups, stored, created = {}, {}, {}, {}
 local payloads, ready, sched, idem, idemx = {}, {}, {}, {}, {}
 for i = 1, n do
-  local p = plan[i]
-  if p.dup then
-    local state = created[p.dup]
+  local dup = plan[i]
+  if dup then
+    local state = created[dup]
     if not state then
-      local dup = load(p.dup)
-      state = (dup and dup.st) or 'ready'
+      local task = load(dup)
+      state = (task and task.st) or 'ready'
     end
-    reply[#reply + 1] = p.dup
-    reply[#reply + 1] = 1
-    reply[#reply + 1] = state
+    codes[i] = 'd'
+    dups[#dups + 1] = dup
+    dups[#dups + 1] = state
   else
-    local task = p.task
-    local id = task.id
-    task.enq = now
-    task.att = 0
-    payloads[#payloads + 1] = id
-    payloads[#payloads + 1] = p.payload
+    local b = 3 + (i - 1) * ARGS
+    local id, priority, key = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3]
+    local nb, delay, payload, record = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5]), ARGV[b + 6], ARGV[b + 7]
     local at = 0
-    if p.nb > 0 then at = p.nb end
-    if p.delay > 0 then at = now + p.delay end
+    if nb > 0 then at = nb end
+    if delay > 0 then at = now + delay end
+    local state, extra, added
     if at > now then
-      task.st = 'scheduled'
-      task.sch = at
+      state, codes[i] = 'scheduled', 's'
+      extra, added = cmsgpack.pack('enq', now, 'att', 0, 'st', state, 'sch', at), 4
       sched[#sched + 1] = at
       sched[#sched + 1] = id
     else
-      task.st = 'ready'
-      local list = ready[task.p]
+      state, codes[i] = 'ready', 'r'
+      extra, added = cmsgpack.pack('enq', now, 'att', 0, 'st', state), 3
+      local list = ready[priority]
       if not list then
         list = {}
-        ready[task.p] = list
+        ready[priority] = list
       end
       list[#list + 1] = id
       made_ready = made_ready + 1
     end
+    if #payload <= INLINE_PAYLOAD then
+      extra, added = extra .. cmsgpack.pack('pl', payload), added + 1
+    else
+      payloads[#payloads + 1] = id
+      payloads[#payloads + 1] = payload
+    end
     -- As save() stores it: the id is the hash field.
-    task.id = nil
     stored[#stored + 1] = id
-    stored[#stored + 1] = cmsgpack.pack(task)
-    created[id] = task.st
-    if task.idem then
-      idem[#idem + 1] = task.idem
+    stored[#stored + 1] = string.char(string.byte(record, 1) + added) .. string.sub(record, 2) .. extra
+    created[id] = state
+    if key ~= '' then
+      idem[#idem + 1] = key
       idem[#idem + 1] = id
       idemx[#idemx + 1] = now + idem_ttl
-      idemx[#idemx + 1] = task.idem
+      idemx[#idemx + 1] = key
     end
-    reply[#reply + 1] = id
-    reply[#reply + 1] = 0
-    reply[#reply + 1] = task.st
   end
 end
 send_all('HSET', K_PAYLOADS, payloads)
@@ -96,4 +105,6 @@ send_all('HSET', K_IDEM, idem)
 send_all('ZADD', K_IDEMX, idemx)
 if fresh > 0 then count('enqueued', fresh) end
 wake_streams()
+local reply = { 'ok', table.concat(codes) }
+for _, v in ipairs(dups) do reply[#reply + 1] = v end
 return reply

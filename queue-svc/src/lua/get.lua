@@ -3,4 +3,4 @@
 local id = ARGV[1]
 local task = load(id)
 if not task then return {} end
-return { encode(task), redis.call('HGET', K_PAYLOADS, id) or '', redis.call('HGET', K_RESULTS, id) or '' }
+return { encode(task), payload_of(task), redis.call('HGET', K_RESULTS, id) or '' }
