@@ -15,9 +15,15 @@ const PARTS: [&str; 15] = [
 
 /// The fifteen keys of one queue.
 pub fn queue(project: &str, queue: &str) -> Vec<String> {
+    let prefix = format!("sluice:q:{{{project}/{queue}}}:");
     PARTS
         .iter()
-        .map(|part| format!("sluice:q:{{{project}/{queue}}}:{part}"))
+        .map(|part| {
+            let mut key = String::with_capacity(prefix.len() + part.len());
+            key.push_str(&prefix);
+            key.push_str(part);
+            key
+        })
         .collect()
 }
 

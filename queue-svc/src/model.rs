@@ -51,14 +51,14 @@ pub fn validate_task_id(value: &str, field: &str) -> Result<()> {
 }
 
 /// Priority as stored: 0 = critical … 4 = background (lower leaves first).
-pub fn priority_from_proto(value: i32, field: &str) -> Result<u8> {
+pub fn priority_from_proto(value: i32, field: impl FnOnce() -> String) -> Result<u8> {
     match pb::Priority::try_from(value) {
         Ok(pb::Priority::Critical) => Ok(0),
         Ok(pb::Priority::High) => Ok(1),
         Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Ok(2),
         Ok(pb::Priority::Low) => Ok(3),
         Ok(pb::Priority::Background) => Ok(4),
-        Err(_) => Err(Error::invalid(field, format!("unknown priority {value}"))),
+        Err(_) => Err(Error::invalid(field(), format!("unknown priority {value}"))),
     }
 }
 

@@ -237,6 +237,9 @@ impl Queues {
 
     /// The settings of `project`'s `queue`.
     pub fn get(&self, project: &str, queue: &str) -> &QueueSettings {
+        if self.by_name.is_empty() {
+            return &self.defaults;
+        }
         self.by_name
             .get(&format!("{project}/{queue}"))
             .or_else(|| self.by_name.get(queue))

@@ -1,6 +1,6 @@
 //! The gRPC edge of `sluice.queue.v1.Queue`: validation, queue settings, shaping of answers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +46,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 pub struct QueueService {
     store: Arc<QueueStore>,
     queues: Arc<Queues>,
-    registered: Arc<Mutex<HashSet<String>>>,
+    /// Queues this instance has registered, by project.
+    registered: Arc<Mutex<HashMap<String, HashSet<String>>>>,
     /// Where the next multi-project Dequeue starts its turn.
     cursor: Arc<std::sync::atomic::AtomicUsize>,
     /// Lease streams: connected workers, wake-ups, shutdown.
@@ -288,7 +289,7 @@ impl QueueService {
         Self {
             store,
             queues,
-            registered: Arc::new(Mutex::new(HashSet::new())),
+            registered: Arc::new(Mutex::new(HashMap::new())),
             cursor: Arc::default(),
             streams: crate::lease::StreamState::new(shutdown),
             enqueuer,
@@ -530,16 +531,22 @@ impl QueueService {
     }
 
     async fn register(&self, project: &str, queue: &str) -> Result<()> {
-        let member = format!("{project}/{queue}");
         let known = self
             .registered
             .lock()
-            .map(|set| set.contains(&member))
+            .map(|known| {
+                known
+                    .get(project)
+                    .is_some_and(|queues| queues.contains(queue))
+            })
             .unwrap_or(false);
         if !known {
             self.store.register(project, queue).await?;
-            if let Ok(mut set) = self.registered.lock() {
-                set.insert(member);
+            if let Ok(mut known) = self.registered.lock() {
+                known
+                    .entry(project.to_owned())
+                    .or_default()
+                    .insert(queue.to_owned());
             }
         }
         Ok(())
@@ -596,7 +603,10 @@ impl QueueService {
                 (ms, 0)
             }
         };
-        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        let id = uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .to_owned();
         let mut headers = spec.headers.clone();
         // The publish span: the worker's process span links to it through the task's headers.
         let publish = tracing::info_span!(
@@ -612,7 +622,7 @@ impl QueueService {
         }
         let record = Record {
             id,
-            p: model::priority_from_proto(spec.priority, &format!("{field}.priority"))?,
+            p: model::priority_from_proto(spec.priority, || format!("{field}.priority"))?,
             ct: spec.content_type.clone(),
             max,
             hd: headers,
