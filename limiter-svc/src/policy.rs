@@ -142,12 +142,16 @@ impl Limit {
 
     /// A name for an inline limit, part of its counter key: the same numbers share a counter.
     pub fn inline_name(&self) -> String {
-        format!(
-            "inline-{}-{}-{}",
-            self.limit,
-            self.window.as_micros(),
-            self.burst
-        )
+        // Written digit by digit: this runs for every inline check.
+        let mut digits = itoa::Buffer::new();
+        let mut name = String::with_capacity(64);
+        name.push_str("inline-");
+        name.push_str(digits.format(self.limit));
+        name.push('-');
+        name.push_str(digits.format(self.window.as_micros()));
+        name.push('-');
+        name.push_str(digits.format(self.burst));
+        name
     }
 }
 
@@ -574,6 +578,20 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The name is part of the counter keys already in Redis: it must not change.
+    #[test]
+    fn inline_limits_name_their_counters_by_their_numbers() -> Result<()> {
+        let limit = Limit::new(
+            Algorithm::TokenBucket,
+            100,
+            Duration::from_millis(1500),
+            250,
+            "inline",
+        )?;
+        assert_eq!(limit.inline_name(), "inline-100-1500000-250");
+        Ok(())
+    }
 
     #[test]
     fn a_changed_file_applies_once_it_has_settled() -> anyhow::Result<()> {
