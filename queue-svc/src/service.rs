@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice::batch::Batcher;
 use sluice::error::{Error, Result};
 use sluice::proto::sluice::queue::v1 as pb;
+use sluice::server::KeptHandles;
 use tonic::{Request, Response, Status};
 
 use crate::gather::{Addressed, per_queue};
@@ -173,12 +174,41 @@ fn check_result(result: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The per-queue metrics updated on every Enqueue, lease and completion, with handles kept
+/// per thread (as the server keeps its call metrics) instead of looked up on every update.
+struct QueueMetrics {
+    enqueued: metrics::Counter,
+    completed: metrics::Counter,
+    run: metrics::Histogram,
+    wait: metrics::Histogram,
+}
+
+impl QueueMetrics {
+    /// Queues whose handles a thread keeps; others are looked up each time.
+    const MAX_KEPT: usize = 1024;
+
+    fn with(queue: &str, f: impl FnOnce(&Self)) {
+        thread_local! {
+            static KEPT: std::cell::RefCell<KeptHandles<QueueMetrics>> =
+                std::cell::RefCell::default();
+        }
+        let lookup = || Self {
+            enqueued: metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned()),
+            completed: metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned()),
+            run: metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned()),
+            wait: metrics::histogram!("sluice_queue_task_wait_seconds", "queue" => queue.to_owned()),
+        };
+        KEPT.with_borrow_mut(|kept| kept.with(queue, Self::MAX_KEPT, lookup, f));
+    }
+}
+
 /// Metrics of a completion that ran `ran` ms (`None`: a repeat, not counted again).
 fn completed(queue: &str, ran: Option<u64>) {
     if let Some(ms) = ran {
-        metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned())
-            .record(ms as f64 / 1000.0);
-        metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned()).increment(1);
+        QueueMetrics::with(queue, |m| {
+            m.run.record(ms as f64 / 1000.0);
+            m.completed.increment(1);
+        });
     }
 }
 
@@ -664,8 +694,8 @@ impl QueueService {
                     .filter(|e| !e.duplicate && e.state == "ready")
                     .count(),
             );
-            metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned())
-                .increment(enqueued.iter().filter(|e| !e.duplicate).count() as u64);
+            let fresh = enqueued.iter().filter(|e| !e.duplicate).count() as u64;
+            QueueMetrics::with(queue, |m| m.enqueued.increment(fresh));
         }
         result
     }
@@ -684,8 +714,8 @@ impl QueueService {
         let mut push = |project: &str, queue: &str, found: Vec<crate::store::Leased>| {
             for (record, payload) in found {
                 if let (Some(leased), Some(ready_since)) = (record.lsd, record.sch.or(record.enq)) {
-                    metrics::histogram!("sluice_queue_task_wait_seconds", "queue" => queue.to_owned())
-                        .record((leased - ready_since).max(0.0) / 1000.0);
+                    let waited = (leased - ready_since).max(0.0) / 1000.0;
+                    QueueMetrics::with(queue, |m| m.wait.record(waited));
                 }
                 let attempt = record.att;
                 let token = record.tok.clone().unwrap_or_default();

@@ -520,6 +520,17 @@ on_stores!(
     resuming_a_queue_wakes_its_idle_streams
 );
 
+/// Connections subscribed to the wake-up channel on the node behind `admin`.
+async fn wake_subscribers(admin: &mut redis::aio::MultiplexedConnection) -> Option<i64> {
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("sluice:q:wake")
+        .query_async(admin)
+        .await
+        .ok()?;
+    Some(reply.1)
+}
+
 /// A task enqueued on one instance reaches a worker streaming from another at once, through
 /// the Redis wake-up channel (the safety poll runs every 10 s while it flows). `admins` are
 /// connections to every node, to see both instances subscribed.
@@ -539,13 +550,7 @@ async fn a_task_enqueued_on_another_instance_is_pushed(
         async move {
             let mut subscribers = 0;
             for mut admin in admins {
-                let reply: (String, i64) = redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg("sluice:q:wake")
-                    .query_async(&mut admin)
-                    .await
-                    .ok()?;
-                subscribers += reply.1;
+                subscribers += wake_subscribers(&mut admin).await?;
             }
             Some(subscribers)
         }
@@ -679,13 +684,7 @@ async fn an_instance_listens_for_wakeups_only_while_streams_wait() -> anyhow::Re
         let redis = &redis;
         async move {
             let mut admin = redis.client().await.ok()?;
-            let reply: (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("sluice:q:wake")
-                .query_async(&mut admin)
-                .await
-                .ok()?;
-            Some(reply.1)
+            wake_subscribers(&mut admin).await
         }
     };
     let listening = |n: i64, what: &'static str| {
