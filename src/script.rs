@@ -37,8 +37,8 @@ impl Script {
     pub fn call(&self) -> Call<'_> {
         Call {
             script: self,
-            keys: Vec::new(),
-            args: Vec::new(),
+            keys: Flat::default(),
+            args: Flat::default(),
         }
     }
 }
@@ -47,8 +47,69 @@ impl Script {
 #[derive(Debug)]
 pub struct Call<'s> {
     script: &'s Script,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    keys: Flat,
+    args: Flat,
+}
+
+/// Arguments written end to end into one buffer: no allocation per argument (a batched call
+/// carries hundreds of them), copied once more into the command.
+#[derive(Debug, Default)]
+struct Flat {
+    bytes: Vec<u8>,
+    /// Where each argument ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Flat {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let arg = &self.bytes[start..end];
+            start = end;
+            arg
+        })
+    }
+}
+
+impl redis::RedisWrite for Flat {
+    fn write_arg(&mut self, arg: &[u8]) {
+        self.bytes.extend_from_slice(arg);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn write_arg_fmt(&mut self, arg: impl std::fmt::Display) {
+        use std::io::Write;
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.writer_for_next_arg(), "{arg}");
+    }
+
+    fn writer_for_next_arg(&mut self) -> impl std::io::Write + '_ {
+        NextArg(self)
+    }
+}
+
+/// The argument being written into a [`Flat`]; it ends when this is dropped.
+struct NextArg<'a>(&'a mut Flat);
+
+impl std::io::Write for NextArg<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for NextArg<'_> {
+    fn drop(&mut self) {
+        self.0.ends.push(self.0.bytes.len());
+    }
 }
 
 impl Call<'_> {
@@ -67,10 +128,10 @@ impl Call<'_> {
 
     fn command(&self, verb: &str, script: &str) -> Cmd {
         let mut cmd = redis::cmd(verb);
-        cmd.arg(script)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
+        cmd.arg(script).arg(self.keys.len());
+        for arg in self.keys.iter().chain(self.args.iter()) {
+            cmd.arg(arg);
+        }
         cmd
     }
 
@@ -108,6 +169,50 @@ impl Call<'_> {
     }
 }
 
+/// The numbers of a script reply packed with `cmsgpack.pack` (a MessagePack array of
+/// numbers): one bulk string for the client to parse instead of one RESP value per number,
+/// which for replies of many numbers costs the client more than everything else in the call.
+/// A number with a fraction is cut toward zero, as Redis cuts a Lua number it replies as an
+/// integer.
+pub fn unpack_numbers(mut packed: &[u8]) -> std::result::Result<Vec<i64>, String> {
+    use rmp::Marker;
+    use rmp::decode::RmpRead;
+    let bad = |e: &dyn std::fmt::Display| format!("not a MessagePack array of numbers: {e}");
+    let rd = &mut packed;
+    let n = rmp::decode::read_array_len(rd).map_err(|e| bad(&e))?;
+    // Each number takes at least one byte: a length past what is left is corrupt.
+    if n as usize > rd.len() {
+        return Err(bad(&format!("{n} numbers in {} bytes", rd.len())));
+    }
+    let mut numbers = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let number = match rmp::decode::read_marker(rd).map_err(|e| bad(&e.0))? {
+            Marker::FixPos(v) => i64::from(v),
+            Marker::FixNeg(v) => i64::from(v),
+            Marker::U8 => i64::from(rd.read_data_u8().map_err(|e| bad(&e))?),
+            Marker::U16 => i64::from(rd.read_data_u16().map_err(|e| bad(&e))?),
+            Marker::U32 => i64::from(rd.read_data_u32().map_err(|e| bad(&e))?),
+            Marker::U64 => {
+                let v = rd.read_data_u64().map_err(|e| bad(&e))?;
+                i64::try_from(v).map_err(|_| bad(&format!("{v} is out of range")))?
+            }
+            Marker::I8 => i64::from(rd.read_data_i8().map_err(|e| bad(&e))?),
+            Marker::I16 => i64::from(rd.read_data_i16().map_err(|e| bad(&e))?),
+            Marker::I32 => i64::from(rd.read_data_i32().map_err(|e| bad(&e))?),
+            Marker::I64 => rd.read_data_i64().map_err(|e| bad(&e))?,
+            // `as` saturates at the ends and maps NaN to 0.
+            Marker::F32 => rd.read_data_f32().map_err(|e| bad(&e))? as i64,
+            Marker::F64 => rd.read_data_f64().map_err(|e| bad(&e))? as i64,
+            other => return Err(bad(&format!("found {other:?}"))),
+        };
+        numbers.push(number);
+    }
+    if !rd.is_empty() {
+        return Err(bad(&format!("{} bytes after the array", rd.len())));
+    }
+    Ok(numbers)
+}
+
 async fn bounded<F: std::future::Future>(timeout: Duration, fut: F) -> Result<F::Output> {
     tokio::time::timeout(timeout, fut)
         .await
@@ -124,6 +229,84 @@ fn script_error(name: &str, err: redis::RedisError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_numbers_of_every_width_and_fractions_cut_toward_zero() {
+        let mut packed = Vec::new();
+        let values: [i64; 10] = [
+            0,
+            127,
+            -32,
+            -33,
+            255,
+            65_535,
+            1 << 40,
+            -(1 << 40),
+            i64::MAX,
+            i64::MIN,
+        ];
+        rmp::encode::write_array_len(&mut packed, values.len() as u32 + 2)
+            .expect("writing to a Vec");
+        for v in values {
+            rmp::encode::write_sint(&mut packed, v).expect("writing to a Vec");
+        }
+        rmp::encode::write_f64(&mut packed, 2.9).expect("writing to a Vec");
+        rmp::encode::write_f64(&mut packed, -2.9).expect("writing to a Vec");
+        let mut expected = values.to_vec();
+        expected.extend([2, -2]);
+        assert_eq!(unpack_numbers(&packed), Ok(expected));
+        // Unsigned 64-bit values past i64::MAX cannot be answered.
+        let mut big = Vec::new();
+        rmp::encode::write_array_len(&mut big, 1).expect("writing to a Vec");
+        rmp::encode::write_u64(&mut big, u64::MAX).expect("writing to a Vec");
+        assert!(unpack_numbers(&big).is_err());
+    }
+
+    #[test]
+    fn packed_replies_that_are_not_arrays_of_numbers_are_refused() {
+        let mut text = Vec::new();
+        rmp::encode::write_array_len(&mut text, 1).expect("writing to a Vec");
+        rmp::encode::write_str(&mut text, "1").expect("writing to a Vec");
+        let mut short = Vec::new();
+        rmp::encode::write_array_len(&mut short, 3).expect("writing to a Vec");
+        rmp::encode::write_sint(&mut short, 1).expect("writing to a Vec");
+        let mut long = Vec::new();
+        rmp::encode::write_array_len(&mut long, 1).expect("writing to a Vec");
+        rmp::encode::write_sint(&mut long, 1).expect("writing to a Vec");
+        long.push(0);
+        for bad in [&b""[..], b"\x01", &text, &short, &long] {
+            assert!(unpack_numbers(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_and_arguments_keep_their_boundaries() {
+        let script = Script::new("one", "return 1");
+        let call = script
+            .call()
+            .key("k1")
+            .key(&b""[..])
+            .arg(42u64)
+            .arg(-1.5f64)
+            .arg(&["a", "bc"][..])
+            .arg(&b""[..]);
+        let keys: Vec<&[u8]> = call.keys.iter().collect();
+        assert_eq!(keys, [&b"k1"[..], b""]);
+        let args: Vec<&[u8]> = call.args.iter().collect();
+        assert_eq!(args, [&b"42"[..], b"-1.5", b"a", b"bc", b""]);
+        let cmd = call.command("EVALSHA", "sha");
+        let sent: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => b"<not simple>".to_vec(),
+            })
+            .collect();
+        let expected: [&[u8]; 10] = [
+            b"EVALSHA", b"sha", b"2", b"k1", b"", b"42", b"-1.5", b"a", b"bc", b"",
+        ];
+        assert_eq!(sent, expected);
+    }
 
     #[test]
     fn sha_matches_redis() {

@@ -333,7 +333,9 @@ async fn run_checks(
             call = call.arg(position).arg(cost);
         }
     }
-    let reply: Vec<i64> = call.invoke(pool).await?;
+    let packed: Vec<u8> = call.invoke(pool).await?;
+    let reply = sluice::script::unpack_numbers(&packed)
+        .map_err(|e| Error::Internal(format!("limiter.check replied {e}")))?;
     let checks: usize = requests.iter().map(|r| r.counters.len()).sum();
     if reply.len() != 1 + requests.len() + 5 * checks {
         return Err(Error::Internal(format!(

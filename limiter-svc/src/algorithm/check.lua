@@ -11,7 +11,9 @@
 --          pass; `p`: read only), seq, number of checks n, then per check: the position of
 --          its limit, cost.
 -- Returns  { now (µs), then per request: all_allowed (0/1), then per check: allowed, limit,
---          remaining, reset_after (µs), retry_after (µs) }.
+--          remaining, reset_after (µs), retry_after (µs) }, packed as one MessagePack array:
+--          parsing one bulk string costs the service far less than parsing six integers
+--          per check as separate RESP values.
 --
 -- Why a script: the pass/deny decision of every check of a request and the consumption of all
 -- of them must be one atomic step, or two concurrent requests could both see the last unit
@@ -80,4 +82,4 @@ for _ = 1, requests do
   end
   k = k + n
 end
-return reply
+return cmsgpack.pack(reply)

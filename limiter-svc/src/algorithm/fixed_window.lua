@@ -19,15 +19,15 @@ ALGORITHMS[3] = {
     return 0, p.limit, remaining, reset, ends, idx, n
   end,
   commit = function(key, now, p, cost, nonce, idx, n)
-    redis.call('HSET', key, 'w', idx, 'n', n + cost)
+    redis.call('HSET', key, 'w', int(idx), 'n', int(n + cost))
     local ends = (idx + 1) * p.window - now
-    redis.call('PEXPIRE', key, math.ceil(ends / 1000))
+    redis.call('PEXPIRE', key, int(math.ceil(ends / 1000)))
     return ends
   end,
   refund = function(key, now, p, cost, nonce)
     local idx = math.floor(now / p.window)
     if tonumber(redis.call('HGET', key, 'w')) == idx then
-      redis.call('HINCRBY', key, 'n', -cost)
+      redis.call('HINCRBY', key, 'n', int(-cost))
     end
   end,
 }

@@ -24,14 +24,14 @@ ALGORITHMS[5] = {
   end,
   commit = function(key, now, p, cost, nonce, new_tat)
     local reset = math.ceil(new_tat - now)
-    redis.call('SET', key, new_tat, 'PX', math.ceil(reset / 1000) + 1)
+    redis.call('SET', key, decimal(new_tat), 'PX', int(math.ceil(reset / 1000) + 1))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local t = p.window / p.limit
-      redis.call('SET', key, math.max(now, tat - cost * t), 'KEEPTTL')
+      redis.call('SET', key, decimal(math.max(now, tat - cost * t)), 'KEEPTTL')
     end
   end,
 }

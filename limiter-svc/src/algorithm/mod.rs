@@ -158,7 +158,7 @@ pub fn commit(
 
 /// The scripts Redis runs: every algorithm's functions, then the driver.
 pub const CHECK_LUA: &str = concat!(
-    "local ALGORITHMS = {}\n",
+    include_str!("prelude.lua"),
     include_str!("sliding_log.lua"),
     include_str!("sliding_counter.lua"),
     include_str!("fixed_window.lua"),
@@ -169,7 +169,7 @@ pub const CHECK_LUA: &str = concat!(
 
 /// Compensation for a cluster request whose slots disagreed.
 pub const REFUND_LUA: &str = concat!(
-    "local ALGORITHMS = {}\n",
+    include_str!("prelude.lua"),
     include_str!("sliding_log.lua"),
     include_str!("sliding_counter.lua"),
     include_str!("fixed_window.lua"),
@@ -177,3 +177,58 @@ pub const REFUND_LUA: &str = concat!(
     include_str!("gcra.lua"),
     include_str!("refund.lua"),
 );
+
+#[cfg(test)]
+mod tests {
+    use sluice_testkit::redis_server::RedisServer;
+
+    /// The numbers the scripts hand Redis are written by the prelude's `int` and `decimal`:
+    /// what Redis stores must read back as the number the script held, or a GCRA key would
+    /// drift with every request.
+    #[tokio::test]
+    async fn prelude_writes_numbers_redis_reads_back_unchanged() -> anyhow::Result<()> {
+        let redis = RedisServer::start().await?;
+        let mut conn = redis.client().await?;
+        let probe = concat!(
+            include_str!("prelude.lua"),
+            r#"
+local out = {}
+local now = 1764150000123456
+for i = 0, 999 do
+  -- Arrival times as GCRA makes them: now plus a run of fractional emission intervals.
+  local tat = now + i * 3.6 + (i % 7) * 0.25
+  out[#out + 1] = tonumber(decimal(tat)) == tat and 1 or 0
+end
+out[#out + 1] = decimal(0.5)
+out[#out + 1] = decimal(2.9999999)
+out[#out + 1] = int(now)
+out[#out + 1] = int(-42)
+return out
+"#
+        );
+        let reply: Vec<redis::Value> = redis::cmd("EVAL")
+            .arg(probe)
+            .arg(0)
+            .query_async(&mut conn)
+            .await?;
+        let (exact, shown) = reply.split_at(1000);
+        let inexact = exact
+            .iter()
+            .filter(|v| !matches!(v, redis::Value::Int(1)))
+            .count();
+        assert_eq!(inexact, 0, "arrival times that did not read back exactly");
+        let shown: Vec<String> = shown
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            ["0.500000", "3.000000", "1764150000123456", "-42"],
+            "to the millionth, rounded; whole numbers without a fraction"
+        );
+        Ok(())
+    }
+}

@@ -45,14 +45,14 @@ ALGORITHMS[2] = {
     return allowed, p.limit, math.max(0, math.floor(p.limit - estimate)), reset, retry, idx, cur, prev
   end,
   commit = function(key, now, p, cost, nonce, idx, cur, prev)
-    redis.call('HSET', key, 'w', idx, 'cur', cur + cost, 'prev', prev)
-    redis.call('PEXPIRE', key, math.ceil(2 * p.window / 1000))
+    redis.call('HSET', key, 'w', int(idx), 'cur', int(cur + cost), 'prev', int(prev))
+    redis.call('PEXPIRE', key, int(math.ceil(2 * p.window / 1000)))
     return idx * p.window + 2 * p.window - now
   end,
   refund = function(key, now, p, cost, nonce)
     local idx = math.floor(now / p.window)
     if tonumber(redis.call('HGET', key, 'w')) == idx then
-      redis.call('HINCRBY', key, 'cur', -cost)
+      redis.call('HINCRBY', key, 'cur', int(-cost))
     end
   end,
 }

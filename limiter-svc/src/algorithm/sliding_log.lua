@@ -26,16 +26,16 @@ ALGORITHMS[1] = {
   end,
   commit = function(key, now, p, cost, nonce)
     -- ZADD in chunks: Lua's unpack has a stack limit.
-    local args = {}
+    local args, score = {}, int(now)
     for i = 1, cost do
-      args[#args + 1] = now
+      args[#args + 1] = score
       args[#args + 1] = nonce .. ':' .. i
       if #args >= 1000 or i == cost then
         redis.call('ZADD', key, unpack(args))
         args = {}
       end
     end
-    redis.call('PEXPIRE', key, math.ceil(p.window / 1000))
+    redis.call('PEXPIRE', key, int(math.ceil(p.window / 1000)))
     return p.window
   end,
   refund = function(key, now, p, cost, nonce)

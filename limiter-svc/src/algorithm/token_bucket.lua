@@ -27,9 +27,9 @@ ALGORITHMS[4] = {
     local cap = bucket_capacity(p)
     local rate = p.limit / p.window
     local left = tokens - cost
-    redis.call('HSET', key, 'tokens', left, 'ts', now)
+    redis.call('HSET', key, 'tokens', left, 'ts', int(now))
     local reset = math.ceil((cap - left) / rate)
-    redis.call('PEXPIRE', key, math.ceil(reset / 1000) + 1)
+    redis.call('PEXPIRE', key, int(math.ceil(reset / 1000) + 1))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)
