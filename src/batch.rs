@@ -72,7 +72,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 let Some(first) = rx.recv().await else {
                     return;
                 };
-                let mut batch = vec![first];
+                let mut batch = Vec::with_capacity((1 + rx.len()).min(max_batch));
+                batch.push(first);
                 while batch.len() < max_batch {
                     match rx.try_recv() {
                         Ok(next) => batch.push(next),

@@ -54,7 +54,7 @@ pub struct QueueService {
     /// Lease streams: connected workers, wake-ups, shutdown.
     streams: Arc<crate::lease::StreamState>,
     /// On Redis: concurrent single-task Enqueues share script calls (see [`enqueue_gathered`]).
-    enqueuer: Option<Arc<Batcher<Addressed<NewTask>, Enqueued>>>,
+    enqueuer: Option<Arc<Batcher<Addressed<Box<NewTask>>, Enqueued>>>,
     /// On Redis: concurrent unary Completes share script calls (see [`complete_gathered`]).
     completer: Option<Arc<Batcher<Addressed<Completing>, ()>>>,
 }
@@ -78,9 +78,11 @@ const GATHER_ITEM_BYTES: usize = 32 * 1024;
 async fn enqueue_gathered(
     store: &QueueStore,
     queues: &Queues,
-    items: Vec<Addressed<NewTask>>,
+    items: Vec<Addressed<Box<NewTask>>>,
 ) -> Vec<Result<Enqueued>> {
     per_queue(items, |project, queue, tasks| async move {
+        // Boxed while gathered, so that moving an item moves a pointer.
+        let tasks: Vec<NewTask> = tasks.into_iter().map(|task| *task).collect();
         match store_tasks(store, queues, &project, &queue, &tasks).await {
             Ok(enqueued) => enqueued.into_iter().map(Ok).collect(),
             Err(Error::ResourceExhausted(_)) if tasks.len() > 1 => {
@@ -676,16 +678,21 @@ impl QueueService {
         &self,
         project: &str,
         queue: &str,
-        tasks: &[NewTask],
+        mut tasks: Vec<NewTask>,
     ) -> Result<Vec<Enqueued>> {
         queue_ref(project, queue)?;
         self.register(project, queue).await?;
-        let result = match (&self.enqueuer, tasks) {
-            (Some(enqueuer), [task]) if task.payload.len() <= GATHER_ITEM_BYTES => enqueuer
-                .submit((project.to_owned(), queue.to_owned(), task.clone()))
-                .await
-                .map(|enqueued| vec![enqueued]),
-            _ => store_tasks(&self.store, &self.queues, project, queue, tasks).await,
+        let result = match &self.enqueuer {
+            Some(enqueuer) if tasks.len() == 1 && tasks[0].payload.len() <= GATHER_ITEM_BYTES => {
+                let task = tasks.pop().map(Box::new).ok_or_else(|| {
+                    Error::Internal("a single task went missing before enqueue".into())
+                })?;
+                enqueuer
+                    .submit((project.to_owned(), queue.to_owned(), task))
+                    .await
+                    .map(|enqueued| vec![enqueued])
+            }
+            _ => store_tasks(&self.store, &self.queues, project, queue, &tasks).await,
         };
         if let Ok(enqueued) = &result {
             self.wake_local(
@@ -853,7 +860,7 @@ impl pb::queue_server::Queue for QueueService {
         validate_name(&spec.queue, "task.queue")?;
         let task = self.new_task(&spec, &spec.project, &spec.queue, "task")?;
         let mut enqueued = self
-            .enqueue_tasks(&spec.project, &spec.queue, &[task])
+            .enqueue_tasks(&spec.project, &spec.queue, vec![task])
             .await?;
         let first = enqueued
             .pop()
@@ -893,7 +900,7 @@ impl pb::queue_server::Queue for QueueService {
             tasks.push(self.new_task(spec, &request.project, &request.queue, &field)?);
         }
         let results = self
-            .enqueue_tasks(&request.project, &request.queue, &tasks)
+            .enqueue_tasks(&request.project, &request.queue, tasks)
             .await?;
         Ok(Response::new(pb::EnqueueBatchResponse {
             results: results.into_iter().map(enqueue_response).collect(),

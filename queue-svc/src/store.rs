@@ -90,7 +90,11 @@ impl<'a> NewRecord<'a> {
 
     /// A MessagePack map (at most 8 entries: a fixmap, as the script requires).
     fn encode(&self) -> Result<Vec<u8>> {
-        rmp_serde::to_vec_named(self).map_err(|e| Error::Internal(format!("task record: {e}")))
+        // Room for a record without headers, so that the buffer does not grow while written.
+        let mut packed = Vec::with_capacity(128);
+        rmp_serde::encode::write_named(&mut packed, self)
+            .map_err(|e| Error::Internal(format!("task record: {e}")))?;
+        Ok(packed)
     }
 }
 
