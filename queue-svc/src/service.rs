@@ -214,9 +214,10 @@ fn completed(queue: &str, ran: Option<u64>) {
     }
 }
 
-/// A random number in [0, 1), from a UUIDv7's random bits.
+/// A random number in [0, 1), from 53 of a UUIDv4's random bits (its version and variant
+/// bits lie above them). A v4 takes only the generator; a v7 also reads and divides the clock.
 fn uniform() -> f64 {
-    let bits = uuid::Uuid::now_v7().as_u128() & ((1u128 << 53) - 1);
+    let bits = uuid::Uuid::new_v4().as_u128() & ((1u128 << 53) - 1);
     bits as f64 / (1u64 << 53) as f64
 }
 
@@ -1297,5 +1298,24 @@ impl pb::queue_server::Queue for QueueService {
             more: pass.more,
             next_page_token: pass.cursor,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uniform;
+
+    /// Retry jitter draws from `uniform`: it must stay in [0, 1) and cover it, or every task
+    /// would retry at the same moment.
+    #[test]
+    fn uniform_covers_zero_to_one() {
+        let draws: Vec<f64> = (0..10_000).map(|_| uniform()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        // The mean of 10,000 uniform draws has a standard deviation of 0.003.
+        assert!((0.47..0.53).contains(&mean), "mean {mean}");
+        let low = draws.iter().filter(|u| **u < 0.1).count();
+        let high = draws.iter().filter(|u| **u >= 0.9).count();
+        assert!(low > 800 && high > 800, "{low} below 0.1, {high} from 0.9");
     }
 }

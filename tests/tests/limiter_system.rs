@@ -267,16 +267,26 @@ async fn limits_file_reloads_without_failing_a_request() -> anyhow::Result<()> {
     let load = {
         let (mut client, errors, stop) = (limiter.client.clone(), errors.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut n = 0u64;
+            let (mut n, mut first_error) = (0u64, None);
             while !stop.is_cancelled() && n < 100_000 {
                 n += 1;
                 let req = request(vec![policy_check("user", &format!("load-{n}"), "p")], 1);
-                if client.check_limit(req).await.is_err() {
+                if let Err(status) = client.check_limit(req).await {
                     errors.fetch_add(1, Ordering::Relaxed);
+                    first_error.get_or_insert(status);
                 }
             }
-            n
+            (n, first_error)
         })
+    };
+    // As deploy tools replace a file: whole, by rename. (A writer that truncates the file and
+    // then stalls for longer than the reload interval can expose a partial file; README says
+    // so.)
+    let replace = |text: &str| -> std::io::Result<()> {
+        let path = limiter.limits_path();
+        let next = path.with_extension("next");
+        std::fs::write(&next, text)?;
+        std::fs::rename(&next, path)
     };
     let limit_of = |mut client: pb::limiter_client::LimiterClient<tonic::transport::Channel>| async move {
         let req = request(vec![policy_check("user", "probe", "p")], 1);
@@ -286,19 +296,13 @@ async fn limits_file_reloads_without_failing_a_request() -> anyhow::Result<()> {
             .ok()
             .map(|r| r.into_inner().limit)
     };
-    std::fs::write(
-        limiter.limits_path(),
-        "[policies.p]\nlimit = 3\nwindow = \"1h\"\n",
-    )?;
+    replace("[policies.p]\nlimit = 3\nwindow = \"1h\"\n")?;
     eventually(Duration::from_secs(5), "the new limit", || {
         let client = limiter.client.clone();
         async move { (limit_of(client).await? == 3).then_some(()) }
     })
     .await?;
-    std::fs::write(
-        limiter.limits_path(),
-        "[policies.p]\nlimit = 0\nwindow = \"1h\"\n",
-    )?;
+    replace("[policies.p]\nlimit = 0\nwindow = \"1h\"\n")?;
     tokio::time::sleep(Duration::from_millis(300)).await; // several reload intervals
     assert_eq!(
         limit_of(limiter.client.clone()).await,
@@ -306,12 +310,12 @@ async fn limits_file_reloads_without_failing_a_request() -> anyhow::Result<()> {
         "a bad file leaves the policies in force"
     );
     stop.cancel();
-    let sent = load.await?;
+    let (sent, first_error) = load.await?;
     assert!(sent > 0);
     assert_eq!(
         errors.load(Ordering::Relaxed),
         0,
-        "no request failed during reloads"
+        "no request failed during reloads; the first failure: {first_error:?}"
     );
     limiter.service.stop().await
 }

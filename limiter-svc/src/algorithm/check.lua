@@ -26,7 +26,6 @@
 -- from request to request.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local ceil = math.ceil
 
 -- Every algorithm is known before anything is consumed, so a bad one fails the call whole.
 local limits, a = {}, 3

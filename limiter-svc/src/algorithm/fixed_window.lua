@@ -5,14 +5,14 @@
 -- commit's state.
 ALGORITHMS[3] = {
   peek = function(key, now, p, cost, writable)
-    local idx = math.floor(now / p.window)
+    local idx = floor(now / p.window)
     local st = redis.call('HMGET', key, 'w', 'n')
     local n = 0
     if tonumber(st[1]) == idx then n = tonumber(st[2]) or 0 end
     local ends = (idx + 1) * p.window - now
     local reset = 0
     if n > 0 then reset = ends end
-    local remaining = math.max(0, p.limit - n)
+    local remaining = max(0, p.limit - n)
     if n + cost <= p.limit then
       return 1, p.limit, remaining, reset, 0, idx, n
     end
@@ -21,11 +21,11 @@ ALGORITHMS[3] = {
   commit = function(key, now, p, cost, nonce, idx, n)
     redis.call('HSET', key, 'w', int(idx), 'n', int(n + cost))
     local ends = (idx + 1) * p.window - now
-    redis.call('PEXPIRE', key, int(math.ceil(ends / 1000)))
+    redis.call('PEXPIRE', key, int(ceil(ends / 1000)))
     return ends
   end,
   refund = function(key, now, p, cost, nonce)
-    local idx = math.floor(now / p.window)
+    local idx = floor(now / p.window)
     if tonumber(redis.call('HGET', key, 'w')) == idx then
       redis.call('HINCRBY', key, 'n', int(-cost))
     end

@@ -13,25 +13,25 @@ ALGORITHMS[5] = {
     if tat < now then tat = now end
     local new_tat = tat + cost * t
     local allow_at = new_tat - burst * t
-    local remaining = math.floor((now - (tat - burst * t)) / t + 1e-9)
+    local remaining = floor((now - (tat - burst * t)) / t + 1e-9)
     if remaining > burst then remaining = burst end
     if remaining < 0 then remaining = 0 end
-    local reset = math.ceil(tat - now)
+    local reset = ceil(tat - now)
     if allow_at <= now + 1e-6 then
       return 1, burst, remaining, reset, 0, new_tat
     end
-    return 0, burst, remaining, reset, math.ceil(allow_at - now), new_tat
+    return 0, burst, remaining, reset, ceil(allow_at - now), new_tat
   end,
   commit = function(key, now, p, cost, nonce, new_tat)
-    local reset = math.ceil(new_tat - now)
-    redis.call('SET', key, decimal(new_tat), 'PX', int(math.ceil(reset / 1000) + 1))
+    local reset = ceil(new_tat - now)
+    redis.call('SET', key, decimal(new_tat), 'PX', int(ceil(reset / 1000) + 1))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local t = p.window / p.limit
-      redis.call('SET', key, decimal(math.max(now, tat - cost * t)), 'KEEPTTL')
+      redis.call('SET', key, decimal(max(now, tat - cost * t)), 'KEEPTTL')
     end
   end,
 }

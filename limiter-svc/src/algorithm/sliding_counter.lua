@@ -5,7 +5,7 @@
 -- p = { limit, window (µs), burst (unused) }. peek returns the window and both counts as
 -- commit's state.
 local function counter_state(key, now, p)
-  local idx = math.floor(now / p.window)
+  local idx = floor(now / p.window)
   local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
   local w, cur, prev = tonumber(st[1]), tonumber(st[2]) or 0, tonumber(st[3]) or 0
   if w == idx then
@@ -30,27 +30,27 @@ ALGORITHMS[2] = {
     elseif cur + cost <= p.limit then
       -- Later in this window the previous count has decayed enough.
       local e = p.window * (1 - (p.limit - cur - cost) / prev)
-      retry = math.ceil(start + e - now)
+      retry = ceil(start + e - now)
     else
       -- Next window: this window's count becomes the decaying previous one.
       local e = 0
-      if cur > 0 then e = math.max(0, p.window * (1 - (p.limit - cost) / cur)) end
-      retry = math.ceil(start + p.window + e - now)
+      if cur > 0 then e = max(0, p.window * (1 - (p.limit - cost) / cur)) end
+      retry = ceil(start + p.window + e - now)
     end
     if cur > 0 then
       reset = start + 2 * p.window - now
     elseif prev > 0 then
       reset = start + p.window - now
     end
-    return allowed, p.limit, math.max(0, math.floor(p.limit - estimate)), reset, retry, idx, cur, prev
+    return allowed, p.limit, max(0, floor(p.limit - estimate)), reset, retry, idx, cur, prev
   end,
   commit = function(key, now, p, cost, nonce, idx, cur, prev)
     redis.call('HSET', key, 'w', int(idx), 'cur', int(cur + cost), 'prev', int(prev))
-    redis.call('PEXPIRE', key, int(math.ceil(2 * p.window / 1000)))
+    redis.call('PEXPIRE', key, int(ceil(2 * p.window / 1000)))
     return idx * p.window + 2 * p.window - now
   end,
   refund = function(key, now, p, cost, nonce)
-    local idx = math.floor(now / p.window)
+    local idx = floor(now / p.window)
     if tonumber(redis.call('HGET', key, 'w')) == idx then
       redis.call('HINCRBY', key, 'cur', int(-cost))
     end

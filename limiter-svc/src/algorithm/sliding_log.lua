@@ -7,9 +7,9 @@ ALGORITHMS[1] = {
   peek = function(key, now, p, cost, writable)
     local from = now - p.window
     if writable then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', from))
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', format('%d', from))
     end
-    local live = string.format('(%d', from)
+    local live = format('(%d', from)
     local count = redis.call('ZCOUNT', key, live, '+inf')
     local allowed, retry, reset = 0, 0, 0
     if count + cost <= p.limit then
@@ -22,7 +22,7 @@ ALGORITHMS[1] = {
     end
     local newest = redis.call('ZREVRANGEBYSCORE', key, '+inf', live, 'WITHSCORES', 'LIMIT', 0, 1)
     if newest[2] then reset = tonumber(newest[2]) + p.window - now end
-    return allowed, p.limit, math.max(0, p.limit - count), reset, retry
+    return allowed, p.limit, max(0, p.limit - count), reset, retry
   end,
   commit = function(key, now, p, cost, nonce)
     -- ZADD in chunks: Lua's unpack has a stack limit.
@@ -35,7 +35,7 @@ ALGORITHMS[1] = {
         args = {}
       end
     end
-    redis.call('PEXPIRE', key, int(math.ceil(p.window / 1000)))
+    redis.call('PEXPIRE', key, int(ceil(p.window / 1000)))
     return p.window
   end,
   refund = function(key, now, p, cost, nonce)

@@ -14,28 +14,28 @@ ALGORITHMS[4] = {
     local st = redis.call('HMGET', key, 'tokens', 'ts')
     local tokens = cap
     if st[1] then
-      tokens = math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * rate)
+      tokens = min(cap, tonumber(st[1]) + max(0, now - tonumber(st[2])) * rate)
     end
     local reset = 0
-    if tokens < cap then reset = math.ceil((cap - tokens) / rate) end
+    if tokens < cap then reset = ceil((cap - tokens) / rate) end
     if tokens + 1e-9 >= cost then
-      return 1, cap, math.floor(tokens + 1e-9), reset, 0, tokens
+      return 1, cap, floor(tokens + 1e-9), reset, 0, tokens
     end
-    return 0, cap, math.floor(tokens + 1e-9), reset, math.ceil((cost - tokens) / rate), tokens
+    return 0, cap, floor(tokens + 1e-9), reset, ceil((cost - tokens) / rate), tokens
   end,
   commit = function(key, now, p, cost, nonce, tokens)
     local cap = bucket_capacity(p)
     local rate = p.limit / p.window
     local left = tokens - cost
     redis.call('HSET', key, 'tokens', left, 'ts', int(now))
-    local reset = math.ceil((cap - left) / rate)
-    redis.call('PEXPIRE', key, int(math.ceil(reset / 1000) + 1))
+    local reset = ceil((cap - left) / rate)
+    redis.call('PEXPIRE', key, int(ceil(reset / 1000) + 1))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)
     local tokens = tonumber(redis.call('HGET', key, 'tokens'))
     if tokens then
-      redis.call('HSET', key, 'tokens', math.min(bucket_capacity(p), tokens + cost))
+      redis.call('HSET', key, 'tokens', min(bucket_capacity(p), tokens + cost))
     end
   end,
 }
