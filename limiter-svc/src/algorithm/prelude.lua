@@ -1,8 +1,8 @@
 local ALGORITHMS = {}
 -- Library functions the checks call, as locals: a global lookup costs a table access each time.
 local floor, ceil, max, min, format = math.floor, math.ceil, math.max, math.min, string.format
--- A whole number as a Redis argument. Redis formats a Lua number it is given with "%.17g",
--- the costliest step of a check; "%d" costs a fraction of it.
+-- A whole number as a Redis argument. Redis 7.0 formats a Lua number it is given with
+-- "%.17g", which was the costliest step of a check; "%d" costs a fraction of it.
 local function int(n)
   return format('%d', n)
 end
