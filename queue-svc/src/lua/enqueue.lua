@@ -41,6 +41,10 @@ if max_size > 0 then
 end
 -- The writes are gathered and sent as one command per key, not three or four per task.
 local codes, dups, stored, created = {}, {}, {}, {}
+-- cmsgpack.pack encodes each of its arguments into a buffer of its own and then joins them:
+-- what is the same for every task of the call is packed once, here.
+local pack, char, byte, sub = cmsgpack.pack, string.char, string.byte, string.sub
+local READY, PL = pack('enq', now, 'att', 0, 'st', 'ready'), pack('pl')
 local payloads, ready, sched, idem, idemx = {}, {}, {}, {}, {}
 for i = 1, n do
   local dup = plan[i]
@@ -63,12 +67,12 @@ for i = 1, n do
     local state, extra, added
     if at > now then
       state, codes[i] = 'scheduled', 's'
-      extra, added = cmsgpack.pack('enq', now, 'att', 0, 'st', state, 'sch', at), 4
+      extra, added = pack('enq', now, 'att', 0, 'st', state, 'sch', at), 4
       sched[#sched + 1] = at
       sched[#sched + 1] = id
     else
       state, codes[i] = 'ready', 'r'
-      extra, added = cmsgpack.pack('enq', now, 'att', 0, 'st', state), 3
+      extra, added = READY, 3
       local list = ready[priority]
       if not list then
         list = {}
@@ -77,15 +81,15 @@ for i = 1, n do
       list[#list + 1] = id
       made_ready = made_ready + 1
     end
+    -- As save() stores it: the id is the hash field. One concatenation builds the record.
+    stored[#stored + 1] = id
     if #payload <= INLINE_PAYLOAD then
-      extra, added = extra .. cmsgpack.pack('pl', payload), added + 1
+      stored[#stored + 1] = char(byte(record, 1) + added + 1) .. sub(record, 2) .. extra .. PL .. pack(payload)
     else
       payloads[#payloads + 1] = id
       payloads[#payloads + 1] = payload
+      stored[#stored + 1] = char(byte(record, 1) + added) .. sub(record, 2) .. extra
     end
-    -- As save() stores it: the id is the hash field.
-    stored[#stored + 1] = id
-    stored[#stored + 1] = string.char(string.byte(record, 1) + added) .. string.sub(record, 2) .. extra
     created[id] = state
     if key ~= '' then
       idem[#idem + 1] = key
