@@ -269,7 +269,11 @@ pub struct Record {
     /// Most attempts.
     pub max: u32,
     /// Headers.
-    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "HashMap::is_empty",
+        deserialize_with = "map_or_empty"
+    )]
     pub hd: HashMap<String, String>,
     /// Enqueued at (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,6 +336,53 @@ pub struct Record {
     /// Worker of the last lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wk: Option<String>,
+    /// A small payload kept inside the stored record (MessagePack records only). Read, never
+    /// written from here: the scripts own it.
+    #[serde(default, skip_serializing, deserialize_with = "some_bytes")]
+    pub pl: Option<Vec<u8>>,
+}
+
+/// Lua's MessagePack encoder writes an empty table as an empty array: accept it as an empty
+/// map.
+fn map_or_empty<'de, D>(deserializer: D) -> std::result::Result<HashMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MapOrList {
+        Map(HashMap<String, String>),
+        List(Vec<serde::de::IgnoredAny>),
+    }
+    match MapOrList::deserialize(deserializer)? {
+        MapOrList::Map(map) => Ok(map),
+        MapOrList::List(list) if list.is_empty() => Ok(HashMap::new()),
+        MapOrList::List(_) => Err(serde::de::Error::custom(
+            "headers: a list where a map belongs",
+        )),
+    }
+}
+
+/// Bytes that Lua stored as a MessagePack string (Lua strings are bytes; they need not be
+/// UTF-8).
+fn some_bytes<'de, D>(deserializer: D) -> std::result::Result<Option<Vec<u8>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bytes;
+    impl serde::de::Visitor<'_> for Bytes {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Vec<u8>, E> {
+            Ok(v.as_bytes().to_vec())
+        }
+    }
+    deserializer.deserialize_bytes(Bytes).map(Some)
 }
 
 /// Lua's JSON encoder writes an empty array as `{}`: accept both.

@@ -302,6 +302,14 @@ fn record(json: &str) -> Result<Record> {
     serde_json::from_str(json).map_err(|e| Error::Internal(format!("stored task record: {e}")))
 }
 
+/// A record as stored (MessagePack, without its id), for task `id`.
+fn packed_record(id: String, packed: &[u8]) -> Result<Record> {
+    let mut record: Record = rmp_serde::from_slice(packed)
+        .map_err(|e| Error::Internal(format!("stored task record {id}: {e}")))?;
+    record.id = id;
+    Ok(record)
+}
+
 impl RedisQueue {
     /// A queue store on `pool`.
     pub fn new(pool: RedisPool) -> Self {
@@ -454,13 +462,23 @@ impl RedisQueue {
             call = call.arg(token);
         }
         let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
+        if !reply.len().is_multiple_of(3) {
+            return Err(Error::Internal(format!(
+                "dequeue replied {} values, not three per task",
+                reply.len()
+            )));
+        }
         reply
-            .chunks_exact(2)
+            .chunks_exact(3)
             .map(|c| {
-                Ok((
-                    record(&text(c.first(), "dequeue")?)?,
-                    bytes(c.get(1), "dequeue")?,
-                ))
+                let mut record =
+                    packed_record(text(c.first(), "dequeue")?, &bytes(c.get(1), "dequeue")?)?;
+                let payload = match c.get(2) {
+                    Some(redis::Value::Nil) => record.pl.take().unwrap_or_default(),
+                    other => bytes(other, "dequeue")?,
+                };
+                record.pl = None;
+                Ok((record, payload))
             })
             .collect()
     }

@@ -38,12 +38,14 @@ local function load(id)
   return task
 end
 
--- The id is the hash field: the stored record leaves it out.
+-- The id is the hash field: the stored record leaves it out. Returns the record as stored.
 local function save(task)
   local id = task.id
   task.id = nil
-  redis.call('HSET', K_TASKS, id, cmsgpack.pack(task))
+  local packed = cmsgpack.pack(task)
+  redis.call('HSET', K_TASKS, id, packed)
   task.id = id
+  return packed
 end
 
 -- The record as the service reads it (with its id, without the payload).

@@ -1,7 +1,9 @@
 -- dequeue: lease up to n ready tasks, most urgent priority first, FIFO within a priority.
 -- ARGV[1] n; ARGV[2] lease (ms; 0 = each task's processing timeout); ARGV[3] worker id;
 -- ARGV[4 ..] n lease tokens (made by the caller, one per possible lease).
--- Returns a flat list: per leased task its record JSON (with its id) and its payload. A paused queue
+-- Returns a flat list: per leased task its id, its record as stored (MessagePack: the bytes
+-- save() wrote, so nothing is encoded twice) and its payload, or nil when the payload is in the
+-- record (field pl). A paused queue
 -- leases nothing. Due scheduled tasks are promoted first, so delays hold to the millisecond;
 -- when it leased all it asked for, some it promoted may still be ready, and are announced to
 -- the Lease streams.
@@ -28,9 +30,13 @@ while leased < n and p <= 4 do
     task.dl = now + ms
     task.wk = worker
     redis.call('ZADD', K_LEASED, task.dl, task.id)
-    save(task)
-    out[#out + 1] = encode(task)
-    out[#out + 1] = payload_of(task)
+    out[#out + 1] = task.id
+    out[#out + 1] = save(task)
+    if task.pl then
+      out[#out + 1] = false
+    else
+      out[#out + 1] = payload_of(task)
+    end
   end
   end
 end
