@@ -249,7 +249,8 @@ pub struct ErrorRecord {
     pub at: f64,
 }
 
-/// A task as stored (JSON with short names; the scripts read and write it too).
+/// A task as stored (MessagePack, or JSON from earlier versions, with short names; the scripts
+/// read and write it too, and answer with it as JSON or, from Dequeue, as stored).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Task id (the stored record leaves it out: it is the hash field).

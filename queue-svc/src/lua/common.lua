@@ -1,8 +1,9 @@
 -- common: prepended to every queue script. Every script receives the same fifteen keys, all
 -- of one queue and one hash tag {<project>/<queue>}, so every script runs on Redis Cluster.
 --   KEYS[1]  tasks     hash: task id -> task record (MessagePack, short field names, without
---                      the id; the scripts answer the service with JSON). A payload of up to
---                      INLINE_PAYLOAD bytes is kept in the record itself (field pl)
+--                      the id; dequeue answers with it as stored, the others with JSON). A
+--                      payload of up to INLINE_PAYLOAD bytes is kept in the record itself
+--                      (field pl)
 --   KEYS[2]  payloads  hash: task id -> payload bytes, for larger payloads
 --   KEYS[3]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
 --   KEYS[4]  leased    zset: task id, score = lease deadline (ms)
