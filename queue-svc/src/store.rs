@@ -474,7 +474,12 @@ impl RedisQueue {
                 let mut record =
                     packed_record(text(c.first(), "dequeue")?, &bytes(c.get(1), "dequeue")?)?;
                 let payload = match c.get(2) {
-                    Some(redis::Value::Nil) => record.pl.take().unwrap_or_default(),
+                    Some(redis::Value::Nil) => record.pl.take().ok_or_else(|| {
+                        Error::Internal(format!(
+                            "dequeue: task {}'s payload is neither in its record nor beside it",
+                            record.id
+                        ))
+                    })?,
                     other => bytes(other, "dequeue")?,
                 };
                 record.pl = None;
