@@ -683,17 +683,19 @@ impl QueueService {
     ) -> Result<Vec<Enqueued>> {
         queue_ref(project, queue)?;
         self.register(project, queue).await?;
-        let result = match &self.enqueuer {
+        // A single small task gathers with concurrent ones; anything else goes alone.
+        let gathered = match &self.enqueuer {
             Some(enqueuer) if tasks.len() == 1 && tasks[0].payload.len() <= GATHER_ITEM_BYTES => {
-                let task = tasks.pop().map(Box::new).ok_or_else(|| {
-                    Error::Internal("a single task went missing before enqueue".into())
-                })?;
-                enqueuer
-                    .submit((project.to_owned(), queue.to_owned(), task))
-                    .await
-                    .map(|enqueued| vec![enqueued])
+                tasks.pop().map(|task| (enqueuer, Box::new(task)))
             }
-            _ => store_tasks(&self.store, &self.queues, project, queue, &tasks).await,
+            _ => None,
+        };
+        let result = match gathered {
+            Some((enqueuer, task)) => enqueuer
+                .submit((project.to_owned(), queue.to_owned(), task))
+                .await
+                .map(|enqueued| vec![enqueued]),
+            None => store_tasks(&self.store, &self.queues, project, queue, &tasks).await,
         };
         if let Ok(enqueued) = &result {
             self.wake_local(
