@@ -1,6 +1,6 @@
 //! The load driver shared by every workload: connections, closed and open loop, warm-up, progress.
 //!
-//! Timeline of a run: connect every channel, then `start`; requests sent before
+//! Timeline of a run: connect every connection, then `start`; requests sent before
 //! `start + warmup` are made but not recorded; nothing new is sent from
 //! `start + warmup + duration` on, and the calls still in flight then are awaited (each is
 //! bounded by `--timeout`) and recorded.
@@ -18,8 +18,8 @@ use anyhow::Context as _;
 use sluice::config::parse_duration;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
-use tonic::transport::{Channel, Endpoint};
 
+use crate::conn::Conn;
 use crate::redis_info;
 use crate::report::{Mode, Recorder, Report, TaskCounting};
 
@@ -30,7 +30,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:50051")]
     pub target: String,
 
-    /// Separate HTTP/2 connections (tonic channels); requests take them in turn.
+    /// Separate HTTP/2 connections; requests take them in turn.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub connections: u32,
 
@@ -133,10 +133,10 @@ pub trait Workload: Send + Sync + 'static {
     const TASKS: Option<TaskCounting> = None;
 
     /// Makes request number `seq` (0, 1, 2, … over the whole run, warm-up included) on
-    /// `channel`. A failed call is an `Err`, never a panic. The open loop calls this.
+    /// `conn`. A failed call is an `Err`, never a panic. The open loop calls this.
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send;
 
@@ -145,12 +145,12 @@ pub trait Workload: Send + Sync + 'static {
     /// producers and consumers) override it; by default it is `call`.
     fn call_as(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
         _worker: u32,
         _workers: u32,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
-        self.call(channel, seq)
+        self.call(conn, seq)
     }
 }
 
@@ -181,12 +181,13 @@ pub async fn run_probed<W: Workload>(
         (None, None) => anyhow::bail!("give --concurrency or --rate"),
     };
 
-    let channels = connect(args).await?;
+    let conns = connect(args).await?;
     let start = Instant::now();
     let measure_start = start + args.warmup;
     let shared = Arc::new(Shared {
         workload,
-        channels,
+        conns,
+        timeout: args.timeout,
         recorder: Mutex::new(Recorder::new()?),
         progress: Progress::default(),
         start,
@@ -270,28 +271,20 @@ async fn redis_usage(
 }
 
 /// Dials every connection up front, so a wrong `--target` fails before any load is sent.
-async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(args.target.clone())
-        .with_context(|| format!("--target `{}` is not a valid URL", args.target))?
-        .connect_timeout(args.timeout)
-        .timeout(args.timeout)
-        .tcp_nodelay(true);
-    let mut channels = Vec::new();
+async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::new();
     for _ in 0..args.connections {
-        // One `connect` per channel: each is its own HTTP/2 connection, not a clone of one.
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", args.target))?;
-        channels.push(channel);
+        conns.push(Conn::connect(&args.target, args.timeout).await?);
     }
-    Ok(channels)
+    Ok(conns)
 }
 
 /// State every request task reads.
 struct Shared<W> {
     workload: W,
-    channels: Vec<Channel>,
+    conns: Vec<Conn>,
+    /// `--timeout`: a call still unanswered then fails with DEADLINE_EXCEEDED.
+    timeout: Duration,
     /// Measured calls only. A mutex, not per-task histograms: a lock held for one
     /// `record` costs far less than the call it follows, and one histogram per task would
     /// cost ~100 KiB each at high concurrency.
@@ -316,11 +309,21 @@ impl<W: Workload> Shared<W> {
     /// should stop ([`Outcome::stop`]).
     async fn request(&self, seq: u64, started: Instant, worker: Option<(u32, u32)>) -> bool {
         // Round robin over the connections.
-        let channel = self.channels[(seq % self.channels.len() as u64) as usize].clone();
-        let result = match worker {
-            Some((worker, workers)) => self.workload.call_as(channel, seq, worker, workers).await,
-            None => self.workload.call(channel, seq).await,
+        let conn = self.conns[(seq % self.conns.len() as u64) as usize].clone();
+        let call = async {
+            match worker {
+                Some((worker, workers)) => self.workload.call_as(conn, seq, worker, workers).await,
+                None => self.workload.call(conn, seq).await,
+            }
         };
+        let result = tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within --timeout {:?}",
+                    self.timeout
+                )))
+            });
         let finished = Instant::now();
         self.progress.done.fetch_add(1, Ordering::Relaxed);
         match &result {

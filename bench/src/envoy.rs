@@ -7,8 +7,8 @@ use sluice::proto::envoy::extensions::common::ratelimit::v3::{
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use tonic::transport::Channel;
 
+use crate::conn::Conn;
 use crate::driver::{Outcome, Verdict, Workload};
 
 /// Options of `should-rate-limit`.
@@ -61,13 +61,13 @@ impl Workload for ShouldRateLimit {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         // Built before the future so that it borrows nothing from `self`.
         let request = self.request(seq);
         async move {
-            let response = RateLimitServiceClient::new(channel)
+            let response = RateLimitServiceClient::new(conn)
                 .should_rate_limit(request)
                 .await?;
             Ok(Outcome::from(

@@ -5,8 +5,8 @@ use std::time::Duration;
 use sluice::config::parse_duration;
 use sluice::proto::sluice::limiter::v1::limiter_client::LimiterClient;
 use sluice::proto::sluice::limiter::v1::{Algorithm, Check, CheckLimitRequest, InlineLimit, check};
-use tonic::transport::Channel;
 
+use crate::conn::Conn;
 use crate::driver::{Outcome, Verdict, Workload};
 
 /// The scopes of a request's checks, in order: the well-known ones, then custom ones so that
@@ -133,13 +133,13 @@ impl Workload for CheckLimit {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         // Built before the future so that it borrows nothing from `self`.
         let request = self.request(seq);
         async move {
-            let response = LimiterClient::new(channel).check_limit(request).await?;
+            let response = LimiterClient::new(conn).check_limit(request).await?;
             Ok(Outcome::from(if response.get_ref().allowed {
                 Verdict::Allowed
             } else {

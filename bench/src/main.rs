@@ -4,6 +4,7 @@
 //!
 //! - [`driver`]: what every workload shares: the connections, the closed loop (`--concurrency`)
 //!   and the open loop (`--rate`), warm-up, the per-second progress line;
+//! - [`conn`]: the HTTP/2 connection unary calls go over (h2 directly, under tonic's clients);
 //! - [`report`]: counts and the latency histogram, printed as a block of text and a JSON line;
 //! - [`limiter`]: the `check-limit` workload (`sluice.limiter.v1.Limiter/CheckLimit`);
 //! - [`envoy`]: the `should-rate-limit` workload (Envoy's `RateLimitService/ShouldRateLimit`);
@@ -14,13 +15,14 @@
 //! - [`redis_info`]: `--redis-url`, Redis CPU time and commands per task over a run.
 //!
 //! A run flows: parse the subcommand → build its [`driver::Workload`] → [`driver::run`] calls it
-//! once per request with a sequence number and a channel → [`report::Report`].
+//! once per request with a sequence number and a connection → [`report::Report`].
 //!
 //! A new workload is one more module implementing [`driver::Workload`] and one more variant of
 //! [`Command`].
 
 #![forbid(unsafe_code)]
 
+mod conn;
 mod driver;
 mod envoy;
 mod lease;

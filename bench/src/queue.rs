@@ -19,8 +19,8 @@ use sluice::proto::sluice::queue::v1::{
     CompleteRequest, DequeueRequest, EnqueueBatchRequest, EnqueueRequest, Priority, TaskLease,
     TaskSpec,
 };
-use tonic::transport::Channel;
 
+use crate::conn::Conn;
 use crate::driver::{Outcome, RunArgs, Verdict, Workload};
 use crate::redis_info;
 use crate::report::TaskCounting;
@@ -202,13 +202,13 @@ impl Workload for Enqueue {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         // Built before the future so that it borrows nothing from `self`.
         let request = self.request(seq);
         async move {
-            QueueClient::new(channel).enqueue(request).await?;
+            QueueClient::new(conn).enqueue(request).await?;
             Ok(enqueued(1))
         }
     }
@@ -267,12 +267,12 @@ impl Workload for EnqueueBatch {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         let request = self.request(seq);
         async move {
-            let response = QueueClient::new(channel).enqueue_batch(request).await?;
+            let response = QueueClient::new(conn).enqueue_batch(request).await?;
             Ok(enqueued(response.get_ref().results.len() as u64))
         }
     }
@@ -300,7 +300,7 @@ impl Drain {
     }
 
     /// One Dequeue + Complete round; answers how many tasks it completed.
-    fn round(&self, channel: Channel) -> impl Future<Output = Result<u64, tonic::Status>> + Send {
+    fn round(&self, conn: Conn) -> impl Future<Output = Result<u64, tonic::Status>> + Send {
         let request = DequeueRequest {
             project: self.project.clone(),
             queues: vec![self.queue.clone()],
@@ -309,19 +309,19 @@ impl Drain {
             worker_id: WORKER_ID.to_owned(),
             ..Default::default()
         };
-        drain_round(channel, request, self.project.clone(), self.queue.clone())
+        drain_round(conn, request, self.project.clone(), self.queue.clone())
     }
 }
 
 /// Dequeues with `request`, then completes every lease at once. A failed Complete fails the
 /// round (its first error is returned; the other completes still ran).
 async fn drain_round(
-    channel: Channel,
+    conn: Conn,
     request: DequeueRequest,
     project: String,
     queue: String,
 ) -> Result<u64, tonic::Status> {
-    let client = QueueClient::new(channel);
+    let client = QueueClient::new(conn);
     let leases = client.clone().dequeue(request).await?.into_inner().leases;
     let completes = leases.into_iter().map(|lease| {
         let TaskLease {
@@ -388,10 +388,10 @@ impl Workload for Drain {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         _seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
-        let round = self.round(channel);
+        let round = self.round(conn);
         let stop_when_empty = self.stop_when_empty;
         async move { Ok(drained(round.await?, true, stop_when_empty)) }
     }
@@ -436,22 +436,19 @@ impl Cycle {
 
     fn produce(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         let request = self.enqueue.request(seq);
         async move {
-            QueueClient::new(channel).enqueue(request).await?;
+            QueueClient::new(conn).enqueue(request).await?;
             // Timed, but its task is counted when it is completed.
             Ok(enqueued(0))
         }
     }
 
-    fn consume(
-        &self,
-        channel: Channel,
-    ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
-        let round = self.drain.round(channel);
+    fn consume(&self, conn: Conn) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
+        let round = self.drain.round(conn);
         async move { Ok(drained(round.await?, false, false)) }
     }
 }
@@ -466,28 +463,28 @@ impl Workload for Cycle {
 
     fn call(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         if seq.is_multiple_of(2) {
-            Either::Left(self.produce(channel, seq))
+            Either::Left(self.produce(conn, seq))
         } else {
-            Either::Right(self.consume(channel))
+            Either::Right(self.consume(conn))
         }
     }
 
     fn call_as(
         &self,
-        channel: Channel,
+        conn: Conn,
         seq: u64,
         worker: u32,
         workers: u32,
     ) -> impl Future<Output = Result<Outcome, tonic::Status>> + Send {
         let consumers = workers / 2;
         if worker < workers - consumers {
-            Either::Left(self.produce(channel, seq))
+            Either::Left(self.produce(conn, seq))
         } else {
-            Either::Right(self.consume(channel))
+            Either::Right(self.consume(conn))
         }
     }
 }

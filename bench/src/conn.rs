@@ -1,0 +1,284 @@
+//! The load generator's HTTP/2 connection for unary gRPC calls, on the `h2` crate directly.
+//!
+//! The generated tonic clients run on it unchanged (`LimiterClient::new(conn)`): it is a tower
+//! service from `http::Request` to `http::Response`, as tonic's `Channel` is. What it leaves
+//! out is what a load generator on the service's own cores should not pay for on every call:
+//! `Channel`'s request queue (a `tower::buffer` task every call passes through), its reconnect
+//! and origin layers, and hyper's client, which spawns a task per request to copy the request
+//! body into the stream. Here a call sends its headers and its one message from the caller's
+//! own task, the message with END_STREAM as one DATA frame, and reads the answer and its
+//! trailers from the stream.
+//!
+//! On the wire a call is what any gRPC client sends: `POST` to `/<service>/<method>` with
+//! `content-type: application/grpc` and `te: trailers` (both set by tonic's codec), a
+//! `user-agent`, the length-prefixed message, and the same HTTP/2 settings as hyper's client
+//! (tonic's): 2 MiB stream and 5 MiB connection windows, no server push.
+//!
+//! Unary calls only: the request body is read to its end before the call returns. The Lease
+//! stream's workloads ([`crate::lease`]) use tonic's `Channel`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http_body::{Body, Frame};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the service learns of its caller.
+const USER_AGENT: http::HeaderValue =
+    http::HeaderValue::from_static(concat!("sluice-bench/", env!("CARGO_PKG_VERSION")));
+
+/// One HTTP/2 connection. Clones share it; a call takes one stream of it.
+#[derive(Clone)]
+pub struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    authority: Authority,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Dials `target` (`http://host:port`), within `timeout`, and starts the connection's task
+    /// on the current runtime. The connection lives as long as a clone of the returned value.
+    pub async fn connect(target: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let uri: Uri = target
+            .parse()
+            .with_context(|| format!("--target `{target}` is not a valid URL"))?;
+        anyhow::ensure!(
+            uri.scheme() == Some(&Scheme::HTTP),
+            "--target `{target}`: only http:// endpoints (gRPC without TLS) are supported"
+        );
+        let authority = uri
+            .authority()
+            .cloned()
+            .with_context(|| format!("--target `{target}` names no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let dial = async {
+            let tcp = tokio::net::TcpStream::connect((authority.host(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let (send, connection) = h2::client::Builder::new()
+                .initial_window_size(2 << 20)
+                .initial_connection_window_size(5 << 20)
+                .max_header_list_size(16 << 10)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tcp)
+                .await?;
+            anyhow::Ok((send, connection))
+        };
+        let (send, connection) = tokio::time::timeout(timeout, dial)
+            .await
+            .map_err(|_| anyhow::anyhow!("no connection within {timeout:?}"))?
+            .with_context(|| format!("connecting to {target}"))?;
+        // When the connection fails, this task ends and every call on it fails with the cause.
+        tokio::spawn(async move {
+            let _closed = connection.await;
+        });
+        Ok(Self { send, authority })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = http::Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Ready when the server's limit on concurrent streams leaves room for one more.
+        self.send.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (mut head, body) = request.into_parts();
+        let path = head
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build();
+        let sent = uri.map_err(BoxError::from).and_then(|uri| {
+            head.uri = uri;
+            head.headers.insert(http::header::USER_AGENT, USER_AGENT);
+            self.send
+                .send_request(http::Request::from_parts(head, ()), false)
+                .map_err(BoxError::from)
+        });
+        Box::pin(async move {
+            let (response, mut stream) = sent?;
+            // A unary request body is one message: it goes out as one DATA frame carrying
+            // END_STREAM, found by looking one frame ahead.
+            let mut body = std::pin::pin!(body);
+            let mut pending: Option<Bytes> = None;
+            while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                if let Ok(data) = frame?.into_data()
+                    && let Some(earlier) = pending.replace(data)
+                {
+                    stream.send_data(earlier, false)?;
+                }
+            }
+            stream.send_data(pending.unwrap_or_default(), true)?;
+            let response = response.await?;
+            Ok(response.map(|stream| Incoming {
+                stream,
+                data_done: false,
+            }))
+        })
+    }
+}
+
+/// A response body: the stream's DATA frames, then its trailers (where gRPC puts the status).
+/// Received data is handed back to flow control as it is read.
+pub struct Incoming {
+    stream: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Body for Incoming {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    this.stream.flow_control().release_capacity(data.len())?;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => this.data_done = true,
+            }
+        }
+        Poll::Ready(
+            ready!(this.stream.poll_trailers(cx))
+                .transpose()
+                .map(|t| t.map(Frame::trailers)),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    /// A real tonic server on a free loopback port, serving gRPC health with one service
+    /// marked serving.
+    async fn health_server() -> anyhow::Result<String> {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("bench.Up", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move {
+            // Kept alive by the reporter: the server answers while the test runs.
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        Ok(format!("http://{address}"))
+    }
+
+    #[tokio::test]
+    async fn tonic_clients_call_a_real_server_over_it() -> anyhow::Result<()> {
+        let target = health_server().await?;
+        let conn = Conn::connect(&target, Duration::from_secs(5)).await?;
+        let mut client = HealthClient::new(conn.clone());
+        // The request's message reaches the server: the answer depends on the name it carries.
+        for _ in 0..3 {
+            let up = client
+                .check(HealthCheckRequest {
+                    service: "bench.Up".to_owned(),
+                })
+                .await?;
+            assert_eq!(up.get_ref().status, ServingStatus::Serving as i32);
+        }
+        // An error answered in the headers alone (trailers-only) comes back as its status.
+        let unknown = HealthClient::new(conn)
+            .check(HealthCheckRequest {
+                service: "bench.Unknown".to_owned(),
+            })
+            .await;
+        let status = unknown.err().map(|status| status.code());
+        assert_eq!(status, Some(tonic::Code::NotFound));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn many_calls_in_flight_share_one_connection() -> anyhow::Result<()> {
+        let target = health_server().await?;
+        let conn = Conn::connect(&target, Duration::from_secs(5)).await?;
+        let calls = (0..500).map(|_| {
+            let mut client = HealthClient::new(conn.clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: "bench.Up".to_owned(),
+                    })
+                    .await
+                    .map(|answer| answer.into_inner().status)
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let serving = answers
+            .iter()
+            .filter(|answer| matches!(answer, Ok(s) if *s == ServingStatus::Serving as i32))
+            .count();
+        assert_eq!(serving, 500, "{:?}", answers.iter().find(|a| a.is_err()));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn targets_it_cannot_reach_are_refused_with_the_reason() {
+        let refused = |target: &'static str| async move {
+            Conn::connect(target, Duration::from_secs(5))
+                .await
+                .err()
+                .map(|err| format!("{err:#}"))
+                .unwrap_or_default()
+        };
+        assert!(
+            refused("https://127.0.0.1:1")
+                .await
+                .contains("only http://")
+        );
+        assert!(refused("not a url").await.contains("not a valid URL"));
+        // A port nothing listens on: bind one, then close it.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| format!("http://{address}"))
+            .unwrap_or_default();
+        let err = Conn::connect(&closed, Duration::from_secs(5)).await.err();
+        assert!(
+            err.is_some_and(|err| format!("{err:#}").contains("connecting to")),
+            "a closed port fails to connect"
+        );
+    }
+}
