@@ -169,6 +169,50 @@ impl Call<'_> {
     }
 }
 
+/// A MessagePack array of unsigned integers, for a script to read with `cmsgpack.unpack`: one
+/// argument instead of one per number. Redis makes each argument an object and then a Lua
+/// string, and the script's `tonumber` parses it with strtod; unpacking hands the script Lua
+/// numbers directly. (Lua numbers are doubles: integers past 2^53 lose precision, as they do
+/// through `tonumber`.)
+#[derive(Debug)]
+pub struct PackedNumbers {
+    bytes: Vec<u8>,
+    announced: usize,
+    written: usize,
+}
+
+impl PackedNumbers {
+    /// An array of exactly `count` numbers, to be pushed one by one.
+    pub fn new(count: usize) -> std::result::Result<Self, String> {
+        let len = u32::try_from(count).map_err(|_| format!("{count} numbers in one array"))?;
+        let mut bytes = Vec::with_capacity(5 + 9 * count);
+        // Writing into a Vec cannot fail.
+        let _ = rmp::encode::write_array_len(&mut bytes, len);
+        Ok(Self {
+            bytes,
+            announced: count,
+            written: 0,
+        })
+    }
+
+    /// Appends `n` in the fewest bytes MessagePack allows.
+    pub fn push(&mut self, n: u64) {
+        self.written += 1;
+        let _ = rmp::encode::write_uint(&mut self.bytes, n);
+    }
+
+    /// The packed array, once exactly the announced count was pushed.
+    pub fn finish(self) -> std::result::Result<Vec<u8>, String> {
+        if self.written != self.announced {
+            return Err(format!(
+                "{} numbers packed, {} announced",
+                self.written, self.announced
+            ));
+        }
+        Ok(self.bytes)
+    }
+}
+
 /// The numbers of a script reply packed with `cmsgpack.pack` (a MessagePack array of
 /// numbers): one bulk string for the client to parse instead of one RESP value per number,
 /// which for replies of many numbers costs the client more than everything else in the call.
@@ -260,6 +304,37 @@ mod tests {
         rmp::encode::write_array_len(&mut big, 1).expect("writing to a Vec");
         rmp::encode::write_u64(&mut big, u64::MAX).expect("writing to a Vec");
         assert!(unpack_numbers(&big).is_err());
+    }
+
+    #[test]
+    fn packed_numbers_read_back_and_hold_to_their_count() {
+        let values = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            1 << 40,
+        ];
+        let mut numbers = PackedNumbers::new(values.len()).expect("a small array");
+        for v in values {
+            numbers.push(v);
+        }
+        let packed = numbers.finish().expect("all pushed");
+        let expected: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+        assert_eq!(unpack_numbers(&packed), Ok(expected));
+        // Smallest encodings: a one-byte header, one byte for a small number.
+        assert_eq!(&packed[..3], &[0x9a, 0x00, 0x01]);
+        let mut short = PackedNumbers::new(2).expect("a small array");
+        short.push(1);
+        assert!(short.finish().is_err(), "fewer numbers than announced");
+        let mut long = PackedNumbers::new(0).expect("an empty array");
+        long.push(1);
+        assert!(long.finish().is_err(), "more numbers than announced");
     }
 
     #[test]

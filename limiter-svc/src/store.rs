@@ -10,7 +10,7 @@ use std::time::Duration;
 use sluice::batch::Batcher;
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
-use sluice::script::Script;
+use sluice::script::{PackedNumbers, Script};
 
 use crate::algorithm::{self, Algorithm, Params, State};
 use crate::keys;
@@ -310,29 +310,38 @@ async fn run_checks(
             per_check.push((position, c.params.cost as u64));
         }
     }
-    call = call.arg(instance).arg(limits.len());
+    // Every number of the call in one MessagePack array (check.lua, ARGV[2]).
+    let count = 2
+        + 5 * limits.len()
+        + requests
+            .iter()
+            .map(|r| 3 + 2 * r.counters.len())
+            .sum::<usize>();
+    let mut numbers =
+        PackedNumbers::new(count).map_err(|e| Error::Internal(format!("limiter.check: {e}")))?;
+    numbers.push(limits.len() as u64);
     for (algorithm, limit, window, burst, shadow) in limits {
-        call = call
-            .arg(algorithm)
-            .arg(limit)
-            .arg(window)
-            .arg(burst)
-            .arg(u8::from(shadow));
+        numbers.push(u64::from(algorithm));
+        numbers.push(limit);
+        numbers.push(window);
+        numbers.push(burst);
+        numbers.push(u64::from(shadow));
     }
-    call = call.arg(requests.len());
+    numbers.push(requests.len() as u64);
     let mut checks = per_check.into_iter();
     for request in requests {
-        call = call
-            .arg(match request.mode {
-                Mode::Consume => "c",
-                Mode::Peek => "p",
-            })
-            .arg(request.seq)
-            .arg(request.counters.len());
+        numbers.push(u64::from(request.mode == Mode::Consume));
+        numbers.push(request.seq);
+        numbers.push(request.counters.len() as u64);
         for (position, cost) in checks.by_ref().take(request.counters.len()) {
-            call = call.arg(position).arg(cost);
+            numbers.push(position as u64);
+            numbers.push(cost);
         }
     }
+    let numbers = numbers
+        .finish()
+        .map_err(|e| Error::Internal(format!("limiter.check: {e}")))?;
+    call = call.arg(instance).arg(numbers);
     let packed: Vec<u8> = call.invoke(pool).await?;
     let reply = sluice::script::unpack_numbers(&packed)
         .map_err(|e| Error::Internal(format!("limiter.check replied {e}")))?;

@@ -4,6 +4,8 @@
 -- p = { limit, window (µs), burst (unused) }. Members are named `<nonce>:<i>`, so a refund
 -- removes exactly what its request added.
 ALGORITHMS[1] = {
+  -- commit needs the request's nonce.
+  named = true,
   peek = function(key, now, p, cost, writable)
     local from = now - p.window
     if writable then
