@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
-use sluice::script::{Call, Script};
+use sluice::script::{Call, PackedNumbers, Script};
 
 use crate::keys;
 use crate::model::Record;
@@ -373,18 +373,24 @@ impl RedisQueue {
         max_size: u64,
         idempotency_ms: u64,
     ) -> Result<Vec<Enqueued>> {
-        let mut call = Self::call(&self.enqueue, project, queue)
-            .arg(max_size)
-            .arg(idempotency_ms)
-            .arg(tasks.len());
+        let count = 3 + 3 * tasks.len();
+        let packing = |e: String| Error::Internal(format!("enqueue: {e}"));
+        let mut numbers = PackedNumbers::new(count).map_err(packing)?;
+        numbers.push(max_size);
+        numbers.push(idempotency_ms);
+        numbers.push(tasks.len() as u64);
+        for task in tasks {
+            numbers.push(u64::from(task.record.p));
+            numbers.push(task.not_before_ms);
+            numbers.push(task.delay_ms);
+        }
+        let mut call =
+            Self::call(&self.enqueue, project, queue).arg(numbers.finish().map_err(packing)?);
         for task in tasks {
             let r = &task.record;
             call = call
                 .arg(r.id.as_str())
-                .arg(r.p)
                 .arg(r.idem.as_deref().unwrap_or(""))
-                .arg(task.not_before_ms)
-                .arg(task.delay_ms)
                 .arg(task.payload.as_slice())
                 .arg(NewRecord::of(r).encode()?);
         }

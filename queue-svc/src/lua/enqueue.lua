@@ -1,26 +1,29 @@
 -- enqueue: store a batch of tasks into one queue, all or none.
--- ARGV[1] max size (0 = unbounded; counts ready + scheduled + leased)
--- ARGV[2] idempotency retention (ms)
--- ARGV[3] n, then per task 7 args: id, priority (0..4), idempotency key ('' = none),
---         not-before (ms, 0 = none), delay (ms, 0 = none), payload, and the record: a
+-- ARGV[1] the call's numbers, as one MessagePack array: max size (0 = unbounded; counts
+--         ready + scheduled + leased), idempotency retention (ms), the number of tasks n,
+--         then per task: priority (0..4), not-before (ms, 0 = none), delay (ms, 0 = none).
+--         One string, unpacked into Lua numbers, instead of an argument per number that
+--         Redis makes an object, then a Lua string, for tonumber to parse.
+-- ARGV[2..] per task 4 strings: id, idempotency key ('' = none), payload, and the record: a
 --         MessagePack fixmap of the fields the service sets. The script appends what only it
 --         knows (enq, att, st, sch, a small payload) and raises the map's count, so a record
 --         is never decoded here.
 -- Returns {'full', size} or {'ok', codes, then per duplicate: its task id and state}, where
 -- codes holds one letter per task: 'r' stored ready, 's' stored scheduled, 'd' a duplicate.
 -- Why a script: the size check, the idempotency lookups and the writes must be one step.
-local max_size, idem_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ARGS = 7
+local v = cmsgpack.unpack(ARGV[1])
+local max_size, idem_ttl, n = v[1], v[2], v[3]
+local ARGS = 4
 -- Per task: the id of the task it duplicates, or false.
 local plan, fresh, seen = {}, 0, {}
 for i = 1, n do
-  local b = 3 + (i - 1) * ARGS
-  local first = string.byte(ARGV[b + 7], 1) or 0
+  local b = 1 + (i - 1) * ARGS
+  local first = string.byte(ARGV[b + 4], 1) or 0
   -- Up to 5 entries are appended: the map must stay a fixmap (0x80 .. 0x8f).
   if first < 0x80 or first > 0x8a then
     return redis.error_reply('enqueue: task ' .. i .. ': the record is not a MessagePack map of at most 10 entries')
   end
-  local id, idem = ARGV[b + 1], ARGV[b + 3]
+  local id, idem = ARGV[b + 1], ARGV[b + 2]
   local existing = false
   if idem ~= '' then
     existing = seen[idem] or false
@@ -58,9 +61,9 @@ for i = 1, n do
     dups[#dups + 1] = dup
     dups[#dups + 1] = state
   else
-    local b = 3 + (i - 1) * ARGS
-    local id, priority, key = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3]
-    local nb, delay, payload, record = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5]), ARGV[b + 6], ARGV[b + 7]
+    local b, c = 1 + (i - 1) * ARGS, 3 + (i - 1) * 3
+    local id, key, payload, record = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+    local priority, nb, delay = v[c + 1], v[c + 2], v[c + 3]
     local at = 0
     if nb > 0 then at = nb end
     if delay > 0 then at = now + delay end
