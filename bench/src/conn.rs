@@ -12,7 +12,11 @@
 //! On the wire a call is what any gRPC client sends: `POST` to `/<service>/<method>` with
 //! `content-type: application/grpc` and `te: trailers` (both set by tonic's codec), a
 //! `user-agent`, the length-prefixed message, and the same HTTP/2 settings as hyper's client
-//! (tonic's): 2 MiB stream and 5 MiB connection windows, no server push.
+//! (tonic's): 2 MiB stream and 5 MiB connection windows, 16 KiB of headers, 1 MiB send
+//! buffer per stream, 100 streams assumed before the server's settings arrive, no server push.
+//!
+//! A connection is dialled once: if it fails (the service restarts, say), every later call on
+//! it fails and counts as an error; nothing reconnects in the middle of a measurement.
 //!
 //! Unary calls only: the request body is read to its end before the call returns. The Lease
 //! stream's workloads ([`crate::lease`]) use tonic's `Channel`.
@@ -71,6 +75,8 @@ impl Conn {
                 .initial_window_size(2 << 20)
                 .initial_connection_window_size(5 << 20)
                 .max_header_list_size(16 << 10)
+                .max_send_buffer_size(1 << 20)
+                .initial_max_send_streams(100)
                 .enable_push(false)
                 .handshake::<_, Bytes>(tcp)
                 .await?;
