@@ -1083,15 +1083,15 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     q.service.stop().await
 }
 
-/// Payloads of up to 1 KiB are stored inside the task's record, larger ones beside it; either
-/// way every byte (all 256 values, invalid UTF-8 included) comes back from GetTask, Dequeue
-/// and ListDeadLetters, and again after a redrive.
+/// Payloads of up to 1 KiB (a single byte too) are stored inside the task's record, larger ones
+/// beside it; either way every byte (all 256 values, invalid UTF-8 included) comes back from
+/// GetTask, Dequeue and ListDeadLetters, and again after a redrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_come_back_byte_for_byte_inside_the_record_or_beside_it() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let mut q = Queue::start(Some(&redis.url()), "", &[]).await?;
     let bytes = |n: usize| (0..n).map(|i| (i % 256) as u8).rev().collect::<Vec<u8>>();
-    let payloads = [bytes(256), bytes(1024), bytes(1025)];
+    let payloads = [bytes(1), bytes(256), bytes(1024), bytes(1025)];
     let reply = q
         .client
         .enqueue_batch(pb::EnqueueBatchRequest {
@@ -1113,7 +1113,7 @@ async fn payloads_come_back_byte_for_byte_inside_the_record_or_beside_it() -> an
         .await?;
     assert_eq!(
         beside,
-        [ids[2].clone()],
+        [ids[3].clone()],
         "only the 1,025-byte payload is stored beside its record"
     );
     for id in &ids {

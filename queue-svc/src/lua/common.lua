@@ -2,8 +2,8 @@
 -- of one queue and one hash tag {<project>/<queue>}, so every script runs on Redis Cluster.
 --   KEYS[1]  tasks     hash: task id -> task record (MessagePack, short field names, without
 --                      the id; dequeue answers with it as stored, the others with JSON). A
---                      payload of up to INLINE_PAYLOAD bytes is kept in the record itself
---                      (field pl)
+--                      payload of up to 1 KiB is kept in the record itself (field pl; the
+--                      service writes it there, see store.rs INLINE_PAYLOAD)
 --   KEYS[2]  payloads  hash: task id -> payload bytes, for larger payloads
 --   KEYS[3]  sched     zset: task id, score = ms when it becomes ready (delays, retries)
 --   KEYS[4]  leased    zset: task id, score = lease deadline (ms)
@@ -22,10 +22,6 @@ local function ready_key(p) return KEYS[11 + p] end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local MAX_ERRORS = 10
--- Payloads up to this size live in the task's record: one hash entry per task instead of two
--- (less memory, one insert less per enqueue and one read less per lease). Larger ones stay
--- beside it, so a record stays cheap to decode and rewrite on every state change.
-local INLINE_PAYLOAD = 1024
 
 -- Stored records are MessagePack: smaller than JSON and cheaper to decode and encode, which is
 -- most of a script's work. Records stored as JSON (by earlier versions; they start with '{',

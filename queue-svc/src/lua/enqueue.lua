@@ -4,10 +4,10 @@
 --         then per task: priority (0..4), not-before (ms, 0 = none), delay (ms, 0 = none).
 --         One string, unpacked into Lua numbers, instead of an argument per number that
 --         Redis makes an object, then a Lua string, for tonumber to parse.
--- ARGV[2..] per task 4 strings: id, idempotency key ('' = none), payload, and the record: a
---         MessagePack fixmap of the fields the service sets. The script appends what only it
---         knows (enq, att, st, sch, a small payload) and raises the map's count, so a record
---         is never decoded here.
+-- ARGV[2..] per task 4 strings: id, idempotency key ('' = none), payload ('' when the
+--         service put it in the record: up to 1 KiB), and the record: a MessagePack fixmap of
+--         the fields the service sets. The script appends what only it knows (enq, att, st,
+--         sch) and raises the map's count, so a record is never decoded here.
 -- Returns {'full', size} or {'ok', codes, then per duplicate: its task id and state}, where
 -- codes holds one letter per task: 'r' stored ready, 's' stored scheduled, 'd' a duplicate.
 -- Why a script: the size check, the idempotency lookups and the writes must be one step.
@@ -19,7 +19,7 @@ local plan, fresh, seen = {}, 0, {}
 for i = 1, n do
   local b = 1 + (i - 1) * ARGS
   local first = string.byte(ARGV[b + 4], 1) or 0
-  -- Up to 5 entries are appended: the map must stay a fixmap (0x80 .. 0x8f).
+  -- Up to 4 entries are appended: the map must stay a fixmap (0x80 .. 0x8f).
   if first < 0x80 or first > 0x8a then
     return redis.error_reply('enqueue: task ' .. i .. ': the record is not a MessagePack map of at most 10 entries')
   end
@@ -47,7 +47,7 @@ local codes, dups, stored, created = {}, {}, {}, {}
 -- cmsgpack.pack encodes each of its arguments into a buffer of its own and then joins them:
 -- what is the same for every task of the call is packed once, here.
 local pack, char, byte, sub = cmsgpack.pack, string.char, string.byte, string.sub
-local READY, PL = pack('enq', now, 'att', 0, 'st', 'ready'), pack('pl')
+local READY = pack('enq', now, 'att', 0, 'st', 'ready')
 local payloads, ready, sched, idem, idemx = {}, {}, {}, {}, {}
 for i = 1, n do
   local dup = plan[i]
@@ -86,12 +86,10 @@ for i = 1, n do
     end
     -- As save() stores it: the id is the hash field. One concatenation builds the record.
     stored[#stored + 1] = id
-    if #payload <= INLINE_PAYLOAD then
-      stored[#stored + 1] = char(byte(record, 1) + added + 1) .. sub(record, 2) .. extra .. PL .. pack(payload)
-    else
+    stored[#stored + 1] = char(byte(record, 1) + added) .. sub(record, 2) .. extra
+    if #payload > 0 then
       payloads[#payloads + 1] = id
       payloads[#payloads + 1] = payload
-      stored[#stored + 1] = char(byte(record, 1) + added) .. sub(record, 2) .. extra
     end
     created[id] = state
     if key ~= '' then
