@@ -97,25 +97,57 @@ impl<'a> NewRecord<'a> {
     /// A MessagePack map of at most 9 entries (a fixmap, as the script requires), the last
     /// one `pl` when `payload` is given: a string, as Lua's `cmsgpack.pack` writes one, so
     /// that records read the same whoever wrote them.
-    fn encode(&self, payload: Option<&[u8]>) -> Result<Vec<u8>> {
+    fn encode(&self, payload: Option<&[u8]>) -> Result<PackedRecord> {
         // Room for a record without headers, so that the buffer does not grow while written.
         let mut packed = Vec::with_capacity(128 + payload.map_or(0, <[u8]>::len));
         rmp_serde::encode::write_named(&mut packed, self)
             .map_err(|e| Error::Internal(format!("task record: {e}")))?;
-        if let Some(payload) = payload {
-            let len = u32::try_from(payload.len())
-                .map_err(|_| Error::Internal("task record: payload too long to inline".into()))?;
-            match packed.first_mut() {
-                // A fixmap with room for one more entry.
-                Some(count @ 0x80..=0x8e) => *count += 1,
-                _ => return Err(Error::Internal("task record: not a small map".into())),
+        let entries = match packed.first() {
+            Some(&header @ 0x80..=0x8f) => header & 0x0f,
+            _ => return Err(Error::Internal("task record: not a small map".into())),
+        };
+        let entries = match payload {
+            None => entries,
+            Some(_) if entries == 15 => {
+                return Err(Error::Internal(
+                    "task record: no room to inline the payload".into(),
+                ));
             }
-            // Writing into a Vec cannot fail.
-            let _ = rmp::encode::write_str(&mut packed, "pl");
-            let _ = rmp::encode::write_str_len(&mut packed, len);
-            packed.extend_from_slice(payload);
-        }
-        Ok(packed)
+            Some(payload) => {
+                let len = u32::try_from(payload.len()).map_err(|_| {
+                    Error::Internal("task record: payload too long to inline".into())
+                })?;
+                // Writing into a Vec cannot fail.
+                let _ = rmp::encode::write_str(&mut packed, "pl");
+                let _ = rmp::encode::write_str_len(&mut packed, len);
+                packed.extend_from_slice(payload);
+                entries + 1
+            }
+        };
+        Ok(PackedRecord { packed, entries })
+    }
+}
+
+/// A new record as MessagePack. `packed` begins with the fixmap header the encoder wrote for
+/// the entries before the payload; `entries` counts them all.
+struct PackedRecord {
+    packed: Vec<u8>,
+    entries: u8,
+}
+
+impl PackedRecord {
+    /// The map's entries, without its header.
+    fn entries_bytes(&self) -> &[u8] {
+        self.packed.get(1..).unwrap_or_default()
+    }
+
+    /// The whole map, header included.
+    #[cfg(test)]
+    fn map(&self) -> Vec<u8> {
+        let mut map = Vec::with_capacity(self.packed.len());
+        map.push(0x80 | self.entries);
+        map.extend_from_slice(self.entries_bytes());
+        map
     }
 }
 
@@ -394,28 +426,42 @@ impl RedisQueue {
         max_size: u64,
         idempotency_ms: u64,
     ) -> Result<Vec<Enqueued>> {
-        let count = 3 + 3 * tasks.len();
+        // Records first: their map's entry count travels among the numbers, the rest as a
+        // string (see enqueue.lua).
+        let records = tasks
+            .iter()
+            .map(|task| {
+                let inline = task.payload.len() <= INLINE_PAYLOAD;
+                NewRecord::of(&task.record).encode(inline.then_some(task.payload.as_slice()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let count = 3 + 5 * tasks.len();
         let packing = |e: String| Error::Internal(format!("enqueue: {e}"));
         let mut numbers = PackedNumbers::new(count).map_err(packing)?;
         numbers.push(max_size);
         numbers.push(idempotency_ms);
         numbers.push(tasks.len() as u64);
-        for task in tasks {
+        for (task, record) in tasks.iter().zip(&records) {
             numbers.push(u64::from(task.record.p));
             numbers.push(task.not_before_ms);
             numbers.push(task.delay_ms);
+            numbers.push(u64::from(record.entries));
+            numbers.push(
+                u64::from(task.record.idem.is_some())
+                    + 2 * u64::from(task.payload.len() > INLINE_PAYLOAD),
+            );
         }
         let mut call =
             Self::call(&self.enqueue, project, queue).arg(numbers.finish().map_err(packing)?);
-        for task in tasks {
-            let r = &task.record;
-            let payload = task.payload.as_slice();
-            let inline = payload.len() <= INLINE_PAYLOAD;
-            call = call
-                .arg(r.id.as_str())
-                .arg(r.idem.as_deref().unwrap_or(""))
-                .arg(if inline { &[][..] } else { payload })
-                .arg(NewRecord::of(r).encode(inline.then_some(payload))?);
+        for (task, record) in tasks.iter().zip(&records) {
+            call = call.arg(task.record.id.as_str());
+            if let Some(key) = &task.record.idem {
+                call = call.arg(key.as_str());
+            }
+            if task.payload.len() > INLINE_PAYLOAD {
+                call = call.arg(task.payload.as_slice());
+            }
+            call = call.arg(record.entries_bytes());
         }
         let reply: Vec<redis::Value> = call.invoke(&self.pool).await?;
         match text(reply.first(), "enqueue")?.as_str() {
@@ -1070,7 +1116,7 @@ mod tests {
                 to: 600_000,
                 ..Record::default()
             };
-            let packed = NewRecord::of(&record).encode(Some(&payload))?;
+            let packed = NewRecord::of(&record).encode(Some(&payload))?.map();
             let read = packed_record("t".into(), &packed)?;
             assert_eq!(read.pl.as_deref(), Some(payload.as_slice()), "{len} bytes");
             assert_eq!((read.p, read.max, read.to), (2, 3, 600_000));

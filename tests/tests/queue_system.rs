@@ -1097,9 +1097,18 @@ async fn payloads_come_back_byte_for_byte_inside_the_record_or_beside_it() -> an
         .enqueue_batch(pb::EnqueueBatchRequest {
             project: "p".into(),
             queue: "bytes".into(),
+            // Idempotency keys on some tasks only: each task's arguments to the script vary
+            // (key or none, payload beside the record or inside it).
             tasks: payloads
                 .iter()
-                .map(|p| spec("", "", p, pb::Priority::Normal))
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut task = spec("", "", p, pb::Priority::Normal);
+                    if i % 2 == 1 {
+                        task.idempotency_key = format!("key-{i}");
+                    }
+                    task
+                })
                 .collect(),
         })
         .await?

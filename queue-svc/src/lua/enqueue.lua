@@ -1,29 +1,41 @@
 -- enqueue: store a batch of tasks into one queue, all or none.
 -- ARGV[1] the call's numbers, as one MessagePack array: max size (0 = unbounded; counts
 --         ready + scheduled + leased), idempotency retention (ms), the number of tasks n,
---         then per task: priority (0..4), not-before (ms, 0 = none), delay (ms, 0 = none).
---         One string, unpacked into Lua numbers, instead of an argument per number that
---         Redis makes an object, then a Lua string, for tonumber to parse.
--- ARGV[2..] per task 4 strings: id, idempotency key ('' = none), payload ('' when the
---         service put it in the record: up to 1 KiB), and the record: a MessagePack fixmap of
---         the fields the service sets. The script appends what only it knows (enq, att, st,
---         sch) and raises the map's count, so a record is never decoded here.
+--         then per task: priority (0..4), not-before (ms, 0 = none), delay (ms, 0 = none),
+--         the entries of its record's map, and which optional strings follow (1: an
+--         idempotency key, 2: a payload kept beside the record; added together). One string,
+--         unpacked into Lua numbers, instead of an argument per number that Redis makes an
+--         object, then a Lua string, for tonumber to parse.
+-- ARGV[2..] per task: its id, its idempotency key if it has one, its payload if it is kept
+--         beside the record (over 1 KiB; a smaller one is in the record), then the record: a
+--         MessagePack map of the fields the service sets, without the map's one-byte header
+--         (its entry count is among the numbers). The script appends what only it knows (enq,
+--         att, st, sch) and writes the header with the new count, so a record is never
+--         decoded, nor copied to drop its header, here.
 -- Returns {'full', size} or {'ok', codes, then per duplicate: its task id and state}, where
 -- codes holds one letter per task: 'r' stored ready, 's' stored scheduled, 'd' a duplicate.
 -- Why a script: the size check, the idempotency lookups and the writes must be one step.
 local v = cmsgpack.unpack(ARGV[1])
 local max_size, idem_ttl, n = v[1], v[2], v[3]
-local ARGS = 4
+local NUMBERS = 5
 -- Per task: the id of the task it duplicates, or false.
 local plan, fresh, seen = {}, 0, {}
+local a = 2
 for i = 1, n do
-  local b = 1 + (i - 1) * ARGS
-  local first = string.byte(ARGV[b + 4], 1) or 0
-  -- Up to 4 entries are appended: the map must stay a fixmap (0x80 .. 0x8f).
-  if first < 0x80 or first > 0x8a then
+  local c = 3 + (i - 1) * NUMBERS
+  local parts = v[c + 5]
+  -- Up to 4 entries are appended: the map must stay a fixmap (at most 15 entries).
+  if v[c + 4] > 10 then
     return redis.error_reply('enqueue: task ' .. i .. ': the record is not a MessagePack map of at most 10 entries')
   end
-  local id, idem = ARGV[b + 1], ARGV[b + 2]
+  local id, idem = ARGV[a], ''
+  a = a + 1
+  if parts % 2 == 1 then
+    idem = ARGV[a]
+    a = a + 1
+  end
+  if parts >= 2 then a = a + 1 end
+  a = a + 1
   local existing = false
   if idem ~= '' then
     existing = seen[idem] or false
@@ -46,10 +58,25 @@ end
 local codes, dups, stored, created = {}, {}, {}, {}
 -- cmsgpack.pack encodes each of its arguments into a buffer of its own and then joins them:
 -- what is the same for every task of the call is packed once, here.
-local pack, char, byte, sub = cmsgpack.pack, string.char, string.byte, string.sub
+local pack, char = cmsgpack.pack, string.char
 local READY = pack('enq', now, 'att', 0, 'st', 'ready')
 local payloads, ready, sched, idem, idemx = {}, {}, {}, {}, {}
+a = 2
 for i = 1, n do
+  local c = 3 + (i - 1) * NUMBERS
+  local parts = v[c + 5]
+  local id, key, payload = ARGV[a], '', false
+  a = a + 1
+  if parts % 2 == 1 then
+    key = ARGV[a]
+    a = a + 1
+  end
+  if parts >= 2 then
+    payload = ARGV[a]
+    a = a + 1
+  end
+  local record = ARGV[a]
+  a = a + 1
   local dup = plan[i]
   if dup then
     local state = created[dup]
@@ -61,8 +88,6 @@ for i = 1, n do
     dups[#dups + 1] = dup
     dups[#dups + 1] = state
   else
-    local b, c = 1 + (i - 1) * ARGS, 3 + (i - 1) * 3
-    local id, key, payload, record = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
     local priority, nb, delay = v[c + 1], v[c + 2], v[c + 3]
     local at = 0
     if nb > 0 then at = nb end
@@ -84,10 +109,11 @@ for i = 1, n do
       list[#list + 1] = id
       made_ready = made_ready + 1
     end
-    -- As save() stores it: the id is the hash field. One concatenation builds the record.
+    -- As save() stores it: the id is the hash field. One concatenation builds the record:
+    -- the fixmap header with the new count, the service's entries, the script's.
     stored[#stored + 1] = id
-    stored[#stored + 1] = char(byte(record, 1) + added) .. sub(record, 2) .. extra
-    if #payload > 0 then
+    stored[#stored + 1] = char(0x80 + v[c + 4] + added) .. record .. extra
+    if payload then
       payloads[#payloads + 1] = id
       payloads[#payloads + 1] = payload
     end
