@@ -1101,6 +1101,50 @@ mod tests {
 
     use super::*;
 
+    /// The per-minute counters in a queue's meta hash keep the last counted minute and the
+    /// one before it, whatever the gaps between the minutes counted: the hash cannot grow.
+    #[tokio::test]
+    async fn minute_counters_keep_two_minutes_whatever_the_gaps() -> anyhow::Result<()> {
+        let redis = RedisServer::start().await?;
+        let mut conn = redis.client().await?;
+        let probe = concat!(
+            include_str!("lua/common.lua"),
+            r#"
+local out = {}
+for _, m in ipairs({ 10, 10, 11, 14, 15, 15, 30, 31 }) do
+  now = m * 60000
+  count('x', 2)
+  local fields = redis.call('HKEYS', K_META)
+  table.sort(fields)
+  out[#out + 1] = table.concat(fields, ' ')
+end
+out[#out + 1] = redis.call('HGET', K_META, 'x:31') .. ' ' .. redis.call('HGET', K_META, 'x:30')
+return out
+"#
+        );
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(probe).arg(15);
+        for key in keys::queue("p", "q") {
+            eval.arg(key);
+        }
+        let shown: Vec<String> = eval.query_async(&mut conn).await?;
+        assert_eq!(
+            shown,
+            [
+                "x:10 x:last",
+                "x:10 x:last",
+                "x:10 x:11 x:last",
+                "x:14 x:last",
+                "x:14 x:15 x:last",
+                "x:14 x:15 x:last",
+                "x:30 x:last",
+                "x:30 x:31 x:last",
+                "2 2",
+            ]
+        );
+        Ok(())
+    }
+
     /// A payload the service writes into a new record reads back from it, in Rust and in
     /// Lua, and is encoded byte for byte as Lua's `cmsgpack.pack` encodes a string, so that
     /// records read the same whichever side wrote them.

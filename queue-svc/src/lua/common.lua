@@ -79,11 +79,22 @@ local function ready_count()
   return n
 end
 
+-- Per-minute counters in meta: `<what>:<minute>`, and `<what>:last`, the minute last counted.
+-- Only the last counted minute and the one before it are kept (stats reads the current and
+-- the previous minute): when a new minute is counted, the fields older than the minute
+-- before it go, however long the counter sat idle, so the hash cannot grow.
 local function count(what, by)
   local minute = math.floor(now / 60000)
+  local stamp = what .. ':last'
+  local last = tonumber(redis.call('HGET', K_META, stamp))
+  if last ~= minute then
+    if last then
+      redis.call('HDEL', K_META, what .. ':' .. (last - 1))
+      if last ~= minute - 1 then redis.call('HDEL', K_META, what .. ':' .. last) end
+    end
+    redis.call('HSET', K_META, stamp, minute)
+  end
   redis.call('HINCRBY', K_META, what .. ':' .. minute, by or 1)
-  -- Keep the current and the previous minute only.
-  redis.call('HDEL', K_META, what .. ':' .. (minute - 2))
 end
 
 -- Tasks made ready by this call; announced once at the end (see wake_streams).
