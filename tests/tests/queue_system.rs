@@ -1083,6 +1083,71 @@ async fn concurrent_enqueues_are_judged_one_by_one() -> anyhow::Result<()> {
     q.service.stop().await
 }
 
+/// max_size counts ready, scheduled and leased tasks: finished ones, whose records stay for
+/// their retention, and dead letters leave room for new tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_and_dead_tasks_do_not_count_against_max_size() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut q = Queue::start(Some(&redis.url()), "[queues.three]\nmax_size = 3\n", &[]).await?;
+    let enqueue = |q: &mut Queue| {
+        let mut client = q.client.clone();
+        async move {
+            client
+                .enqueue(pb::EnqueueRequest {
+                    task: Some(spec("p", "three", b"x", pb::Priority::Normal)),
+                })
+                .await
+        }
+    };
+    for _ in 0..3 {
+        enqueue(&mut q).await?;
+    }
+    let full = enqueue(&mut q).await.err().map(|s| s.code());
+    assert_eq!(full, Some(Code::ResourceExhausted), "3 of 3");
+    // Two succeed, one dies: their records stay, the queue is empty.
+    let leases = q
+        .client
+        .dequeue(dequeue("p", "three", 3))
+        .await?
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 3);
+    for (i, lease) in leases.into_iter().enumerate() {
+        let task_id = lease.task.map(|t| t.id).unwrap_or_default();
+        if i < 2 {
+            q.client
+                .complete(pb::CompleteRequest {
+                    project: "p".into(),
+                    queue: "three".into(),
+                    task_id,
+                    lease_token: lease.lease_token,
+                    result: Vec::new(),
+                })
+                .await?;
+        } else {
+            q.client
+                .fail(pb::FailRequest {
+                    project: "p".into(),
+                    queue: "three".into(),
+                    task_id,
+                    lease_token: lease.lease_token,
+                    message: "no".into(),
+                    category: pb::FailureCategory::Permanent.into(),
+                    retryable: None,
+                })
+                .await?;
+        }
+    }
+    for _ in 0..3 {
+        enqueue(&mut q).await?;
+    }
+    let full = enqueue(&mut q).await.err().map(|s| s.code());
+    assert_eq!(full, Some(Code::ResourceExhausted), "3 of 3 again");
+    let stats = q.stats("p", "three").await?;
+    assert_eq!((stats.ready, stats.dead), (3, 1));
+    q.service.stop().await
+}
+
 /// Payloads of up to 1 KiB (a single byte too) are stored inside the task's record, larger ones
 /// beside it; either way every byte (all 256 values, invalid UTF-8 included) comes back from
 /// GetTask, Dequeue and ListDeadLetters, and again after a redrive.

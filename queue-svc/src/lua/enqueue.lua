@@ -50,7 +50,10 @@ for i = 1, n do
     if idem ~= '' then seen[idem] = id end
   end
 end
-if max_size > 0 then
+-- The tasks hash holds a record for every ready, scheduled and leased task (and for finished
+-- and dead ones): one HLEN settles the common case, a queue far from full, and only a queue
+-- that may be near its maximum pays for the exact count (seven reads).
+if max_size > 0 and redis.call('HLEN', K_TASKS) + fresh > max_size then
   local size = ready_count() + redis.call('ZCARD', K_SCHED) + redis.call('ZCARD', K_LEASED)
   if size + fresh > max_size then return { 'full', size } end
 end
