@@ -91,6 +91,14 @@ local function count(what, by)
     if last then
       redis.call('HDEL', K_META, what .. ':' .. (last - 1))
       if last ~= minute - 1 then redis.call('HDEL', K_META, what .. ':' .. last) end
+    else
+      -- No stamp yet: a new counter, or one counted by an earlier version, which left a
+      -- field behind for every idle gap. Those go once, here.
+      local pattern = '^' .. what .. ':(%d+)$'
+      for _, field in ipairs(redis.call('HKEYS', K_META)) do
+        local m = tonumber(string.match(field, pattern))
+        if m and m ~= minute and m ~= minute - 1 then redis.call('HDEL', K_META, field) end
+      end
     end
     redis.call('HSET', K_META, stamp, minute)
   end
