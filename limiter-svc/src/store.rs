@@ -317,8 +317,8 @@ async fn run_checks(
             .iter()
             .map(|r| 3 + 2 * r.counters.len())
             .sum::<usize>();
-    let mut numbers =
-        PackedNumbers::new(count).map_err(|e| Error::Internal(format!("limiter.check: {e}")))?;
+    let packing = |e: String| Error::Internal(format!("limiter.check: {e}"));
+    let mut numbers = PackedNumbers::new(count).map_err(packing)?;
     numbers.push(limits.len() as u64);
     for (algorithm, limit, window, burst, shadow) in limits {
         numbers.push(u64::from(algorithm));
@@ -338,10 +338,7 @@ async fn run_checks(
             numbers.push(cost);
         }
     }
-    let numbers = numbers
-        .finish()
-        .map_err(|e| Error::Internal(format!("limiter.check: {e}")))?;
-    call = call.arg(instance).arg(numbers);
+    call = call.arg(instance).arg(numbers.finish().map_err(packing)?);
     let packed: Vec<u8> = call.invoke(pool).await?;
     let reply = sluice::script::unpack_numbers(&packed)
         .map_err(|e| Error::Internal(format!("limiter.check replied {e}")))?;

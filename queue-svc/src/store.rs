@@ -59,6 +59,14 @@ pub struct NewTask {
 /// decode and rewrite on every state change.
 const INLINE_PAYLOAD: usize = 1024;
 
+impl NewTask {
+    /// Whether the payload is kept beside the record, in the queue's payloads hash, rather
+    /// than inside it (see [`INLINE_PAYLOAD`]).
+    fn payload_beside(&self) -> bool {
+        self.payload.len() > INLINE_PAYLOAD
+    }
+}
+
 /// A new task's record as `enqueue.lua` takes it: MessagePack, with the fields the service
 /// sets and the names `Record` gives them, and a payload of up to [`INLINE_PAYLOAD`] bytes.
 /// The script appends the fields only it knows (enqueued at, attempts, state, scheduled for)
@@ -431,8 +439,8 @@ impl RedisQueue {
         let records = tasks
             .iter()
             .map(|task| {
-                let inline = task.payload.len() <= INLINE_PAYLOAD;
-                NewRecord::of(&task.record).encode(inline.then_some(task.payload.as_slice()))
+                let inline = (!task.payload_beside()).then_some(task.payload.as_slice());
+                NewRecord::of(&task.record).encode(inline)
             })
             .collect::<Result<Vec<_>>>()?;
         let count = 3 + 5 * tasks.len();
@@ -446,10 +454,8 @@ impl RedisQueue {
             numbers.push(task.not_before_ms);
             numbers.push(task.delay_ms);
             numbers.push(u64::from(record.entries));
-            numbers.push(
-                u64::from(task.record.idem.is_some())
-                    + 2 * u64::from(task.payload.len() > INLINE_PAYLOAD),
-            );
+            numbers
+                .push(u64::from(task.record.idem.is_some()) + 2 * u64::from(task.payload_beside()));
         }
         let mut call =
             Self::call(&self.enqueue, project, queue).arg(numbers.finish().map_err(packing)?);
@@ -458,7 +464,7 @@ impl RedisQueue {
             if let Some(key) = &task.record.idem {
                 call = call.arg(key.as_str());
             }
-            if task.payload.len() > INLINE_PAYLOAD {
+            if task.payload_beside() {
                 call = call.arg(task.payload.as_slice());
             }
             call = call.arg(record.entries_bytes());
