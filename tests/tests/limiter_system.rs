@@ -430,3 +430,87 @@ async fn bad_input_gets_the_right_status_naming_the_field() -> anyhow::Result<()
     assert!(r.allowed, "the whole limit is still there");
     limiter.service.stop().await
 }
+
+/// A GCRA or token-bucket key whose state has run out (the TAT passed, the bucket refilled) is
+/// kept for a second after its last write, so a subject far below its limit overwrites its key
+/// instead of missing, deleting and creating it on every check; and a kept key answers exactly
+/// as no key would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_state_is_kept_a_second_and_answers_as_new() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut limiter = Limiter::start(&StoreKind::Redis(redis.url()), LIMITS, &[]).await?;
+    let mut conn = redis.client().await?;
+    for algorithm in [pb::Algorithm::Gcra, pb::Algorithm::TokenBucket] {
+        let who = format!("kept-{}", run_id());
+        // 2 per 100 ms: after two units the state runs out within 100 ms.
+        let check = || inline_check("user", &who, algorithm, 2, Duration::from_millis(100), 0);
+        for _ in 0..2 {
+            let r = limiter
+                .client
+                .check_limit(request(vec![check()], 1))
+                .await?
+                .into_inner();
+            assert!(r.allowed, "{algorithm:?}: {r:?}");
+        }
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{who}*"))
+            .query_async(&mut conn)
+            .await?;
+        let [key] = keys.as_slice() else {
+            anyhow::bail!("{algorithm:?}: one key expected, found {keys:?}");
+        };
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await?;
+        assert!(
+            (900..=1000).contains(&ttl),
+            "{algorithm:?}: kept about a second after the write, not {ttl} ms"
+        );
+        // Once the state has run out the key is still there, and the subject gets the full
+        // capacity back, as a new subject would.
+        let status = sluice_testkit::eventually(Duration::from_secs(2), "a refill", || {
+            let mut client = limiter.client.clone();
+            let check = check();
+            async move {
+                let r = client
+                    .get_limit_status(pb::GetLimitStatusRequest {
+                        checks: vec![check],
+                        cost: 1,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                r.results.into_iter().next().filter(|c| c.remaining == 2)
+            }
+        })
+        .await?;
+        assert!(status.allowed, "{algorithm:?}: {status:?}");
+        let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
+        assert_eq!(exists, 1, "{algorithm:?}: the spent key is kept");
+        let again = limiter
+            .client
+            .check_limit(request(vec![check()], 1))
+            .await?
+            .into_inner();
+        let fresh = limiter
+            .client
+            .check_limit(request(
+                vec![inline_check(
+                    "user",
+                    &format!("fresh-{}", run_id()),
+                    algorithm,
+                    2,
+                    Duration::from_millis(100),
+                    0,
+                )],
+                1,
+            ))
+            .await?
+            .into_inner();
+        assert!(again.allowed && fresh.allowed, "{again:?} {fresh:?}");
+        assert_eq!(
+            (again.limit, again.remaining),
+            (fresh.limit, fresh.remaining),
+            "{algorithm:?}: a kept key answers as a new one"
+        );
+    }
+    limiter.service.stop().await
+}

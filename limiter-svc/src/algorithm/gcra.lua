@@ -2,7 +2,7 @@
 -- advances TAT by the emission interval T = window / limit; a request passes when
 -- TAT + cost*T - burst*T <= now (burst 0 = limit). Same admissions as a token bucket,
 -- in one number.
--- Memory: one string per key.
+-- Memory: one string per key, kept until its TAT passes (at least KEEP_MS after a write).
 -- p = { limit, window (µs), burst }. peek returns the new TAT as commit's state.
 ALGORITHMS[5] = {
   peek = function(key, now, p, cost, writable)
@@ -24,7 +24,7 @@ ALGORITHMS[5] = {
   end,
   commit = function(key, now, p, cost, nonce, new_tat)
     local reset = ceil(new_tat - now)
-    redis.call('SET', key, decimal(new_tat), 'PX', int(ceil(reset / 1000) + 1))
+    redis.call('SET', key, decimal(new_tat), 'PX', int(max(ceil(reset / 1000) + 1, KEEP_MS)))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)

@@ -6,6 +6,13 @@ local floor, ceil, max, min, format = math.floor, math.ceil, math.max, math.min,
 local function int(n)
   return format('%d', n)
 end
+-- Least time (ms) a GCRA or token-bucket key is kept after a write. Their state is empty again
+-- (the TAT passed, the bucket refilled) after cost x the emission interval, which for a subject
+-- far below its limit is microseconds: keys that short-lived made every check a lookup miss, a
+-- delete and a create, and kept Redis's expiry cycles busy for milliseconds at a time. A state
+-- past its time reads as empty, so keeping it longer changes no answer; a subject that comes
+-- back within this time overwrites its key in place.
+local KEEP_MS = 1000
 -- A non-negative number as a Redis argument, to the millionth, by the same cheap route.
 -- Exact for GCRA's arrival times: doubles of that size (µs since the epoch) are multiples of
 -- 1/4.

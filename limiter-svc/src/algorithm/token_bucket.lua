@@ -1,6 +1,7 @@
 -- Token bucket: holds up to `burst` tokens (burst 0 = limit), refilled continuously at
 -- `limit` tokens per `window`; a request takes `cost` tokens.
--- Memory: one small hash (tokens, ts) per key.
+-- Memory: one small hash (tokens, ts) per key, kept until the bucket is full again (at least
+-- KEEP_MS after a write).
 -- p = { limit, window (µs), burst }. peek returns the tokens now as commit's state.
 local function bucket_capacity(p)
   if p.burst > 0 then return p.burst end
@@ -29,7 +30,7 @@ ALGORITHMS[4] = {
     local left = tokens - cost
     redis.call('HSET', key, 'tokens', left, 'ts', int(now))
     local reset = ceil((cap - left) / rate)
-    redis.call('PEXPIRE', key, int(ceil(reset / 1000) + 1))
+    redis.call('PEXPIRE', key, int(max(ceil(reset / 1000) + 1, KEEP_MS)))
     return reset
   end,
   refund = function(key, now, p, cost, nonce)
