@@ -460,8 +460,10 @@ async fn spent_state_is_kept_a_second_and_answers_as_new() -> anyhow::Result<()>
             anyhow::bail!("{algorithm:?}: one key expected, found {keys:?}");
         };
         let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await?;
+        // Without the keep the TTL would be the state's own ~100 ms; the slack below it is
+        // for a slow machine between the write and this read.
         assert!(
-            (900..=1000).contains(&ttl),
+            (200..=1000).contains(&ttl),
             "{algorithm:?}: kept about a second after the write, not {ttl} ms"
         );
         // Once the state has run out the key is still there, and the subject gets the full
