@@ -2,7 +2,9 @@
 //! health checking, reflection (v1 and v1alpha), bounded graceful shutdown, and the
 //! Prometheus `/metrics` endpoint.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -12,16 +14,112 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
-use tower::layer::util::{Identity, Stack};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{CommonArgs, ServerArgs};
 use crate::telemetry;
 
-/// A tonic router with Sluice's per-call layer applied.
-pub type Router = tonic::transport::server::Router<Stack<GrpcServerLayer, Identity>>;
+/// What a gRPC handler here is given and answers: hyper's request body as it arrives (the
+/// generated servers read any body type, so it is not boxed again), tonic's response body.
+type Call = http::Request<hyper::body::Incoming>;
+type Reply = http::Response<tonic::body::Body>;
+type Route = tower::util::BoxCloneSyncService<Call, Reply, Infallible>;
+
+/// The gRPC services a server answers, by name, each behind the per-call layer
+/// ([`GrpcServer`]). Calls go from hyper's HTTP/2 connection straight to the service their path
+/// names: no HTTP router, no per-connection tower stack.
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: Vec<(&'static str, Route)>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.routes.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl Router {
+    /// Serves `service` (a generated tonic server) under its gRPC name.
+    #[must_use]
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<Call, Response = Reply, Error = Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = tower::Layer::layer(&GrpcServerLayer, service);
+        self.routes.push((S::NAME, Route::new(service)));
+        self
+    }
+
+    /// Answers one call: its service's answer, UNIMPLEMENTED for a service not served here,
+    /// DEADLINE_EXCEEDED once the caller's `grpc-timeout` has passed.
+    async fn call(&self, request: Call) -> Reply {
+        let path = request.uri().path();
+        let service = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .map_or("", |(service, _)| service);
+        let Some(route) = self
+            .routes
+            .iter()
+            .find_map(|(name, route)| (*name == service).then_some(route))
+        else {
+            return tonic::Status::unimplemented(format!("no service {service:?} here"))
+                .into_http();
+        };
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()));
+        let answer = tower::ServiceExt::oneshot(route.clone(), request);
+        let reply = match deadline {
+            None => answer.await,
+            Some(limit) => match tokio::time::timeout(limit, answer).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    return tonic::Status::deadline_exceeded(format!(
+                        "the call's grpc-timeout of {limit:?} passed"
+                    ))
+                    .into_http();
+                }
+            },
+        };
+        match reply {
+            Ok(reply) => reply,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// A `grpc-timeout` header's value (gRPC over HTTP/2: at most 8 digits and a unit, H M S m u
+/// n); `None` when absent or malformed, as if the caller had set no deadline.
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// gRPC health service name of the server as a whole.
 pub const WHOLE_SERVER: &str = "";
@@ -50,36 +148,85 @@ pub fn router(
         }
         builder
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .layer(GrpcServerLayer)
+    let router = Router::default()
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
     Ok((router, reporter))
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight calls
-/// finish for at most `grace` (streams that would outlive it are cut).
+/// Most calls (lease streams included) one client connection carries at once; a client past
+/// it waits for one to finish or opens another connection, as HTTP/2 clients do.
+pub const MAX_CALLS_PER_CONNECTION: u32 = 1024;
+
+/// Serves `router` over HTTP/2 on `listener` until `shutdown` is cancelled: then the listener
+/// closes, every connection is told to finish (GOAWAY), and in-flight calls get at most
+/// `grace` (streams that would outlive it are cut).
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
     grace: Duration,
-) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let signal = shutdown.clone().cancelled_owned();
-    let serving = router.serve_with_incoming_shutdown(incoming, signal);
-    tokio::pin!(serving);
-    tokio::select! {
-        result = &mut serving => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "in-flight calls did not finish within the shutdown grace; stopping anyway");
-            Ok(())
+) -> std::io::Result<()> {
+    let router = Arc::new(router);
+    let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http2
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION);
+    let connections = tokio_util::task::TaskTracker::new();
+    let accepted = async {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors, a connection reset before it was taken: the
+                    // listener itself stays usable.
+                    Err(err) => {
+                        tracing::warn!(error = %err, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            // Responses and Redis calls are small and latency-bound.
+            let _ = stream.set_nodelay(true);
+            let router = Arc::clone(&router);
+            let calls = hyper::service::service_fn(move |request: Call| {
+                let router = Arc::clone(&router);
+                async move { Ok::<_, Infallible>(router.call(request).await) }
+            });
+            let connection = http2.serve_connection(hyper_util::rt::TokioIo::new(stream), calls);
+            let stop = shutdown.clone();
+            connections.spawn(async move {
+                tokio::pin!(connection);
+                let finished = tokio::select! {
+                    finished = &mut connection => finished,
+                    () = stop.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = finished {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+            });
         }
+    };
+    accepted.await;
+    // New clients are refused at once instead of hanging.
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "in-flight calls did not finish within the shutdown grace; stopping anyway"
+        );
     }
+    Ok(())
 }
 
 /// The sockets a server binary listens on, bound before `run` so tests can use port 0.
@@ -379,4 +526,156 @@ where
     }
     telemetry.shutdown().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_malformed_values() {
+        assert_eq!(grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout(b"3M"), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout(b"10S"), Some(Duration::from_secs(10)));
+        assert_eq!(grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            grpc_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(grpc_timeout(b"0n"), Some(Duration::ZERO));
+        for malformed in [
+            &b""[..],
+            b"m",
+            b"10",
+            b"10s",
+            b"123456789m",
+            b"-5S",
+            b"1.5S",
+            b" 5S",
+        ] {
+            assert_eq!(
+                grpc_timeout(malformed),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(malformed)
+            );
+        }
+    }
+
+    /// A service whose calls never answer; it counts the calls it was given.
+    #[derive(Clone, Default)]
+    struct Silent(Arc<tokio::sync::watch::Sender<usize>>);
+
+    impl tonic::server::NamedService for Silent {
+        const NAME: &'static str = "sluice.test.Silent";
+    }
+
+    impl tower::Service<Call> for Silent {
+        type Response = Reply;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<Reply, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Call) -> Self::Future {
+            self.0.send_modify(|calls| *calls += 1);
+            Box::pin(std::future::pending())
+        }
+    }
+
+    async fn call(channel: &tonic::transport::Channel, path: &'static str) -> tonic::Status {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        if let Err(err) = grpc.ready().await {
+            return tonic::Status::unavailable(err.to_string());
+        }
+        let request = tonic::Request::new(());
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        match grpc
+            .unary(request, http::uri::PathAndQuery::from_static(path), codec)
+            .await
+        {
+            Ok(_) => tonic::Status::ok("answered"),
+            Err(status) => status,
+        }
+    }
+
+    /// One unary call with an empty message and `grpc-timeout: timeout`, over HTTP/2 alone;
+    /// the status of its (trailers-only) answer.
+    async fn call_without_client_deadline(
+        addr: SocketAddr,
+        path: &str,
+        timeout: &str,
+    ) -> anyhow::Result<tonic::Status> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (client, connection) = h2::client::handshake(tcp).await?;
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", timeout)
+            .body(())?;
+        let (answer, mut body) = client.ready().await?.send_request(request, false)?;
+        body.send_data(tonic::codegen::Bytes::from_static(&[0; 5]), true)?;
+        let answer = answer.await?;
+        tonic::Status::from_header_map(answer.headers())
+            .ok_or_else(|| anyhow::anyhow!("no grpc-status in {:?}", answer.headers()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadlines_unknown_services_and_shutdown_are_answered() -> anyhow::Result<()> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let silent = Silent::default();
+        let mut calls = silent.0.subscribe();
+        let server = tokio::spawn(serve(
+            Router::default().add_service(silent),
+            listener,
+            shutdown.clone(),
+            Duration::from_millis(200),
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+
+        // The server, not the client, ends a call whose grpc-timeout passed (tonic's client
+        // would also stop waiting, so the call goes out over bare HTTP/2).
+        let late = tokio::time::timeout(
+            Duration::from_secs(10),
+            call_without_client_deadline(addr, "/sluice.test.Silent/Wait", "50m"),
+        )
+        .await??;
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+        assert!(late.message().contains("grpc-timeout"), "{late:?}");
+        // The server does not end a call because of a grpc-timeout it cannot read.
+        let unread = tokio::time::timeout(
+            Duration::from_millis(300),
+            call_without_client_deadline(addr, "/sluice.test.Silent/Wait", "50 ms"),
+        )
+        .await;
+        assert!(unread.is_err(), "{unread:?}");
+
+        let unknown = call(&channel, "/sluice.test.Absent/Call").await;
+        assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
+        assert!(
+            unknown.message().contains("sluice.test.Absent"),
+            "{unknown:?}"
+        );
+
+        // A call that never finishes holds shutdown for the grace, no longer.
+        tokio::spawn({
+            let channel = channel.clone();
+            async move { call(&channel, "/sluice.test.Silent/Wait").await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), calls.wait_for(|n| *n == 3)).await??;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server).await???;
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed once serve returns"
+        );
+        Ok(())
+    }
 }
