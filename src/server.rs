@@ -27,11 +27,28 @@ type Reply = http::Response<tonic::body::Body>;
 type Route = tower::util::BoxCloneSyncService<Call, Reply, Infallible>;
 
 /// The gRPC services a server answers, by name, each behind the per-call layer
-/// ([`GrpcServer`]). Calls go from hyper's HTTP/2 connection straight to the service their path
-/// names: no HTTP router, no per-connection tower stack.
-#[derive(Clone, Default)]
+/// ([`GrpcServer`]) and the caller's deadline. Calls go from hyper's HTTP/2 connection straight
+/// to the service their path names: no HTTP router, no per-connection tower stack.
+#[derive(Clone)]
 pub struct Router {
     routes: Vec<(&'static str, Route)>,
+    /// Answers calls to services not served here.
+    unknown: Route,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        let unknown = tower::service_fn(|call: Call| async move {
+            let service = service_name(call.uri().path());
+            Ok::<_, Infallible>(
+                tonic::Status::unimplemented(format!("no service {service:?} here")).into_http(),
+            )
+        });
+        Self {
+            routes: Vec::new(),
+            unknown: Route::new(tower::Layer::layer(&GrpcServerLayer, unknown)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Router {
@@ -55,48 +72,68 @@ impl Router {
             + 'static,
         S::Future: Send + 'static,
     {
-        let service = tower::Layer::layer(&GrpcServerLayer, service);
+        let service = tower::Layer::layer(&GrpcServerLayer, WithDeadline(service));
         self.routes.push((S::NAME, Route::new(service)));
         self
     }
 
-    /// Answers one call: its service's answer, UNIMPLEMENTED for a service not served here,
-    /// DEADLINE_EXCEEDED once the caller's `grpc-timeout` has passed.
-    async fn call(&self, request: Call) -> Reply {
-        let path = request.uri().path();
-        let service = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .map_or("", |(service, _)| service);
-        let Some(route) = self
+    /// Answers one call: its service's answer, or UNIMPLEMENTED for a service not served here.
+    async fn call(&self, call: Call) -> Reply {
+        let service = service_name(call.uri().path());
+        let route = self
             .routes
             .iter()
             .find_map(|(name, route)| (*name == service).then_some(route))
-        else {
-            return tonic::Status::unimplemented(format!("no service {service:?} here"))
-                .into_http();
-        };
-        let deadline = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| grpc_timeout(v.as_bytes()));
-        let answer = tower::ServiceExt::oneshot(route.clone(), request);
-        let reply = match deadline {
-            None => answer.await,
-            Some(limit) => match tokio::time::timeout(limit, answer).await {
-                Ok(reply) => reply,
-                Err(_) => {
-                    return tonic::Status::deadline_exceeded(format!(
-                        "the call's grpc-timeout of {limit:?} passed"
-                    ))
-                    .into_http();
-                }
-            },
-        };
-        match reply {
+            .unwrap_or(&self.unknown);
+        match tower::ServiceExt::oneshot(route.clone(), call).await {
             Ok(reply) => reply,
             Err(never) => match never {},
         }
+    }
+}
+
+/// The service part of a gRPC path (`/package.Service/Method`); empty if there is none.
+fn service_name(path: &str) -> &str {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map_or("", |(service, _)| service)
+}
+
+/// A service whose calls answer DEADLINE_EXCEEDED once the caller's `grpc-timeout` passes.
+#[derive(Clone)]
+struct WithDeadline<S>(S);
+
+impl<S> tower::Service<Call> for WithDeadline<S>
+where
+    S: tower::Service<Call, Response = Reply, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Reply, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let deadline = call
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()));
+        let answer = self.0.call(call);
+        Box::pin(async move {
+            let Some(limit) = deadline else {
+                return answer.await;
+            };
+            match tokio::time::timeout(limit, answer).await {
+                Ok(reply) => reply,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the call's grpc-timeout of {limit:?} passed"
+                ))
+                .into_http()),
+            }
+        })
     }
 }
 
@@ -293,6 +330,12 @@ pub async fn run(
     result
 }
 
+/// `grpc-status` of UNIMPLEMENTED.
+const UNIMPLEMENTED: &str = "12";
+
+/// The `method` label of calls to paths that name no method served here.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
 /// Tower layer for gRPC servers: one `grpc.server` span per call, parented on the caller's W3C
 /// trace context, plus request count and latency metrics per method and status.
 #[derive(Debug, Clone, Copy, Default)]
@@ -388,9 +431,17 @@ where
                         m.duration.record(elapsed);
                     });
                 } else {
-                    metrics::counter!("sluice_grpc_requests_total", "method" => path.clone(), "code" => code)
+                    // UNIMPLEMENTED answers a path naming no method served here, which the
+                    // caller picks freely: such calls share one label, so that probing cannot
+                    // grow the metrics without bound.
+                    let method = if code == UNIMPLEMENTED {
+                        UNKNOWN_METHOD.to_owned()
+                    } else {
+                        path
+                    };
+                    metrics::counter!("sluice_grpc_requests_total", "method" => method.clone(), "code" => code)
                         .increment(1);
-                    metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => path)
+                    metrics::histogram!("sluice_grpc_request_duration_seconds", "method" => method)
                         .record(elapsed);
                 }
                 result

@@ -21,13 +21,53 @@ async fn check_scaffold(service: Service) -> anyhow::Result<()> {
             );
         }
     }
+    // Paths no service here answers: a service this binary does not serve, a method its
+    // services do not have.
+    let channel = probe::channel(&url).await?;
+    for path in [
+        "/sluice.test.Absent/Call",
+        "/grpc.health.v1.Health/ProbeNoSuchMethod",
+    ] {
+        let status = call_empty(&channel, path).await;
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+    }
     let metrics = http_get(service.metrics, "/metrics").await?;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
         metrics.contains("sluice_grpc_requests_total"),
         "the calls above were counted: {metrics}"
     );
+    let unknown = format!(
+        "sluice_grpc_requests_total{{method=\"{}\",code=\"12\"}} 2",
+        sluice::server::UNKNOWN_METHOD
+    );
+    assert!(
+        metrics.contains(&unknown),
+        "both calls counted under one label: {metrics}"
+    );
+    assert!(
+        !metrics.contains("Absent") && !metrics.contains("ProbeNoSuchMethod"),
+        "a path the caller made up is no label: {metrics}"
+    );
     service.stop().await
+}
+
+/// One unary call with an empty message to `path`; its status (OK if it was answered).
+async fn call_empty(channel: &tonic::transport::Channel, path: &'static str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    if let Err(err) = grpc.ready().await {
+        return tonic::Status::unavailable(err.to_string());
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    match grpc.unary(tonic::Request::new(()), path, codec).await {
+        Ok(_) => tonic::Status::ok("answered"),
+        Err(status) => status,
+    }
 }
 
 /// A minimal HTTP/1.1 GET, enough to read /metrics.
