@@ -209,6 +209,12 @@ pub struct RlsRule {
     pub policy: Arc<Policy>,
 }
 
+/// The scopes every limiter knows; a check may also name a custom one.
+pub const BUILT_IN_SCOPES: [&str; 5] = ["user", "project", "ip", "endpoint", "api_key"];
+
+/// The metrics' `scope` label of a custom scope the limits file gives no default.
+pub const CUSTOM_SCOPE: &str = "custom";
+
 /// Every policy in force; swapped whole on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policies {
@@ -416,6 +422,13 @@ impl Policies {
     /// The policy named `name`.
     pub fn named(&self, name: &str) -> Option<&Arc<Policy>> {
         self.named.get(name)
+    }
+
+    /// Whether `scope` is built in ([`BUILT_IN_SCOPES`]) or has a default in the limits file.
+    /// Metrics name such scopes; others, which callers may make up freely, count as
+    /// [`CUSTOM_SCOPE`], so that the label's values stay bounded.
+    pub fn knows_scope(&self, scope: &str) -> bool {
+        BUILT_IN_SCOPES.contains(&scope) || self.scopes.contains_key(scope)
     }
 
     /// The default policy of a check that names none: an endpoint tier for scope `endpoint`,

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::algorithm::{Algorithm, Params};
 use crate::engine::{CheckOutcome, Engine, Outcome, Resolved, Source};
 use crate::keys;
-use crate::policy::{Limit, Policies, Policy, PolicyStore, validate_name};
+use crate::policy::{CUSTOM_SCOPE, Limit, Policies, Policy, PolicyStore, validate_name};
 use crate::store::{Counter, Mode};
 
 /// Most checks in one request.
@@ -181,7 +181,11 @@ fn resolve(policies: &Policies, checks: &[pb::Check], cost: u64) -> Result<Vec<R
                 ))
             })?,
         };
-        let r = counter_for(&check.scope, &check.subject, &policy, cost, &field, "cost")?;
+        let mut r = counter_for(&check.scope, &check.subject, &policy, cost, &field, "cost")?;
+        if !policies.knows_scope(&check.scope) {
+            r.scope.clear();
+            r.scope.push_str(CUSTOM_SCOPE);
+        }
         if let Some(j) = resolved.iter().position(|p| p.counter.key == r.counter.key) {
             return Err(Error::invalid(
                 field.to_string(),
@@ -267,7 +271,8 @@ fn record_metrics(checks: &[Resolved], outcome: &Outcome) {
 /// Adds one to `sluice_limiter_checks_total{policy, scope, decision, source}` (`labels` in
 /// that order), with handles kept per thread as the server keeps its call metrics.
 fn count_check(labels: [&str; 4]) {
-    /// Label sets kept per thread; others (many custom scopes) are looked up each time.
+    /// Label sets kept per thread; past it (a limits file with very many policies and
+    /// scopes) the rest are looked up each time.
     const MAX_KEPT: usize = 1024;
     thread_local! {
         /// A reused buffer for the lookup key, and the handles by key.

@@ -30,6 +30,9 @@ shadow = true
 limit = 3
 window = "1h"
 
+[scopes]
+team = "five"
+
 [endpoints]
 "/v1/analysis" = "tier"
 "#;
@@ -325,6 +328,14 @@ async fn shadow_policies_report_and_never_deny(store: StoreKind) -> anyhow::Resu
     let hour = Duration::from_secs(3600);
     let inline = inline_check("endpoint", &who, pb::Algorithm::Gcra, 5, hour, 0);
     limiter.client.check_limit(request(vec![inline], 1)).await?;
+    // A custom scope the limits file names keeps its name; scopes callers make up share one
+    // label, so they cannot grow the metrics without bound.
+    for scope in ["team", "made-up-a", "made-up-b"] {
+        let inline = inline_check(scope, &who, pb::Algorithm::Gcra, 5, hour, 0);
+        limiter.client.check_limit(request(vec![inline], 1)).await?;
+    }
+    let text = sluice::server::metrics_handle().render();
+    assert!(!text.contains("made-up"), "{text}");
     // Each test runs in its own process (nextest), so these counts are this test's.
     for (labels, expected) in [
         (["watch", "user", "allowed", "store"], 2),
@@ -333,6 +344,8 @@ async fn shadow_policies_report_and_never_deny(store: StoreKind) -> anyhow::Resu
         (["one", "api_key", "allowed", "store"], 1),
         (["one", "api_key", "denied", "store"], 1),
         (["inline", "endpoint", "allowed", "store"], 1),
+        (["inline", "team", "allowed", "store"], 1),
+        (["inline", "custom", "allowed", "store"], 2),
     ] {
         assert_eq!(checks_counted(labels), expected, "{labels:?}");
     }
