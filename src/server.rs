@@ -137,6 +137,13 @@ where
     }
 }
 
+/// How long a call has before its caller's deadline (its `grpc-timeout`), as the server read it
+/// on arrival; `None` when the caller set none. A handler that waits (a long poll) answers
+/// before this passes, since the server answers DEADLINE_EXCEEDED then.
+pub fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    grpc_timeout(metadata.get("grpc-timeout")?.as_bytes())
+}
+
 /// A `grpc-timeout` header's value (gRPC over HTTP/2: at most 8 digits and a unit, H M S m u
 /// n); `None` when absent or malformed, as if the caller had set no deadline.
 fn grpc_timeout(value: &[u8]) -> Option<Duration> {

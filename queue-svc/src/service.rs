@@ -42,6 +42,13 @@ fn fits(payloads: impl Iterator<Item = usize>) -> usize {
 /// Longest Dequeue long-poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// How long before the caller's deadline a long poll stops: room for its last lease call and
+/// the answer. A call cut off at its deadline would leave the tasks that call leased waiting
+/// out their lease, and the caller would get DEADLINE_EXCEEDED instead of an empty answer.
+fn answer_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
+
 /// The Queue service on one store.
 #[derive(Debug, Clone)]
 pub struct QueueService {
@@ -914,6 +921,7 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::DequeueRequest>,
     ) -> std::result::Result<Response<pb::DequeueResponse>, Status> {
+        let call_timeout = sluice::server::call_timeout(request.metadata());
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
         let mut projects = vec![request.project.clone()];
@@ -946,6 +954,10 @@ impl pb::queue_server::Queue for QueueService {
         if wait > MAX_WAIT {
             return Err(Error::invalid("wait", "at most 30 seconds").into());
         }
+        let wait = match call_timeout {
+            Some(timeout) => wait.min(timeout.saturating_sub(answer_margin(timeout))),
+            None => wait,
+        };
         let lease = lease_ms(request.lease_duration.as_ref(), "lease_duration")?;
         if request.worker_id.len() > 128 {
             return Err(Error::invalid("worker_id", "at most 128 bytes").into());

@@ -691,7 +691,52 @@ macro_rules! on_every_store {
     };
 }
 
+/// Dequeue's long poll answers with a task enqueued while it waits; a caller whose deadline
+/// is nearer than its wait gets an empty answer before the deadline, not DEADLINE_EXCEEDED.
+async fn long_polls_answer_with_arrivals_and_before_the_callers_deadline(
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    let mut q = Queue::start(url.as_deref(), "", &[]).await?;
+    let long_poll = |queue: &str| pb::DequeueRequest {
+        wait: Some(prost_types::Duration {
+            seconds: 20,
+            nanos: 0,
+        }),
+        ..dequeue("p", queue, 1)
+    };
+
+    let mut hurried = tonic::Request::new(long_poll("quiet"));
+    hurried.set_timeout(Duration::from_secs(1));
+    let answer = q.client.dequeue(hurried).await;
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.get_ref().leases.is_empty()),
+        "an empty answer within the 1 s deadline: {answer:?}"
+    );
+
+    let mut client = q.client.clone();
+    let waiting = tokio::spawn(async move { client.dequeue(long_poll("arrivals")).await });
+    let id = q
+        .client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "arrivals", b"here", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let leases = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await???
+        .into_inner()
+        .leases;
+    let leased: Vec<&str> = leases
+        .iter()
+        .filter_map(|l| l.task.as_ref().map(|t| t.id.as_str()))
+        .collect();
+    assert_eq!(leased, [id.as_str()]);
+    q.service.stop().await
+}
+
 on_every_store!(
+    long_polls_answer_with_arrivals_and_before_the_callers_deadline,
     ordering,
     lease_expiry_fences_the_old_holder,
     retries_follow_the_policy_then_dead_letters_and_redrive,
