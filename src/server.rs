@@ -116,11 +116,17 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, mut call: Call) -> Self::Future {
         let deadline = call
             .headers()
             .get("grpc-timeout")
             .and_then(|v| grpc_timeout(v.as_bytes()));
+        if let Some(timeout) = deadline {
+            call.extensions_mut().insert(CallDeadline {
+                at: Instant::now() + timeout,
+                timeout,
+            });
+        }
         let answer = self.0.call(call);
         Box::pin(async move {
             let Some(limit) = deadline else {
@@ -137,11 +143,15 @@ where
     }
 }
 
-/// How long a call has before its caller's deadline (its `grpc-timeout`), as the server read it
-/// on arrival; `None` when the caller set none. A handler that waits (a long poll) answers
-/// before this passes, since the server answers DEADLINE_EXCEEDED then.
-pub fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    grpc_timeout(metadata.get("grpc-timeout")?.as_bytes())
+/// A call's deadline, from its `grpc-timeout` as the call arrived. The server puts it in the
+/// request's extensions (`request.extensions().get::<CallDeadline>()`) and answers
+/// DEADLINE_EXCEEDED when it passes, so a handler that waits (a long poll) answers before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallDeadline {
+    /// When the deadline passes.
+    pub at: Instant,
+    /// The caller's timeout, measured from the call's arrival.
+    pub timeout: Duration,
 }
 
 /// A `grpc-timeout` header's value (gRPC over HTTP/2: at most 8 digits and a unit, H M S m u
@@ -199,13 +209,14 @@ pub fn router(
     Ok((router, reporter))
 }
 
-/// Most calls (lease streams included) one client connection carries at once; a client past
-/// it waits for one to finish or opens another connection, as HTTP/2 clients do.
+/// Most calls (lease streams included) one client connection carries at once. A client past it
+/// waits for one of its calls to finish; some clients open another connection instead.
 pub const MAX_CALLS_PER_CONNECTION: u32 = 1024;
 
 /// Serves `router` over HTTP/2 on `listener` until `shutdown` is cancelled: then the listener
 /// closes, every connection is told to finish (GOAWAY), and in-flight calls get at most
-/// `grace` (streams that would outlive it are cut).
+/// `grace`. Connections still open then are dropped, which resets their streams and ends the
+/// calls (long polls, lease streams) that were still running.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
@@ -218,6 +229,8 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(MAX_CALLS_PER_CONNECTION);
     let connections = tokio_util::task::TaskTracker::new();
+    // Cancelled when the grace has passed: connections still open are dropped.
+    let cut = CancellationToken::new();
     let accepted = async {
         loop {
             let (stream, _) = tokio::select! {
@@ -241,17 +254,20 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(router.call(request).await) }
             });
             let connection = http2.serve_connection(hyper_util::rt::TokioIo::new(stream), calls);
-            let stop = shutdown.clone();
+            let (stop, cut) = (shutdown.clone(), cut.clone());
             connections.spawn(async move {
                 tokio::pin!(connection);
                 let finished = tokio::select! {
-                    finished = &mut connection => finished,
+                    finished = &mut connection => Some(finished),
                     () = stop.cancelled() => {
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        tokio::select! {
+                            finished = &mut connection => Some(finished),
+                            () = cut.cancelled() => None,
+                        }
                     }
                 };
-                if let Err(err) = finished {
+                if let Some(Err(err)) = finished {
                     tracing::debug!(error = %err, "connection ended with an error");
                 }
             });
@@ -267,8 +283,11 @@ pub async fn serve(
     {
         tracing::warn!(
             ?grace,
-            "in-flight calls did not finish within the shutdown grace; stopping anyway"
+            "in-flight calls did not finish within the shutdown grace; cutting them"
         );
+        cut.cancel();
+        // Dropping a connection takes no I/O; the bound only guards against a stuck task.
+        let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     }
     Ok(())
 }
@@ -620,9 +639,22 @@ mod tests {
         }
     }
 
-    /// A service whose calls never answer; it counts the calls it was given.
+    /// A service whose calls never answer; it counts the calls it was given (`.0`) and those
+    /// that ended, dropped by the server (`.1`).
     #[derive(Clone, Default)]
-    struct Silent(Arc<tokio::sync::watch::Sender<usize>>);
+    struct Silent(
+        Arc<tokio::sync::watch::Sender<usize>>,
+        Arc<tokio::sync::watch::Sender<usize>>,
+    );
+
+    /// Counts one ended call when dropped.
+    struct Ended(Arc<tokio::sync::watch::Sender<usize>>);
+
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.send_modify(|ended| *ended += 1);
+        }
+    }
 
     impl tonic::server::NamedService for Silent {
         const NAME: &'static str = "sluice.test.Silent";
@@ -639,7 +671,11 @@ mod tests {
 
         fn call(&mut self, _: Call) -> Self::Future {
             self.0.send_modify(|calls| *calls += 1);
-            Box::pin(std::future::pending())
+            let ended = Ended(Arc::clone(&self.1));
+            Box::pin(async move {
+                let _ended = ended;
+                std::future::pending().await
+            })
         }
     }
 
@@ -688,6 +724,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let silent = Silent::default();
         let mut calls = silent.0.subscribe();
+        let mut ended = silent.1.subscribe();
         let server = tokio::spawn(serve(
             Router::default().add_service(silent),
             listener,
@@ -722,8 +759,9 @@ mod tests {
             "{unknown:?}"
         );
 
-        // A call that never finishes holds shutdown for the grace, no longer.
-        tokio::spawn({
+        // A call that never finishes holds shutdown for the grace, no longer; then its
+        // connection is dropped, which ends the call on both sides.
+        let hanging = tokio::spawn({
             let channel = channel.clone();
             async move { call(&channel, "/sluice.test.Silent/Wait").await }
         });
@@ -734,6 +772,9 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "the listener is closed once serve returns"
         );
+        tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|n| *n == 3)).await??;
+        let cut = tokio::time::timeout(Duration::from_secs(10), hanging).await??;
+        assert_ne!(cut.code(), tonic::Code::Ok, "{cut:?}");
         Ok(())
     }
 }

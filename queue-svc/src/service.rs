@@ -921,7 +921,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::DequeueRequest>,
     ) -> std::result::Result<Response<pb::DequeueResponse>, Status> {
-        let call_timeout = sluice::server::call_timeout(request.metadata());
+        let call_deadline = request
+            .extensions()
+            .get::<sluice::server::CallDeadline>()
+            .copied();
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
         let mut projects = vec![request.project.clone()];
@@ -954,10 +957,6 @@ impl pb::queue_server::Queue for QueueService {
         if wait > MAX_WAIT {
             return Err(Error::invalid("wait", "at most 30 seconds").into());
         }
-        let wait = match call_timeout {
-            Some(timeout) => wait.min(timeout.saturating_sub(answer_margin(timeout))),
-            None => wait,
-        };
         let lease = lease_ms(request.lease_duration.as_ref(), "lease_duration")?;
         if request.worker_id.len() > 128 {
             return Err(Error::invalid("worker_id", "at most 128 bytes").into());
@@ -966,7 +965,11 @@ impl pb::queue_server::Queue for QueueService {
             .iter()
             .flat_map(|p| request.queues.iter().map(move |q| (p.clone(), q.clone())))
             .collect();
-        let deadline = tokio::time::Instant::now() + wait;
+        let mut deadline = tokio::time::Instant::now() + wait;
+        if let Some(call) = call_deadline {
+            let answer_by = call.at.checked_sub(answer_margin(call.timeout));
+            deadline = deadline.min(answer_by.unwrap_or(call.at));
+        }
         let mut pause = Duration::from_millis(5);
         loop {
             let mut leases = self
