@@ -121,11 +121,10 @@ where
             .headers()
             .get("grpc-timeout")
             .and_then(|v| grpc_timeout(v.as_bytes()));
-        if let Some(timeout) = deadline {
-            call.extensions_mut().insert(CallDeadline {
-                at: Instant::now() + timeout,
-                timeout,
-            });
+        if let Some(timeout) = deadline
+            && let Some(at) = Instant::now().checked_add(timeout)
+        {
+            call.extensions_mut().insert(CallDeadline { at, timeout });
         }
         let answer = self.0.call(call);
         Box::pin(async move {
