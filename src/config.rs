@@ -59,6 +59,13 @@ pub struct ServerArgs {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// After this long without a frame from a client, the server sends it an HTTP/2 PING, and
+    /// closes the connection if the answer takes longer than 20 s (or this interval, if
+    /// shorter): connections to clients that vanished without closing them do not stay open
+    /// for ever. 0 turns the pings off.
+    #[arg(long, env = "SLUICE_HTTP2_KEEPALIVE", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub http2_keepalive: Duration,
+
     /// Threads running the event loop. 1: a single thread (tokio's current-thread scheduler),
     /// the least CPU per call, as responses finished together leave in one socket write;
     /// N > 1: tokio's work-stealing scheduler with N threads; 0: 1 on machines with up to 2
@@ -68,6 +75,14 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// How the gRPC server treats its connections.
+    pub fn connections(&self) -> crate::server::Connections {
+        crate::server::Connections {
+            grace: self.shutdown_grace,
+            keepalive: (!self.http2_keepalive.is_zero()).then_some(self.http2_keepalive),
+        }
+    }
+
     /// The event-loop threads `--threads` asks for on this machine.
     pub fn event_loop_threads(&self) -> usize {
         event_loop_threads(self.threads)

@@ -212,6 +212,18 @@ pub fn router(
 /// waits for one of its calls to finish; some clients open another connection instead.
 pub const MAX_CALLS_PER_CONNECTION: u32 = 1024;
 
+/// How a gRPC server treats its connections (`--shutdown-grace`, `--http2-keepalive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connections {
+    /// How long in-flight calls may run after shutdown begins.
+    pub grace: Duration,
+    /// After this long without a frame from the client, a PING; `None`: no pings.
+    pub keepalive: Option<Duration>,
+}
+
+/// Longest wait for a keep-alive PING's answer.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Serves `router` over HTTP/2 on `listener` until `shutdown` is cancelled: then the listener
 /// closes, every connection is told to finish (GOAWAY), and in-flight calls get at most
 /// `grace`. Connections still open then are dropped, which resets their streams and ends the
@@ -220,13 +232,19 @@ pub async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
-    grace: Duration,
+    settings: Connections,
 ) -> std::io::Result<()> {
+    let Connections { grace, keepalive } = settings;
     let router = Arc::new(router);
     let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
     http2
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(MAX_CALLS_PER_CONNECTION);
+    if let Some(interval) = keepalive {
+        http2
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(interval.min(KEEPALIVE_TIMEOUT));
+    }
     let connections = tokio_util::task::TaskTracker::new();
     // Cancelled when the grace has passed: connections still open are dropped.
     let cut = CancellationToken::new();
@@ -333,13 +351,13 @@ pub async fn run(
     router: Router,
     listeners: Listeners,
     shutdown: CancellationToken,
-    grace: Duration,
+    connections: Connections,
 ) -> anyhow::Result<()> {
     let grpc = listeners.grpc.local_addr()?;
     let metrics = listeners.metrics.local_addr()?;
     tracing::info!(service, %grpc, %metrics, "listening");
     let grpc_server = async {
-        serve(router, listeners.grpc, shutdown.clone(), grace)
+        serve(router, listeners.grpc, shutdown.clone(), connections)
             .await
             .map_err(|e| anyhow::anyhow!("gRPC server on {grpc}: {e}"))
     };
@@ -728,7 +746,10 @@ mod tests {
             Router::default().add_service(silent),
             listener,
             shutdown.clone(),
-            Duration::from_millis(200),
+            Connections {
+                grace: Duration::from_millis(200),
+                keepalive: None,
+            },
         ));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
@@ -774,6 +795,57 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|n| *n == 3)).await??;
         let cut = tokio::time::timeout(Duration::from_secs(10), hanging).await??;
         assert_ne!(cut.code(), tonic::Code::Ok, "{cut:?}");
+        Ok(())
+    }
+
+    /// A client that opens a connection and then answers nothing (a vanished peer) is
+    /// disconnected once a keep-alive PING goes unanswered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keepalive_pings_close_silent_connections_and_keep_answering_ones() -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let interval = Duration::from_millis(200);
+        let server = tokio::spawn(serve(
+            Router::default().add_service(Silent::default()),
+            listener,
+            shutdown.clone(),
+            Connections {
+                grace: Duration::from_millis(200),
+                keepalive: Some(interval),
+            },
+        ));
+        let mut peer = tokio::net::TcpStream::connect(addr).await?;
+        // The client preface and an empty SETTINGS frame; then silence.
+        peer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut received)).await??;
+        // The server's SETTINGS, the PING, and the GOAWAY, at least.
+        assert!(received.len() >= 3 * 9, "{received:?}");
+
+        // A client that answers (h2 answers PINGs while its connection task runs) keeps its
+        // connection through idle spells many intervals long.
+        let (client, connection) =
+            h2::client::handshake(tokio::net::TcpStream::connect(addr).await?).await?;
+        let connection = tokio::spawn(connection);
+        for _ in 0..2 {
+            tokio::time::sleep(5 * interval).await;
+            let request = http::Request::post(format!("http://{addr}/sluice.test.Absent/Call"))
+                .header("content-type", "application/grpc")
+                .body(())?;
+            let (answer, _body) = client.clone().ready().await?.send_request(request, true)?;
+            let answer = answer.await?;
+            assert_eq!(
+                answer.headers().get("grpc-status").map(|v| v.as_bytes()),
+                Some(&b"12"[..]),
+                "{answer:?}"
+            );
+        }
+        assert!(!connection.is_finished());
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server).await???;
         Ok(())
     }
 }

@@ -78,7 +78,7 @@ pub async fn run(
         router,
         listeners,
         shutdown.clone(),
-        common.server.shutdown_grace,
+        common.server.connections(),
     )
     .await;
     shutdown.cancel();
