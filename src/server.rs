@@ -219,7 +219,13 @@ pub struct Connections {
     pub grace: Duration,
     /// After this long without a frame from the client, a PING; `None`: no pings.
     pub keepalive: Option<Duration>,
+    /// How long a new connection may stay silent. HTTP/2 clients send their preface as soon as
+    /// they connect; a connection that sends nothing for this long is closed.
+    pub first_bytes: Duration,
 }
+
+/// [`Connections::first_bytes`] of the service binaries.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait for a keep-alive PING's answer.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -234,7 +240,11 @@ pub async fn serve(
     shutdown: CancellationToken,
     settings: Connections,
 ) -> std::io::Result<()> {
-    let Connections { grace, keepalive } = settings;
+    let Connections {
+        grace,
+        keepalive,
+        first_bytes,
+    } = settings;
     let router = Arc::new(router);
     let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
     http2
@@ -270,9 +280,20 @@ pub async fn serve(
                 let router = Arc::clone(&router);
                 async move { Ok::<_, Infallible>(router.call(request).await) }
             });
-            let connection = http2.serve_connection(hyper_util::rt::TokioIo::new(stream), calls);
-            let (stop, cut) = (shutdown.clone(), cut.clone());
+            let (http2, stop, cut) = (http2.clone(), shutdown.clone(), cut.clone());
             connections.spawn(async move {
+                let mut first = [0; 1];
+                tokio::select! {
+                    waited = tokio::time::timeout(first_bytes, stream.peek(&mut first)) => {
+                        if waited.is_err() {
+                            tracing::debug!(?first_bytes, "a connection sent nothing; closing it");
+                            return;
+                        }
+                    }
+                    () = stop.cancelled() => return,
+                }
+                let connection =
+                    http2.serve_connection(hyper_util::rt::TokioIo::new(stream), calls);
                 tokio::pin!(connection);
                 let finished = tokio::select! {
                     finished = &mut connection => Some(finished),
@@ -749,6 +770,7 @@ mod tests {
             Connections {
                 grace: Duration::from_millis(200),
                 keepalive: None,
+                first_bytes: FIRST_BYTES_TIMEOUT,
             },
         ));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -798,10 +820,12 @@ mod tests {
         Ok(())
     }
 
-    /// A client that opens a connection and then answers nothing (a vanished peer) is
-    /// disconnected once a keep-alive PING goes unanswered.
+    /// A connection that never sends its first bytes is closed; a client that opens a
+    /// connection and then answers nothing (a vanished peer) is disconnected once a keep-alive
+    /// PING goes unanswered; a client that answers keeps its connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn keepalive_pings_close_silent_connections_and_keep_answering_ones() -> anyhow::Result<()> {
+    async fn silent_and_vanished_clients_are_disconnected_and_answering_ones_kept()
+    -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
@@ -814,8 +838,15 @@ mod tests {
             Connections {
                 grace: Duration::from_millis(200),
                 keepalive: Some(interval),
+                first_bytes: interval,
             },
         ));
+        // A connection that sends nothing at all is closed, with nothing said.
+        let mut mute = tokio::net::TcpStream::connect(addr).await?;
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut received)).await??;
+        assert!(received.is_empty(), "{received:?}");
+
         let mut peer = tokio::net::TcpStream::connect(addr).await?;
         // The client preface and an empty SETTINGS frame; then silence.
         peer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
