@@ -80,7 +80,7 @@ impl ServerArgs {
         crate::server::Connections {
             grace: self.shutdown_grace,
             keepalive: (!self.http2_keepalive.is_zero()).then_some(self.http2_keepalive),
-            first_bytes: crate::server::FIRST_BYTES_TIMEOUT,
+            handshake: crate::server::HANDSHAKE_TIMEOUT,
         }
     }
 

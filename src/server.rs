@@ -219,13 +219,98 @@ pub struct Connections {
     pub grace: Duration,
     /// After this long without a frame from the client, a PING; `None`: no pings.
     pub keepalive: Option<Duration>,
-    /// How long a new connection may stay silent. HTTP/2 clients send their preface as soon as
-    /// they connect; a connection that sends nothing for this long is closed.
-    pub first_bytes: Duration,
+    /// How long a new connection has to send the HTTP/2 client preface. Clients send it as soon
+    /// as they connect; a connection that sends nothing, or only part of it, for this long is
+    /// closed. (Once the preface is in, keep-alive PINGs find clients that stop answering.)
+    pub handshake: Duration,
 }
 
-/// [`Connections::first_bytes`] of the service binaries.
-pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`Connections::handshake`] of the service binaries.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0...`).
+const PREFACE_LEN: usize = 24;
+
+/// A new connection's socket, telling the connection's task once the client's preface has been
+/// read. hyper arms keep-alive only after it, so without this a client could hold a connection
+/// by sending a few bytes and stopping.
+struct PrefaceWatch<T> {
+    io: T,
+    /// Preface bytes still to come; 0 once it is in.
+    awaited: usize,
+    arrived: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<T> PrefaceWatch<T> {
+    fn new(io: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (arrived, watch) = tokio::sync::oneshot::channel();
+        let io = Self {
+            io,
+            awaited: PREFACE_LEN,
+            arrived: Some(arrived),
+        };
+        (io, watch)
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PrefaceWatch<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.awaited > 0 {
+            this.awaited = this
+                .awaited
+                .saturating_sub(buf.filled().len().saturating_sub(before));
+            if this.awaited == 0
+                && let Some(arrived) = this.arrived.take()
+            {
+                let _ = arrived.send(());
+            }
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PrefaceWatch<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Longest wait for a keep-alive PING's answer.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -243,7 +328,7 @@ pub async fn serve(
     let Connections {
         grace,
         keepalive,
-        first_bytes,
+        handshake,
     } = settings;
     let router = Arc::new(router);
     let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -282,26 +367,46 @@ pub async fn serve(
             });
             let (http2, stop, cut) = (http2.clone(), shutdown.clone(), cut.clone());
             connections.spawn(async move {
+                // Until a connection's first bytes arrive it costs a task and a socket, not
+                // yet an HTTP/2 connection's buffers: port probes and TCP health checks end
+                // here.
+                let deadline = Instant::now() + handshake;
                 let mut first = [0; 1];
                 tokio::select! {
-                    waited = tokio::time::timeout(first_bytes, stream.peek(&mut first)) => {
+                    waited = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => {
                         if waited.is_err() {
-                            tracing::debug!(?first_bytes, "a connection sent nothing; closing it");
+                            tracing::debug!(?handshake, "a connection sent nothing; closing it");
                             return;
                         }
                     }
                     () = stop.cancelled() => return,
                 }
-                let connection =
-                    http2.serve_connection(hyper_util::rt::TokioIo::new(stream), calls);
+                let (io, preface) = PrefaceWatch::new(stream);
+                let connection = http2.serve_connection(hyper_util::rt::TokioIo::new(io), calls);
                 tokio::pin!(connection);
-                let finished = tokio::select! {
-                    finished = &mut connection => Some(finished),
-                    () = stop.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            finished = &mut connection => Some(finished),
-                            () = cut.cancelled() => None,
+                let preface = tokio::time::timeout_at(deadline, preface);
+                tokio::pin!(preface);
+                let mut handshaken = false;
+                let finished = loop {
+                    tokio::select! {
+                        finished = &mut connection => break Some(finished),
+                        // An error from the channel means the connection (and its socket) is
+                        // gone: the branch above ends the loop.
+                        waited = &mut preface, if !handshaken => match waited {
+                            Ok(_) => handshaken = true,
+                            Err(_) => {
+                                tracing::debug!(?handshake, "a connection did not send its HTTP/2 preface in time; closing it");
+                                return;
+                            }
+                        },
+                        // A connection that has not said a word yet has no calls to finish.
+                        () = stop.cancelled(), if !handshaken => return,
+                        () = stop.cancelled(), if handshaken => {
+                            connection.as_mut().graceful_shutdown();
+                            break tokio::select! {
+                                finished = &mut connection => Some(finished),
+                                () = cut.cancelled() => None,
+                            };
                         }
                     }
                 };
@@ -770,7 +875,7 @@ mod tests {
             Connections {
                 grace: Duration::from_millis(200),
                 keepalive: None,
-                first_bytes: FIRST_BYTES_TIMEOUT,
+                handshake: HANDSHAKE_TIMEOUT,
             },
         ));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -820,7 +925,7 @@ mod tests {
         Ok(())
     }
 
-    /// A connection that never sends its first bytes is closed; a client that opens a
+    /// A connection that never sends its preface, or only part of it, is closed; a client that opens a
     /// connection and then answers nothing (a vanished peer) is disconnected once a keep-alive
     /// PING goes unanswered; a client that answers keeps its connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -838,7 +943,7 @@ mod tests {
             Connections {
                 grace: Duration::from_millis(200),
                 keepalive: Some(interval),
-                first_bytes: interval,
+                handshake: interval,
             },
         ));
         // A connection that sends nothing at all is closed, with nothing said.
@@ -846,6 +951,13 @@ mod tests {
         let mut received = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut received)).await??;
         assert!(received.is_empty(), "{received:?}");
+
+        // Nor may a client hold a connection by sending part of its preface and stopping.
+        let mut dribbler = tokio::net::TcpStream::connect(addr).await?;
+        dribbler.write_all(b"PRI * HTTP/2.0\r\n").await?;
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), dribbler.read_to_end(&mut received))
+            .await??;
 
         let mut peer = tokio::net::TcpStream::connect(addr).await?;
         // The client preface and an empty SETTINGS frame; then silence.
