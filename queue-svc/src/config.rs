@@ -27,6 +27,12 @@ pub struct Config {
     /// How often the reaper returns expired leases, promotes due tasks and applies retention.
     #[arg(long, env = "SLUICE_REAPER_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub reaper_interval: Duration,
+
+    /// An empty queue (no task in any state, no idempotency record, not paused) that nothing
+    /// has enqueued into for this long is forgotten: the reaper stops visiting it and its
+    /// leftover keys go. Its next enqueue brings it back. 0: never.
+    #[arg(long, env = "SLUICE_RETIRE_IDLE_AFTER", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub retire_idle_after: Duration,
 }
 
 impl Config {

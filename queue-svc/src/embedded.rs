@@ -10,7 +10,7 @@ use crate::model::{ErrorRecord, Record};
 use crate::queues::AutoRedrive;
 use crate::store::{
     Completion, DEAD_SCAN, DeadOp, DeadPass, DeadSelector, Enqueued, Extended, FailOutcome, Full,
-    Lease, Leased, NewTask, Retention, Stats, no_room,
+    Lease, Leased, NewTask, Registered, Retention, Stats, no_room,
 };
 
 const MAX_ERRORS: usize = 10;
@@ -33,6 +33,8 @@ struct Queue {
     counters: HashMap<(&'static str, u64), u64>,
     /// Auto-redrive has looked at dead letters that died up to this ms.
     auto_cursor: u64,
+    /// When it last took an enqueue (ms; 0: never, a queue only read).
+    touched: u64,
 }
 
 fn ms(t: f64) -> u64 {
@@ -279,12 +281,38 @@ impl EmbeddedQueue {
         f(q, now)
     }
 
-    /// Every queue that holds anything.
-    pub fn registered(&self) -> Vec<(String, String)> {
+    /// Every queue the store holds (any call naming a queue makes it), with when it last took
+    /// an enqueue.
+    pub fn registered(&self) -> Vec<Registered> {
         self.queues
             .lock()
-            .map(|q| q.keys().cloned().collect())
+            .map(|queues| {
+                queues
+                    .iter()
+                    .map(|((project, queue), q)| Registered {
+                        project: project.clone(),
+                        queue: queue.clone(),
+                        at_ms: q.touched,
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Forgets the queue if it holds nothing (see `retire.lua`) and took no enqueue since
+    /// `cutoff_ms`. Whether it did.
+    pub fn retire(&self, project: &str, queue: &str, cutoff_ms: u64) -> bool {
+        let Ok(mut queues) = self.queues.lock() else {
+            return false;
+        };
+        let key = (project.to_owned(), queue.to_owned());
+        let empty = queues.get(&key).is_some_and(|q| {
+            !q.paused && q.touched < cutoff_ms && q.tasks.is_empty() && q.idem.is_empty()
+        });
+        if empty {
+            queues.remove(&key);
+        }
+        empty
     }
 
     /// See `RedisQueue::enqueue`.
@@ -345,6 +373,7 @@ impl EmbeddedQueue {
                 out.push(Enqueued { id: record.id.clone(), duplicate: false, state: record.st.clone() });
                 q.tasks.insert(record.id.clone(), record);
             }
+            q.touched = now;
             Ok(out)
         })
     }
@@ -813,6 +842,33 @@ impl EmbeddedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Queues that any read makes are forgotten once empty and past the cut-off; a queue
+    /// holding a task, a paused one, and one that took an enqueue since the cut-off stay.
+    #[test]
+    fn empty_idle_queues_are_forgotten() -> Result<()> {
+        let store = EmbeddedQueue::new();
+        for i in 0..100 {
+            store.stats("p", &format!("probe{i}"))?;
+        }
+        store.set_paused("p", "paused", true)?;
+        store.with("p", "holding", |q, _| {
+            q.tasks.insert("t".into(), Record::default());
+            Ok(())
+        })?;
+        store.with("p", "fresh", |q, now| {
+            q.touched = now;
+            Ok(())
+        })?;
+        let cutoff = store.now().saturating_sub(1);
+        for Registered { project, queue, .. } in store.registered() {
+            store.retire(&project, &queue, cutoff);
+        }
+        let mut left: Vec<String> = store.registered().into_iter().map(|r| r.queue).collect();
+        left.sort();
+        assert_eq!(left, ["fresh", "holding", "paused"]);
+        Ok(())
+    }
 
     /// A filtered redrive looks at no more than `DEAD_SCAN` dead letters per call and hands
     /// back a cursor to go on from there (the Redis version: `queue_system.rs`).

@@ -5,7 +5,7 @@
 //! (which always receives all fifteen, see `lua/common.lua`) runs there. Project and queue
 //! names are validated to `[A-Za-z0-9_.-]` (no `/`, `{`, `}`), so no name can reach another
 //! project's keys or break the tag. The registry of known queues and the per-project worker
-//! rosters are the keys outside any queue's tag; no script touches them.
+//! rosters are the keys outside any queue's tag; no queue script touches them.
 
 /// The parts of a queue, in the order the scripts expect them as KEYS.
 const PARTS: [&str; 15] = [
@@ -27,8 +27,14 @@ pub fn queue(project: &str, queue: &str) -> Vec<String> {
         .collect()
 }
 
-/// The set of every `<project>/<queue>` that has seen an enqueue, walked by the reaper.
-pub const REGISTRY: &str = "sluice:q:registry";
+/// The sorted set of every `<project>/<queue>` the reaper walks, each scored with the time (ms)
+/// an instance last registered it. Instances register a queue they enqueue into at least every
+/// few minutes; the reaper drops a queue whose score is an hour old and whose keys are empty
+/// (see `reaper`), so names used once do not stay forever.
+pub const REGISTRY: &str = "sluice:q:queues";
+
+/// The plain set of earlier versions, whose members the reaper moves into [`REGISTRY`].
+pub const LEGACY_REGISTRY: &str = "sluice:q:registry";
 
 /// The hash of `project`'s Lease-stream workers across instances (see `roster`).
 pub fn workers(project: &str) -> String {

@@ -37,6 +37,13 @@ pub use config::Config;
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "queue-svc";
 
+/// The wall clock in ms since the epoch (registry and roster stamps shared between instances).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Largest request message: a batch of 1,000 tasks with their payloads (see the contract).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
@@ -54,12 +61,21 @@ pub async fn run(
         Some(pool) => store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool))),
         None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),
     });
-    let service = service::QueueService::new(store.clone(), queues.clone(), shutdown.clone());
+    let retire_after = (!config.retire_idle_after.is_zero()).then_some(config.retire_idle_after);
+    let service = service::QueueService::new(
+        store.clone(),
+        queues.clone(),
+        reaper::register_every(retire_after),
+        shutdown.clone(),
+    );
     let waker = service.clone();
     tasks.spawn(reaper::run(
         store,
         queues,
-        config.reaper_interval,
+        reaper::Schedule {
+            interval: config.reaper_interval,
+            retire_after,
+        },
         shutdown.clone(),
         move |ready| waker.wake_local(ready),
     ));

@@ -1,5 +1,5 @@
 //! The reaper: expired leases back to their queue (as a timeout attempt), due scheduled tasks
-//! to ready, finished tasks past retention removed. Every instance runs it; each step is one
+//! to ready, finished tasks past retention removed, empty queues left idle forgotten. Every instance runs it; each step is one
 //! atomic, bounded script per queue, so instances running it at once do no harm.
 
 use std::sync::Arc;
@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::now_ms;
 use crate::queues::Queues;
-use crate::store::{QueueStore, Retention, Stats};
+use crate::store::{QueueStore, Registered, Retention, Stats};
 
 /// Tasks handled per queue per step.
 const BATCH: u64 = 500;
@@ -18,38 +19,61 @@ const BATCH: u64 = 500;
 const DEPTH_EVERY: u64 = 5;
 const RETENTION_EVERY: u64 = 10;
 
-/// Runs the reaper every `interval` until `shutdown`. `wake` is told how many tasks a step
+/// When the reaper runs, and when it forgets queues.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Between passes.
+    pub interval: Duration,
+    /// An empty queue nothing enqueued into for this long is forgotten; `None`: never.
+    pub retire_after: Option<Duration>,
+}
+
+/// How often an instance registers a queue it enqueues into again: a sixth of the retirement
+/// age, at most 10 minutes, so a queue in use never looks idle to the reaper.
+pub fn register_every(retire_after: Option<Duration>) -> Duration {
+    let most = Duration::from_secs(600);
+    retire_after.map_or(most, |after| (after / 6).min(most))
+}
+
+/// Runs the reaper every `schedule.interval` until `shutdown`. `wake` is told how many tasks a step
 /// made ready (promoted or redriven), for the Lease streams of this instance when no Redis
 /// pub/sub announces them (the embedded store).
 pub async fn run(
     store: Arc<QueueStore>,
     queues: Arc<Queues>,
-    interval: Duration,
+    schedule: Schedule,
     shutdown: CancellationToken,
     wake: impl Fn(usize) + Send + 'static,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(schedule.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for pass in 0_u64.. {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let registered = match store.registered().await {
+        let retention_pass = pass % RETENTION_EVERY == 0;
+        let now = now_ms();
+        let registered = match store.registered(retention_pass, now).await {
             Ok(registered) => registered,
             Err(err) => {
                 tracing::debug!(error = %err, "reaper: store unavailable");
                 continue;
             }
         };
-        for (project, queue) in registered {
+        for Registered {
+            project,
+            queue,
+            at_ms,
+        } in registered
+        {
             let settings = queues.get(&project, &queue);
             if pass % DEPTH_EVERY == 0
                 && let Ok(stats) = store.stats(&project, &queue).await
             {
                 record_depth(&project, &queue, &stats);
             }
-            let retention = (pass % RETENTION_EVERY == 0).then_some(Retention {
+            let retention = retention_pass.then_some(Retention {
                 finished: settings.retention,
                 dead: settings.dead_retention,
             });
@@ -88,6 +112,22 @@ pub async fn run(
                     Ok(_) => {}
                     Err(err) => {
                         tracing::debug!(project, queue, error = %err, "auto-redrive step failed")
+                    }
+                }
+            }
+            if retention_pass && let Some(after) = schedule.retire_after {
+                let cutoff =
+                    now.saturating_sub(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
+                if at_ms < cutoff {
+                    match store.retire(&project, &queue, cutoff, now).await {
+                        Ok(true) => {
+                            record_depth(&project, &queue, &Stats::default());
+                            tracing::info!(project, queue, idle = ?after, "empty queue forgotten");
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            tracing::debug!(project, queue, error = %err, "retiring a queue failed")
+                        }
                     }
                 }
             }

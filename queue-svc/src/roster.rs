@@ -8,7 +8,9 @@
 //! instance writes it).
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::now_ms;
 
 use prost::Message as _;
 use sluice::proto::sluice::queue::v1 as pb;
@@ -22,12 +24,6 @@ pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 pub const ENTRY_TTL: Duration = Duration::from_secs(15);
 /// Most workers ListWorkers answers with.
 pub const MAX_LISTED: usize = 1000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// An entry's value: its expiry (ms since the epoch, big-endian) and the encoded info.
 fn entry(expires_ms: u64, info: &pb::WorkerInfo) -> Vec<u8> {

@@ -1,9 +1,10 @@
 //! The gRPC edge of `sluice.queue.v1.Queue`: validation, queue settings, shaping of answers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use sluice::batch::Batcher;
 use sluice::error::{Error, Result};
@@ -54,8 +55,11 @@ fn answer_margin(timeout: Duration) -> Duration {
 pub struct QueueService {
     store: Arc<QueueStore>,
     queues: Arc<Queues>,
-    /// Queues this instance has registered, by project.
-    registered: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    /// When this instance last registered each queue it enqueued into; see
+    /// [`QueueService::register`].
+    registered: Arc<Mutex<Registrations>>,
+    /// How often a queue in use is registered again (see [`crate::reaper::register_every`]).
+    register_every: Duration,
     /// Where the next multi-project Dequeue starts its turn.
     cursor: Arc<std::sync::atomic::AtomicUsize>,
     /// Lease streams: connected workers, wake-ups, shutdown.
@@ -64,6 +68,30 @@ pub struct QueueService {
     enqueuer: Option<Arc<Batcher<Addressed<Box<NewTask>>, Enqueued>>>,
     /// On Redis: concurrent unary Completes share script calls (see [`complete_gathered`]).
     completer: Option<Arc<Batcher<Addressed<Completing>, ()>>>,
+}
+
+/// When an instance last registered each queue it enqueued into, by project.
+#[derive(Debug, Default)]
+struct Registrations {
+    at: HashMap<String, HashMap<String, Instant>>,
+    queues: usize,
+}
+
+impl Registrations {
+    /// Queues remembered; past it, all are forgotten and each is registered again on its next
+    /// enqueue.
+    const MAX: usize = 100_000;
+
+    fn insert(&mut self, project: &str, queue: &str, at: Instant) {
+        if self.queues >= Self::MAX {
+            self.at.clear();
+            self.queues = 0;
+        }
+        let queues = self.at.entry(project.to_owned()).or_default();
+        if queues.insert(queue.to_owned(), at).is_none() {
+            self.queues += 1;
+        }
+    }
 }
 
 /// How long the instance keeps listening for Redis wake-ups after its last stream stopped
@@ -305,10 +333,12 @@ pub(crate) fn lease_ms(d: Option<&prost_types::Duration>, field: &str) -> Result
 }
 
 impl QueueService {
-    /// A service on `store` with `queues` settings.
+    /// A service on `store` with `queues` settings, registering the queues it enqueues into at
+    /// least every `register_every`.
     pub fn new(
         store: Arc<QueueStore>,
         queues: Arc<Queues>,
+        register_every: Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         let redis = matches!(*store, QueueStore::Redis(_));
@@ -329,7 +359,8 @@ impl QueueService {
         Self {
             store,
             queues,
-            registered: Arc::new(Mutex::new(HashMap::new())),
+            registered: Arc::default(),
+            register_every,
             cursor: Arc::default(),
             streams: crate::lease::StreamState::new(shutdown),
             enqueuer,
@@ -570,23 +601,21 @@ impl QueueService {
         Ok(outcome)
     }
 
+    /// Registers the queue for the reaper unless this instance did within `register_every`:
+    /// the reaper forgets only queues nothing registered for a good while longer.
     async fn register(&self, project: &str, queue: &str) -> Result<()> {
-        let known = self
-            .registered
-            .lock()
-            .map(|known| {
-                known
-                    .get(project)
-                    .is_some_and(|queues| queues.contains(queue))
-            })
-            .unwrap_or(false);
-        if !known {
-            self.store.register(project, queue).await?;
+        let now = Instant::now();
+        let fresh = self.registered.lock().is_ok_and(|known| {
+            known
+                .at
+                .get(project)
+                .and_then(|queues| queues.get(queue))
+                .is_some_and(|at| now.duration_since(*at) < self.register_every)
+        });
+        if !fresh {
+            self.store.register(project, queue, crate::now_ms()).await?;
             if let Ok(mut known) = self.registered.lock() {
-                known
-                    .entry(project.to_owned())
-                    .or_default()
-                    .insert(queue.to_owned());
+                known.insert(project, queue, now);
             }
         }
         Ok(())

@@ -285,7 +285,30 @@ pub struct RedisQueue {
     dead: Script,
     head: Script,
     release: Script,
+    retire: Script,
+    unregister: Script,
 }
+
+/// A queue in the registry the reaper walks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Its project.
+    pub project: String,
+    /// Its name.
+    pub queue: String,
+    /// When an instance last registered it (ms since the epoch; the embedded store: when it
+    /// last took an enqueue, 0 for a queue only read).
+    pub at_ms: u64,
+}
+
+/// Removes registry member ARGV[1] if its score is below ARGV[2]: whether it did.
+const UNREGISTER: &str = r"local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
 
 fn status_error(reply: &[redis::Value], what: &str) -> Error {
     let state = reply
@@ -389,6 +412,8 @@ impl RedisQueue {
             dead: script!("dead", "lua/dead.lua"),
             head: script!("head", "lua/head.lua"),
             release: script!("release", "lua/release.lua"),
+            retire: script!("retire", "lua/retire.lua"),
+            unregister: Script::new("queue.unregister", UNREGISTER),
         }
     }
 
@@ -400,29 +425,109 @@ impl RedisQueue {
         call
     }
 
-    /// Adds the queue to the registry the reaper walks.
-    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
+    /// Registers the queue for the reaper as of `now_ms`.
+    pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
         let _: i64 = self
             .pool
             .query(
-                redis::cmd("SADD")
+                redis::cmd("ZADD")
                     .arg(keys::REGISTRY)
+                    .arg(now_ms)
                     .arg(keys::registry_member(project, queue)),
             )
             .await?;
         Ok(())
     }
 
-    /// Every registered `(project, queue)`.
-    pub async fn registered(&self) -> Result<Vec<(String, String)>> {
-        let members: Vec<String> = self
+    /// Every registered queue. With `migrate`, first moves in the members of the plain set
+    /// earlier versions kept (as registered at `now_ms`); instances of those versions may still
+    /// be adding to it during a rolling upgrade.
+    pub async fn registered(&self, migrate: bool, now_ms: u64) -> Result<Vec<Registered>> {
+        if migrate {
+            let legacy: Vec<String> = self
+                .pool
+                .query(redis::cmd("SMEMBERS").arg(keys::LEGACY_REGISTRY))
+                .await?;
+            if !legacy.is_empty() {
+                let mut add = redis::cmd("ZADD");
+                add.arg(keys::REGISTRY).arg("NX");
+                for member in &legacy {
+                    add.arg(now_ms).arg(member);
+                }
+                let _: i64 = self.pool.query(&add).await?;
+                let _: i64 = self
+                    .pool
+                    .query(redis::cmd("SREM").arg(keys::LEGACY_REGISTRY).arg(&legacy))
+                    .await?;
+            }
+        }
+        let members: Vec<(String, f64)> = self
             .pool
-            .query(redis::cmd("SMEMBERS").arg(keys::REGISTRY))
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(keys::REGISTRY)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES"),
+            )
             .await?;
         Ok(members
             .into_iter()
-            .filter_map(|m| m.split_once('/').map(|(p, q)| (p.to_owned(), q.to_owned())))
+            .filter_map(|(member, at)| {
+                let (project, queue) = member.split_once('/')?;
+                Some(Registered {
+                    project: project.to_owned(),
+                    queue: queue.to_owned(),
+                    at_ms: at.max(0.0) as u64,
+                })
+            })
             .collect())
+    }
+
+    /// Forgets the queue if it is empty and no instance has registered it since `cutoff_ms`:
+    /// out of the registry, its leftover keys deleted. Whether it did.
+    ///
+    /// An instance registers a queue before enqueuing into it whenever its own registration
+    /// is older than a sixth of the retirement age, so a registry score older than the cut-off
+    /// means no instance is about to enqueue without registering first. The order of the
+    /// steps keeps a queue that holds tasks from leaving the registry even if Redis fails
+    /// between them: it is found empty, then unregistered (only if its score is still old),
+    /// then its keys go if it is still empty; if an enqueue arrived in between after all, the
+    /// queue is registered again.
+    pub async fn retire(
+        &self,
+        project: &str,
+        queue: &str,
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let empty: i64 = Self::call(&self.retire, project, queue)
+            .arg("0")
+            .invoke(&self.pool)
+            .await?;
+        if empty == 0 {
+            return Ok(false);
+        }
+        let taken: i64 = self
+            .unregister
+            .call()
+            .key(keys::REGISTRY)
+            .arg(keys::registry_member(project, queue))
+            .arg(cutoff_ms)
+            .invoke(&self.pool)
+            .await?;
+        if taken == 0 {
+            return Ok(false);
+        }
+        let empty: i64 = Self::call(&self.retire, project, queue)
+            .arg("1")
+            .invoke(&self.pool)
+            .await?;
+        if empty == 0 {
+            self.register(project, queue, now_ms).await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Stores `tasks` all or none. `Err(ResourceExhausted)` when the queue is full.
@@ -916,19 +1021,33 @@ macro_rules! delegate {
 }
 
 impl QueueStore {
-    /// Adds the queue to the registry the reaper walks (the embedded store knows its queues).
-    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
+    /// Registers the queue for the reaper as of `now_ms` (the embedded store knows its queues).
+    pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
         match self {
-            Self::Redis(store) => store.register(project, queue).await,
+            Self::Redis(store) => store.register(project, queue, now_ms).await,
             Self::Embedded(_) => Ok(()),
         }
     }
 
-    /// Every known `(project, queue)`.
-    pub async fn registered(&self) -> Result<Vec<(String, String)>> {
+    /// Every known queue; see [`RedisQueue::registered`].
+    pub async fn registered(&self, migrate: bool, now_ms: u64) -> Result<Vec<Registered>> {
         match self {
-            Self::Redis(store) => store.registered().await,
+            Self::Redis(store) => store.registered(migrate, now_ms).await,
             Self::Embedded(store) => Ok(store.registered()),
+        }
+    }
+
+    /// See [`RedisQueue::retire`].
+    pub async fn retire(
+        &self,
+        project: &str,
+        queue: &str,
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool> {
+        match self {
+            Self::Redis(store) => store.retire(project, queue, cutoff_ms, now_ms).await,
+            Self::Embedded(store) => Ok(store.retire(project, queue, cutoff_ms)),
         }
     }
 
@@ -1106,6 +1225,32 @@ mod tests {
     use sluice_testkit::redis_server::RedisServer;
 
     use super::*;
+
+    /// `retire` leaves a queue registered since the cut-off alone, even when it is empty and
+    /// the caller thought it old: the registry's score is checked where it is removed. A queue
+    /// registered before the cut-off goes; one holding a task stays.
+    #[tokio::test]
+    async fn retire_goes_by_the_registry_score_and_keeps_queues_with_tasks() -> anyhow::Result<()> {
+        use redis::AsyncCommands;
+        let redis = RedisServer::start().await?;
+        let mut conn = redis.client().await?;
+        let store = RedisQueue::new(RedisPool::new(&sluice::pool::RedisConfig {
+            url: redis.url(),
+            pool_size: 1,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            tls_ca: None,
+        })?);
+        store.register("p", "empty", 2_000).await?;
+        assert!(!store.retire("p", "empty", 1_000, 3_000).await?);
+        assert!(store.retire("p", "empty", 2_001, 3_000).await?);
+        store.register("p", "holding", 2_000).await?;
+        let _: i64 = conn.hset("sluice:q:{p/holding}:tasks", "t", "x").await?;
+        assert!(!store.retire("p", "holding", 2_001, 3_000).await?);
+        let left: Vec<(String, f64)> = conn.zrange_withscores(keys::REGISTRY, 0, -1).await?;
+        assert_eq!(left, [("p/holding".to_owned(), 2_000.0)]);
+        Ok(())
+    }
 
     /// The per-minute counters in a queue's meta hash keep the last counted minute and the
     /// one before it, whatever the gaps between the minutes counted: the hash cannot grow.

@@ -1579,3 +1579,145 @@ async fn metrics_count_what_happens_to_tasks() -> anyhow::Result<()> {
     .await?;
     q.service.stop().await
 }
+
+/// Enqueues one ready task into `queue` of project "p", leases it and completes it.
+async fn run_one(
+    client: &mut pb::queue_client::QueueClient<tonic::transport::Channel>,
+    queue: &str,
+) -> anyhow::Result<()> {
+    let id = client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", queue, b"x", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let leases = client
+        .dequeue(dequeue("p", queue, 1))
+        .await?
+        .into_inner()
+        .leases;
+    let [lease] = leases.as_slice() else {
+        anyhow::bail!("one lease from {queue}, got {leases:?}")
+    };
+    client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: queue.into(),
+            task_id: id,
+            lease_token: lease.lease_token.clone(),
+            result: vec![],
+        })
+        .await?;
+    Ok(())
+}
+
+/// An empty queue nothing has enqueued into for `--retire-idle-after` is forgotten: out of the
+/// reaper's registry, no key of it left. A queue holding a scheduled task, a paused one, and a
+/// queue in use (often empty, as its tasks finish and go at once) are kept; the forgotten
+/// queue's next enqueue brings it back, and a queue only an earlier version registered (in its
+/// plain set) is moved into the registry and forgotten in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_idle_queues_are_forgotten_and_come_back_on_enqueue() -> anyhow::Result<()> {
+    use redis::AsyncCommands;
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.client().await?;
+    let mut file = String::new();
+    for queue in ["gone", "paused", "old", "busy"] {
+        file.push_str(&format!("[queues.{queue}]\nretention = \"0s\"\n"));
+    }
+    let q = Queue::start(Some(&redis.url()), &file, &["--retire-idle-after", "1s"]).await?;
+    let mut client = q.client.clone();
+    for queue in ["gone", "paused", "old"] {
+        run_one(&mut client, queue).await?;
+    }
+    client
+        .pause_queue(pb::PauseQueueRequest {
+            project: "p".into(),
+            queue: "paused".into(),
+        })
+        .await?;
+    let mut later = spec("p", "later", b"x", pb::Priority::Normal);
+    later.schedule = Some(pb::task_spec::Schedule::Delay(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    }));
+    client
+        .enqueue(pb::EnqueueRequest { task: Some(later) })
+        .await?;
+    let _: i64 = conn.zrem("sluice:q:queues", "p/old").await?;
+    let _: i64 = conn.sadd("sluice:q:registry", "p/old").await?;
+
+    let registry = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let members: Vec<String> = conn.zrange("sluice:q:queues", 0, -1).await?;
+            Ok::<_, anyhow::Error>(members)
+        }
+    };
+    let keys_of = |conn: &redis::aio::MultiplexedConnection, queue: &str| {
+        let mut conn = conn.clone();
+        let pattern = format!("sluice:q:{{p/{queue}}}:*");
+        async move {
+            let keys: Vec<String> = conn.keys(pattern).await?;
+            Ok::<_, anyhow::Error>(keys)
+        }
+    };
+    // Meanwhile "busy" runs a task at every look; the reaper must never drop it.
+    let busy_rounds = Arc::new(Mutex::new((0_u32, Vec::<String>::new())));
+    let forgotten = eventually(
+        Duration::from_secs(20),
+        "the idle empty queues forgotten",
+        || {
+            let (conn, mut client) = (conn.clone(), client.clone());
+            let (registry, keys_of, busy_rounds) = (&registry, &keys_of, busy_rounds.clone());
+            async move {
+                let busy = run_one(&mut client, "busy").await;
+                let members = registry(&conn).await.ok()?;
+                if let Ok(mut rounds) = busy_rounds.lock() {
+                    rounds.0 += 1;
+                    if let Err(err) = busy {
+                        rounds.1.push(err.to_string());
+                    } else if !members.iter().any(|m| m == "p/busy") {
+                        rounds.1.push("p/busy left the registry".into());
+                    }
+                }
+                let gone = keys_of(&conn, "gone").await.ok()?;
+                let old = keys_of(&conn, "old").await.ok()?;
+                (!members.iter().any(|m| m == "p/gone" || m == "p/old")
+                    && gone.is_empty()
+                    && old.is_empty())
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    if let Err(err) = forgotten {
+        let members: Vec<(String, f64)> = conn.zrange_withscores("sluice:q:queues", 0, -1).await?;
+        let keys: Vec<String> = conn.keys("sluice:q:*").await?;
+        anyhow::bail!("{err}: registry {members:?}, keys {keys:?}");
+    }
+    let (rounds, problems) = busy_rounds
+        .lock()
+        .map(|r| r.clone())
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    assert!(rounds > 10, "{rounds} busy rounds");
+    assert!(problems.is_empty(), "{problems:?}");
+    let legacy: Vec<String> = conn.smembers("sluice:q:registry").await?;
+    assert!(legacy.is_empty(), "the plain set is emptied: {legacy:?}");
+    let members = registry(&conn).await?;
+    for kept in ["p/paused", "p/later", "p/busy"] {
+        assert!(
+            members.iter().any(|m| m == kept),
+            "{kept} kept: {members:?}"
+        );
+    }
+    assert!(!keys_of(&conn, "later").await?.is_empty());
+    let paused = q.stats("p", "paused").await?;
+    assert!(paused.paused, "the pause survives: {paused:?}");
+
+    // The forgotten queue comes back with its next task, which is served as ever.
+    run_one(&mut client, "gone").await?;
+    assert!(registry(&conn).await?.iter().any(|m| m == "p/gone"));
+    q.service.stop().await
+}
