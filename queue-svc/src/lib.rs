@@ -17,6 +17,7 @@ pub mod config;
 pub mod embedded;
 pub mod gather;
 pub mod keys;
+pub mod labels;
 pub mod lease;
 pub mod model;
 pub mod queues;

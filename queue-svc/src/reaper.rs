@@ -83,7 +83,7 @@ pub async fn run(
                         wake(usize::try_from(promoted).unwrap_or(usize::MAX));
                     }
                     if expired > 0 {
-                        metrics::counter!("sluice_queue_lease_expiries_total", "queue" => queue.clone()).increment(expired);
+                        metrics::counter!("sluice_queue_lease_expiries_total", "queue" => crate::labels::queue(&queue)).increment(expired);
                         tracing::info!(
                             project,
                             queue,
@@ -101,7 +101,7 @@ pub async fn run(
                 {
                     Ok((redriven, _)) if redriven > 0 => {
                         wake(usize::try_from(redriven).unwrap_or(usize::MAX));
-                        metrics::counter!("sluice_queue_redriven_total", "queue" => queue.clone(), "how" => "auto").increment(redriven);
+                        metrics::counter!("sluice_queue_redriven_total", "queue" => crate::labels::queue(&queue), "how" => "auto").increment(redriven);
                         tracing::info!(
                             project,
                             queue,
@@ -135,9 +135,13 @@ pub async fn run(
     }
 }
 
-/// Depth gauges per queue, state and priority.
+/// Depth gauges per queue, state and priority (for the queues that have them, see
+/// [`crate::labels`]).
 fn record_depth(project: &str, queue: &str, stats: &Stats) {
     const PRIORITIES: [&str; 5] = ["critical", "high", "normal", "low", "background"];
+    if !crate::labels::has_depth_gauges(project, queue) {
+        return;
+    }
     for (priority, ready) in PRIORITIES.iter().zip(stats.ready) {
         metrics::gauge!("sluice_queue_depth", "project" => project.to_owned(), "queue" => queue.to_owned(), "state" => "ready", "priority" => *priority)
             .set(ready as f64);

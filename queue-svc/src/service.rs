@@ -229,11 +229,14 @@ impl QueueMetrics {
             static KEPT: std::cell::RefCell<KeptHandles<QueueMetrics>> =
                 std::cell::RefCell::default();
         }
-        let lookup = || Self {
-            enqueued: metrics::counter!("sluice_queue_enqueued_total", "queue" => queue.to_owned()),
-            completed: metrics::counter!("sluice_queue_completed_total", "queue" => queue.to_owned()),
-            run: metrics::histogram!("sluice_queue_task_run_seconds", "queue" => queue.to_owned()),
-            wait: metrics::histogram!("sluice_queue_task_wait_seconds", "queue" => queue.to_owned()),
+        let lookup = || {
+            let label = crate::labels::queue(queue);
+            Self {
+                enqueued: metrics::counter!("sluice_queue_enqueued_total", "queue" => label.clone()),
+                completed: metrics::counter!("sluice_queue_completed_total", "queue" => label.clone()),
+                run: metrics::histogram!("sluice_queue_task_run_seconds", "queue" => label.clone()),
+                wait: metrics::histogram!("sluice_queue_task_wait_seconds", "queue" => label),
+            }
         };
         KEPT.with_borrow_mut(|kept| kept.with(queue, Self::MAX_KEPT, lookup, f));
     }
@@ -586,15 +589,14 @@ impl QueueService {
             .store
             .fail(project, queue, id, token, category, &message, retryable)
             .await?;
-        metrics::counter!("sluice_queue_failed_total", "queue" => queue.to_owned(), "category" => category).increment(1);
+        let label = crate::labels::queue(queue);
+        metrics::counter!("sluice_queue_failed_total", "queue" => label.clone(), "category" => category).increment(1);
         match outcome {
             FailOutcome::Retry { .. } => {
-                metrics::counter!("sluice_queue_retries_total", "queue" => queue.to_owned())
-                    .increment(1)
+                metrics::counter!("sluice_queue_retries_total", "queue" => label).increment(1)
             }
             FailOutcome::Dead { .. } => {
-                metrics::counter!("sluice_queue_dead_lettered_total", "queue" => queue.to_owned())
-                    .increment(1)
+                metrics::counter!("sluice_queue_dead_lettered_total", "queue" => label).increment(1)
             }
             FailOutcome::Cancelled { .. } => {}
         }

@@ -1721,3 +1721,57 @@ async fn empty_idle_queues_are_forgotten_and_come_back_on_enqueue() -> anyhow::R
     assert!(registry(&conn).await?.iter().any(|m| m == "p/gone"));
     q.service.stop().await
 }
+
+/// Queue names come from clients, so per-queue metrics are bounded: past the first 1,000
+/// names an instance sees, enqueues are counted under `queue="~other"` and no new depth
+/// gauges appear, while the queues admitted before keep their own series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_queue_metrics_stay_bounded_whatever_names_clients_use() -> anyhow::Result<()> {
+    let q = Queue::start(None, "", &[]).await?;
+    let max = queue_svc::labels::MAX_QUEUES;
+    for i in 0..max + 20 {
+        let mut client = q.client.clone();
+        client
+            .enqueue(pb::EnqueueRequest {
+                task: Some(spec("p", &format!("n{i}"), b"x", pb::Priority::Normal)),
+            })
+            .await?;
+    }
+    let mut client = q.client.clone();
+    client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "n0", b"x", pb::Priority::Normal)),
+        })
+        .await?;
+    let text = eventually(
+        Duration::from_secs(10),
+        "depth gauges of admitted queues",
+        || {
+            let text = sluice::server::metrics_handle().render();
+            let gauges = text
+                .lines()
+                .filter(|l| l.starts_with("sluice_queue_depth{") && l.contains("state=\"ready\""))
+                .count();
+            std::future::ready((gauges == 5 * max).then_some(text))
+        },
+    )
+    .await?;
+    let enqueued = |queue: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("sluice_queue_enqueued_total{")
+                    && l.contains(&format!("queue=\"{queue}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(enqueued("~other").as_deref(), Some("20"));
+    assert_eq!(enqueued("n0").as_deref(), Some("2"));
+    assert_eq!(enqueued(&format!("n{max}")), None);
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_queue_enqueued_total{"))
+        .count();
+    assert_eq!(series, max + 1);
+    q.service.stop().await
+}
