@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 use crate::algorithm::{Algorithm, Params};
 use crate::engine::{CheckOutcome, Engine, Outcome, Resolved, Source};
 use crate::keys;
-use crate::policy::{CUSTOM_SCOPE, Limit, Policies, Policy, PolicyStore, validate_name};
+use crate::policy::{
+    CUSTOM_SCOPE, FailureMode, Limit, Policies, Policy, PolicyStore, validate_name,
+};
 use crate::store::{Counter, Mode};
 
 /// Most checks in one request.
@@ -553,7 +555,36 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
             Code::Ok
         } else {
             let checks: Vec<Resolved> = matched.iter().map(|(_, r)| r.clone()).collect();
-            let outcome = self.engine.evaluate(&checks, Mode::Consume).await?;
+            let outcome = match self.engine.evaluate(&checks, Mode::Consume).await {
+                Ok(outcome) => outcome,
+                // The store is out of reach and a fail-closed policy decides. Envoy lets a
+                // request through when its rate limit service answers an error (unless it
+                // runs with `failure_mode_deny`), so the denial has to be in the answer.
+                Err(Error::Unavailable(why)) => {
+                    let mut closed = false;
+                    for (i, check) in &matched {
+                        statuses[*i].current_limit = Some(current_limit(&check.policy));
+                        if !check.counter.shadow
+                            && check.policy.failure_mode == FailureMode::FailClosed
+                        {
+                            statuses[*i].code = Code::OverLimit.into();
+                            closed = true;
+                        }
+                    }
+                    if !closed {
+                        return Err(Error::Unavailable(why).into());
+                    }
+                    tracing::debug!(domain = %request.domain, %why, "fail-closed descriptors answered OVER_LIMIT");
+                    return Ok(Response::new(rls::RateLimitResponse {
+                        overall_code: Code::OverLimit.into(),
+                        statuses,
+                        // The breaker looks for Redis every quarter of a second by default.
+                        response_headers_to_add: vec![header("Retry-After", "1".to_owned())],
+                        ..Default::default()
+                    }));
+                }
+                Err(err) => return Err(err.into()),
+            };
             record_metrics(&checks, &outcome);
             for ((i, check), result) in matched.iter().zip(&outcome.checks) {
                 let v = &result.verdict;

@@ -5,6 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use sluice::proto::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor, rate_limit_descriptor,
+};
+use sluice::proto::envoy::service::ratelimit::v3 as rls;
 use sluice::proto::sluice::limiter::v1 as pb;
 use sluice_testkit::limiter::{Limiter, StoreKind, inline_check, policy_check, request};
 use sluice_testkit::{RedisServer, eventually, probe};
@@ -27,7 +31,32 @@ failure_mode = "fail_closed"
 limit = 50
 window = "1h"
 failure_mode = "local"
+
+[[rls]]
+domain = "edge"
+rules = [
+  { match = ["closed"], policy = "closed" },
+  { match = ["open"], policy = "open" },
+]
 "#;
+
+/// A ShouldRateLimit request of one descriptor per key, each with a value of its own.
+fn rls_request(keys: &[&str], run: &str) -> rls::RateLimitRequest {
+    rls::RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: keys
+            .iter()
+            .map(|key| RateLimitDescriptor {
+                entries: vec![rate_limit_descriptor::Entry {
+                    key: (*key).to_owned(),
+                    value: run.to_owned(),
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        hits_addend: 1,
+    }
+}
 
 fn run_id() -> String {
     let nanos = std::time::SystemTime::now()
@@ -145,7 +174,7 @@ async fn two_instances_64_clients_admit_exactly_the_limit() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_answers_by_failure_mode_then_recovers() -> anyhow::Result<()> {
     let mut redis = RedisServer::start().await?;
-    let limiter = Limiter::start(
+    let mut limiter = Limiter::start(
         &StoreKind::Redis(redis.url()),
         LIMITS,
         &[
@@ -218,6 +247,37 @@ async fn redis_killed_mid_load_answers_by_failure_mode_then_recovers() -> anyhow
         local_allowed, 50,
         "the local limiter enforces the policy's limit in-process"
     );
+    // Through Envoy's API a fail-closed policy denies in the answer (Envoy lets a request
+    // through when the call fails); a fail-open one allows.
+    let mut envoy = rls::rate_limit_service_client::RateLimitServiceClient::new(
+        limiter.service.channel().await?,
+    );
+    let code = |r: &rls::RateLimitResponse| {
+        (
+            r.overall_code,
+            r.statuses.iter().map(|s| s.code).collect::<Vec<_>>(),
+        )
+    };
+    let (ok, over) = (
+        i32::from(rls::rate_limit_response::Code::Ok),
+        i32::from(rls::rate_limit_response::Code::OverLimit),
+    );
+    let both = envoy
+        .should_rate_limit(rls_request(&["closed", "open"], &run))
+        .await?
+        .into_inner();
+    assert_eq!(code(&both), (over, vec![over, ok]), "{both:?}");
+    assert!(
+        both.response_headers_to_add
+            .iter()
+            .any(|h| h.key == "Retry-After"),
+        "{both:?}"
+    );
+    let open = envoy
+        .should_rate_limit(rls_request(&["open"], &run))
+        .await?
+        .into_inner();
+    assert_eq!(code(&open), (ok, vec![ok]), "{open:?}");
     latencies.sort();
     let p99 = latencies[latencies.len() * 99 / 100];
     println!(
