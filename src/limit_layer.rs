@@ -13,8 +13,12 @@
 //!
 //! A denied request never reaches the service: gRPC callers get RESOURCE_EXHAUSTED with a
 //! `google.rpc.RetryInfo` detail, HTTP callers 429 with `Retry-After` and the RateLimit
-//! header fields. When the limiter cannot be reached the request goes through (fail open) or
-//! is refused with UNAVAILABLE / 503, as configured.
+//! header fields. A request whose checks the limiter refuses as malformed (INVALID_ARGUMENT:
+//! say, an empty or over-long key taken from a header the caller controls) is refused with
+//! INVALID_ARGUMENT / 400, so no caller escapes its limit by sending a bad key. When the
+//! limiter cannot be reached or does not answer within the timeout (200 ms unless set), or
+//! rejects the layer's own configuration (a policy it does not know), the request goes
+//! through (fail open) or is refused with UNAVAILABLE / 503, as configured.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -45,13 +49,18 @@ pub struct RateLimitLayer {
     protocol: Protocol,
     extract: Arc<Extract>,
     fail_open: bool,
+    timeout: Duration,
 }
+
+/// How long a check may take before the layer treats the limiter as unreachable.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for RateLimitLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("protocol", &self.protocol)
             .field("fail_open", &self.fail_open)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -69,10 +78,19 @@ impl RateLimitLayer {
             protocol,
             extract: Arc::new(extract),
             fail_open: true,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
-    /// When the limiter is unreachable: `true` lets requests through, `false` refuses them.
+    /// How long a check may take (sent as its gRPC deadline too) before the limiter counts
+    /// as unreachable.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// When the limiter is unreachable, too slow, or refuses the layer's own checks (an unknown
+    /// policy): `true` lets requests through, `false` refuses them.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.fail_open = fail_open;
         self
@@ -143,10 +161,25 @@ fn denied<B: Default>(protocol: Protocol, answer: &CheckLimitResponse) -> http::
     }
 }
 
+fn malformed<B: Default>(protocol: Protocol, status: &tonic::Status) -> http::Response<B> {
+    match protocol {
+        Protocol::Grpc => tonic::Status::invalid_argument(format!(
+            "rate limit check refused: {}",
+            status.message()
+        ))
+        .into_http(),
+        Protocol::Http => {
+            let mut response = http::Response::new(B::default());
+            *response.status_mut() = http::StatusCode::BAD_REQUEST;
+            response
+        }
+    }
+}
+
 fn unavailable<B: Default>(protocol: Protocol, status: &tonic::Status) -> http::Response<B> {
     match protocol {
         Protocol::Grpc => {
-            tonic::Status::unavailable(format!("rate limiter unreachable: {}", status.message()))
+            tonic::Status::unavailable(format!("rate limit check failed: {}", status.message()))
                 .into_http()
         }
         Protocol::Http => {
@@ -181,23 +214,38 @@ where
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let checks = (self.layer.extract)(request.headers(), request.uri()).unwrap_or_default();
         let mut client = self.layer.client.clone();
-        let (protocol, fail_open) = (self.layer.protocol, self.layer.fail_open);
+        let (protocol, fail_open, timeout) = (
+            self.layer.protocol,
+            self.layer.fail_open,
+            self.layer.timeout,
+        );
         Box::pin(async move {
             if checks.is_empty() {
                 return inner.call(request).await;
             }
-            let answer = client
-                .check_limit(CheckLimitRequest {
-                    checks,
-                    cost: 1,
-                    request_id: String::new(),
-                })
-                .await;
+            let mut check = tonic::Request::new(CheckLimitRequest {
+                checks,
+                cost: 1,
+                request_id: String::new(),
+            });
+            check.set_timeout(timeout);
+            let answer = tokio::time::timeout(timeout, client.check_limit(check))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {timeout:?}"
+                    )))
+                });
             match answer {
                 Ok(answer) if !answer.get_ref().allowed => Ok(denied(protocol, answer.get_ref())),
                 Ok(_) => inner.call(request).await,
+                // The caller's own input (a key from its headers) is at fault, not the limiter.
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    tracing::debug!(error = %status, "rate limit check refused the request's checks");
+                    Ok(malformed(protocol, &status))
+                }
                 Err(status) if fail_open => {
-                    tracing::warn!(error = %status, "rate limiter unreachable; letting the request through");
+                    tracing::warn!(error = %status, "rate limit check failed; letting the request through");
                     inner.call(request).await
                 }
                 Err(status) => Ok(unavailable(protocol, &status)),

@@ -130,3 +130,74 @@ async fn http_denials_are_429_with_retry_after_and_ratelimit_headers() -> anyhow
     server.await??;
     limiter.service.stop().await
 }
+
+/// Answers `GET /` with `x-user: <user>` from an axum app behind `layer`, as lower-case text.
+async fn get_through(layer: RateLimitLayer, users: &[String]) -> anyhow::Result<Vec<String>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "hello" }))
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let mut answers = Vec::new();
+    for user in users {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nHost: x\r\nx-user: {user}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut text = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_string(&mut text),
+        )
+        .await??;
+        answers.push(text.to_ascii_lowercase());
+    }
+    stop.cancel();
+    server.await??;
+    Ok(answers)
+}
+
+/// A key the limiter refuses as malformed (here longer than a subject may be) gets 400 and
+/// the handler never runs, even with the layer failing open: a caller cannot escape its limit
+/// by sending a bad key. A limiter that accepts connections but never answers counts as
+/// unreachable once the timeout passes: failing closed, 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_keys_are_refused_and_a_silent_limiter_times_out() -> anyhow::Result<()> {
+    let limiter = Limiter::start(&StoreKind::Embedded, LIMITS, &[]).await?;
+    let layer = RateLimitLayer::new(limiter.client.clone(), Protocol::Http, by_user);
+    let answers = get_through(layer, &["x".repeat(300), "ann".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 400"), "{}", answers[0]);
+    assert!(!answers[0].contains("hello"), "the handler did not run");
+    assert!(answers[1].starts_with("http/1.1 200"), "{}", answers[1]);
+    limiter.service.stop().await?;
+
+    // Accepts connections, reads nothing, answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let client = sluice::proto::sluice::limiter::v1::limiter_client::LimiterClient::new(
+        tonic::transport::Channel::from_shared(url)?.connect_lazy(),
+    );
+    let layer = RateLimitLayer::new(client, Protocol::Http, by_user)
+        .fail_open(false)
+        .timeout(std::time::Duration::from_millis(100));
+    let answers = get_through(layer, &["ann".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 503"), "{}", answers[0]);
+    held.abort();
+    Ok(())
+}
