@@ -21,7 +21,7 @@ use sluice::proto::sluice::queue::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::model::{category_name, timestamp, validate_name, validate_task_id};
+use crate::model::{category_name, timestamp, validate_name, validate_task_id, validate_worker_id};
 use crate::service::QueueService;
 use crate::store::FailOutcome;
 
@@ -196,18 +196,7 @@ impl Stream {
             for (i, q) in s.queues.iter().enumerate() {
                 validate_name(q, &format!("subscribe.queues[{i}]"))?;
             }
-            if s.worker_id.is_empty()
-                || s.worker_id.len() > 128
-                || !s
-                    .worker_id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-            {
-                return Err(Error::invalid(
-                    "subscribe.worker_id",
-                    "1 to 128 bytes of A-Z a-z 0-9 _ . -",
-                ));
-            }
+            validate_worker_id(&s.worker_id, "subscribe.worker_id", true)?;
             if s.labels.len() > 16
                 || s.labels
                     .iter()

@@ -19,9 +19,26 @@ pub const MAX_HEADERS: usize = 32;
 const MAX_HEADER_KEY: usize = 128;
 const MAX_HEADER_VALUE: usize = 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
-const MAX_CONTENT_TYPE: usize = 128;
+const MAX_CONTENT_TYPE: usize = 255;
 /// Longest error message kept (longer ones are cut, never refused).
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Validates a worker id (empty allowed where it is optional); errors name `field`.
+pub fn validate_worker_id(value: &str, field: &str, required: bool) -> Result<()> {
+    if (required && value.is_empty())
+        || value.len() > 128
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        let what = if required { "1" } else { "0" };
+        return Err(Error::invalid(
+            field,
+            format!("{what} to 128 bytes of A-Z a-z 0-9 _ . -"),
+        ));
+    }
+    Ok(())
+}
 
 /// Validates a project or queue name; errors name `field`.
 pub fn validate_name(value: &str, field: &str) -> Result<()> {

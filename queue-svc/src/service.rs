@@ -40,6 +40,9 @@ fn fits(payloads: impl Iterator<Item = usize>) -> usize {
     n
 }
 
+/// Furthest ahead a task may be scheduled, by `delay` or `not_before`.
+const MAX_SCHEDULE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Longest Dequeue long-poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -657,20 +660,29 @@ impl QueueService {
             None => (0, 0),
             Some(pb::task_spec::Schedule::Delay(d)) => {
                 let d = duration(d, &format!("{field}.delay"))?;
-                if d > Duration::from_secs(366 * 24 * 3600) {
-                    return Err(Error::invalid(format!("{field}.delay"), "at most 366 days"));
+                if d > MAX_SCHEDULE {
+                    return Err(Error::invalid(format!("{field}.delay"), "at most 30 days"));
                 }
                 (0, u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             }
             Some(pb::task_spec::Schedule::NotBefore(t)) => {
-                if t.seconds < 0 {
-                    return Err(Error::invalid(
-                        format!("{field}.not_before"),
-                        "must not be before 1970",
-                    ));
+                let field = format!("{field}.not_before");
+                let ms = u64::try_from(t.seconds)
+                    .ok()
+                    .filter(|_| (0..1_000_000_000).contains(&t.nanos))
+                    .and_then(|s| s.checked_mul(1000))
+                    .and_then(|ms| ms.checked_add(u64::from(t.nanos.unsigned_abs() / 1_000_000)))
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            field.as_str(),
+                            "must be a valid time from 1970 on (nanos 0 to 999,999,999)",
+                        )
+                    })?;
+                let latest = crate::now_ms()
+                    .saturating_add(u64::try_from(MAX_SCHEDULE.as_millis()).unwrap_or(u64::MAX));
+                if ms > latest {
+                    return Err(Error::invalid(field, "at most 30 days ahead"));
                 }
-                let ms =
-                    t.seconds.unsigned_abs() * 1000 + u64::from(t.nanos.unsigned_abs() / 1_000_000);
                 (ms, 0)
             }
         };
@@ -852,7 +864,7 @@ impl QueueService {
                 let dead_before_ms = f
                     .dead_before
                     .as_ref()
-                    .map(|t| t.seconds.max(0).unsigned_abs() * 1000)
+                    .map(|t| t.seconds.max(0).unsigned_abs().saturating_mul(1000))
                     .unwrap_or(0);
                 if category.is_empty() && dead_before_ms == 0 {
                     return Err(Error::invalid(
@@ -989,9 +1001,7 @@ impl pb::queue_server::Queue for QueueService {
             return Err(Error::invalid("wait", "at most 30 seconds").into());
         }
         let lease = lease_ms(request.lease_duration.as_ref(), "lease_duration")?;
-        if request.worker_id.len() > 128 {
-            return Err(Error::invalid("worker_id", "at most 128 bytes").into());
-        }
+        crate::model::validate_worker_id(&request.worker_id, "worker_id", false)?;
         let targets: Vec<(String, String)> = projects
             .iter()
             .flat_map(|p| request.queues.iter().map(move |q| (p.clone(), q.clone())))

@@ -740,7 +740,68 @@ async fn long_polls_answer_with_arrivals_and_before_the_callers_deadline(
     q.service.stop().await
 }
 
+/// A task with `not_before` in the past is ready at once; one a second ahead is scheduled and
+/// is leased only once its time has come.
+async fn not_before_holds_a_task_until_its_time(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    let mut client = q.client.clone();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let at = |d: Duration| prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    };
+    let due = now + Duration::from_secs(1);
+    let mut answers = Vec::new();
+    for (payload, when) in [
+        ("past", at(now - Duration::from_secs(60))),
+        ("ahead", at(due)),
+    ] {
+        let mut task = spec("p", "nb", payload.as_bytes(), pb::Priority::Normal);
+        task.schedule = Some(pb::task_spec::Schedule::NotBefore(when));
+        answers.push(
+            client
+                .enqueue(pb::EnqueueRequest { task: Some(task) })
+                .await?
+                .into_inner(),
+        );
+    }
+    assert_eq!(answers[0].state, i32::from(pb::TaskState::Ready));
+    assert_eq!(answers[1].state, i32::from(pb::TaskState::Scheduled));
+    let first = client
+        .dequeue(dequeue("p", "nb", 2))
+        .await?
+        .into_inner()
+        .leases;
+    let payloads: Vec<&[u8]> = first
+        .iter()
+        .filter_map(|l| l.task.as_ref().map(|t| t.payload.as_slice()))
+        .collect();
+    assert_eq!(payloads, [b"past".as_slice()]);
+    let ahead = eventually(Duration::from_secs(10), "the scheduled task leased", || {
+        let mut client = client.clone();
+        async move {
+            let leases = client
+                .dequeue(dequeue("p", "nb", 1))
+                .await
+                .ok()?
+                .into_inner()
+                .leases;
+            leases.into_iter().next()
+        }
+    })
+    .await?;
+    let leased_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    // Due to the millisecond, as the store keeps it.
+    assert!(
+        leased_at.as_millis() >= due.as_millis(),
+        "leased at {leased_at:?}, due {due:?}"
+    );
+    assert_eq!(ahead.task.map(|t| t.payload), Some(b"ahead".to_vec()));
+    q.service.stop().await
+}
+
 on_every_store!(
+    not_before_holds_a_task_until_its_time,
     long_polls_answer_with_arrivals_and_before_the_callers_deadline,
     ordering,
     lease_expiry_fences_the_old_holder,
@@ -954,6 +1015,46 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::
             "task.max_attempts",
         ),
         (
+            with(&|s| {
+                s.schedule = Some(pb::task_spec::Schedule::Delay(prost_types::Duration {
+                    seconds: 31 * 24 * 3600,
+                    nanos: 0,
+                }))
+            }),
+            Code::InvalidArgument,
+            "task.delay",
+        ),
+        (
+            with(&|s| {
+                s.schedule = Some(pb::task_spec::Schedule::NotBefore(prost_types::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                }))
+            }),
+            Code::InvalidArgument,
+            "task.not_before",
+        ),
+        (
+            with(&|s| {
+                s.schedule = Some(pb::task_spec::Schedule::NotBefore(prost_types::Timestamp {
+                    seconds: 4_102_444_800, // 2100-01-01
+                    nanos: 0,
+                }))
+            }),
+            Code::InvalidArgument,
+            "task.not_before",
+        ),
+        (
+            with(&|s| {
+                s.schedule = Some(pb::task_spec::Schedule::NotBefore(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }))
+            }),
+            Code::InvalidArgument,
+            "task.not_before",
+        ),
+        (
             pb::EnqueueRequest { task: None },
             Code::InvalidArgument,
             "task",
@@ -968,6 +1069,11 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() -> anyhow::
             err.message()
         );
     }
+    let mut odd_worker = dequeue("p", "q", 1);
+    odd_worker.worker_id = "host:1 (pid 7)".into();
+    let err = q.client.dequeue(odd_worker).await.expect_err("worker_id");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("worker_id"), "{err:?}");
     let lease = q
         .client
         .dequeue(dequeue("p", "q", 1))
