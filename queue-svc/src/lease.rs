@@ -131,6 +131,14 @@ fn acked(task_id: String, kind: pb::ack::Kind) -> pb::lease_response::Kind {
     })
 }
 
+/// A timestamp in ms since the epoch (0 before it).
+fn epoch_ms(t: &prost_types::Timestamp) -> u64 {
+    u64::try_from(t.seconds)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_add(u64::try_from(t.nanos / 1_000_000).unwrap_or(0))
+}
+
 /// One subscribed stream.
 struct Stream {
     service: QueueService,
@@ -141,7 +149,10 @@ struct Stream {
     heartbeat_ms: u64,
     credits: u64,
     draining: bool,
-    in_flight: HashMap<String, String>,
+    /// Tasks delivered and not yet completed, failed or released, with their lease deadline
+    /// (ms since the epoch): expired ones go on the keep-alive tick, lost ones with the
+    /// heartbeat that finds them lost.
+    in_flight: HashMap<String, u64>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     registration: u64,
 }
@@ -305,6 +316,7 @@ impl Stream {
                 ),
                 None => continue,
             };
+            let deadline = lease.deadline.as_ref().map_or(0, epoch_ms);
             if !self.send(pb::lease_response::Kind::Task(lease)).await {
                 // Leased but never written: give them back, not counted as attempts.
                 self.service
@@ -325,7 +337,7 @@ impl Stream {
                 return None;
             }
             self.credits -= 1;
-            self.in_flight.insert(id, queue);
+            self.in_flight.insert(id, deadline);
         }
         self.publish();
         Some(filled)
@@ -376,6 +388,12 @@ impl Stream {
                 () = &mut notified, if hungry => {}
                 () = tokio::time::sleep(if wake.pushed.load(Ordering::Relaxed) { SAFETY_POLL_PUSHED } else { SAFETY_POLL }), if hungry => {}
                 _ = keepalive.tick() => {
+                    let now = crate::now_ms();
+                    let before = self.in_flight.len();
+                    self.in_flight.retain(|_, deadline| *deadline >= now);
+                    if self.in_flight.len() != before {
+                        self.publish();
+                    }
                     if !self.send(pb::lease_response::Kind::Keepalive(pb::Keepalive { server_time: Some(now_ts()) })).await {
                         return;
                     }
@@ -508,6 +526,9 @@ impl Stream {
                 for (t, answer) in refs.into_iter().zip(answers) {
                     match answer {
                         Ok((deadline, cancel_requested)) => {
+                            if let Some(kept) = self.in_flight.get_mut(&t.task_id) {
+                                *kept = deadline.max(0.0) as u64;
+                            }
                             if cancel_requested {
                                 let revoked = pb::Revoked {
                                     task_id: t.task_id.clone(),
@@ -523,12 +544,18 @@ impl Stream {
                                 deadline: Some(timestamp(deadline)),
                             });
                         }
-                        Err(_) => ack.lost.push(t.task_id),
+                        Err(_) => {
+                            self.in_flight.remove(&t.task_id);
+                            ack.lost.push(t.task_id);
+                        }
                     }
                 }
                 self.service.workers().update(self.registration, |info| {
                     info.last_heartbeat = Some(now_ts())
                 });
+                if !ack.lost.is_empty() {
+                    self.publish();
+                }
                 self.send(pb::lease_response::Kind::HeartbeatAck(ack)).await;
             }
             Some(Kind::Complete(c)) => {

@@ -438,6 +438,19 @@ async fn a_heartbeat_extends_each_lease_on_its_own(url: Option<String>) -> anyho
     }
     let (ha, hb) = (q.stats("p", "ha").await?, q.stats("p", "hb").await?);
     assert_eq!((ha.leased, hb.leased), (3, 3), "every lease still held");
+    // The task the worker was told it lost no longer counts as in flight.
+    let listed = q
+        .client
+        .clone()
+        .list_workers(pb::ListWorkersRequest {
+            project: "p".into(),
+            queue: "ha".into(),
+        })
+        .await?
+        .into_inner()
+        .workers;
+    let in_flight: Vec<u32> = listed.iter().map(|w| w.in_flight).collect();
+    assert_eq!(in_flight, [5], "{listed:?}");
 
     let many = (0..1001).map(|_| refs[0].clone()).collect();
     w.send(Up::Heartbeat(pb::Heartbeat { tasks: many })).await?;
