@@ -335,15 +335,36 @@ impl RedisPool {
 
     /// Runs one command with the configured timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let mut conn = self.get().await?;
-        match tokio::time::timeout(self.command_timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Error::Unavailable(format!(
-                "Redis did not answer within {:?}",
-                self.command_timeout
-            ))),
-        }
+        counted(
+            async {
+                let mut conn = self.get().await?;
+                match tokio::time::timeout(self.command_timeout, cmd.query_async::<T>(&mut conn))
+                    .await
+                {
+                    Ok(result) => Ok(result?),
+                    Err(_) => Err(Error::Unavailable(format!(
+                        "Redis did not answer within {:?}",
+                        self.command_timeout
+                    ))),
+                }
+            }
+            .await,
+        )
     }
+}
+
+/// Counts a failed Redis call in `sluice_redis_errors_total{kind}`: `unavailable` (no
+/// connection, a timeout, a cluster that cannot serve) or `reply` (an error Redis answered).
+pub fn counted<T>(result: Result<T>) -> Result<T> {
+    if let Err(err) = &result {
+        let kind = if matches!(err, Error::Unavailable(_)) {
+            "unavailable"
+        } else {
+            "reply"
+        };
+        metrics::counter!("sluice_redis_errors_total", "kind" => kind).increment(1);
+    }
+    result
 }
 
 /// A stream of the messages published on `channel`, on its own connection. On a cluster it

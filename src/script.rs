@@ -147,7 +147,7 @@ impl Call<'_> {
             db.redis.key_count = self.keys.len(),
         );
         let timeout = pool.command_timeout();
-        async move {
+        let call = async move {
             let mut conn = pool.get().await?;
             let evalsha = self.command("EVALSHA", &self.script.sha);
             let first = bounded(timeout, evalsha.query_async::<T>(&mut conn)).await?;
@@ -163,9 +163,8 @@ impl Call<'_> {
                 }
                 other => other.map_err(|err| script_error(self.script.name, err)),
             }
-        }
-        .instrument(span)
-        .await
+        };
+        crate::pool::counted(call.instrument(span).await)
     }
 }
 

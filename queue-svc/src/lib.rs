@@ -27,6 +27,7 @@ pub mod service;
 pub mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice::proto::sluice::queue::v1::queue_server::QueueServer;
 use sluice::server::Listeners;
@@ -37,6 +38,44 @@ pub use config::Config;
 
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "queue-svc";
+
+/// Health service name that reports whether the store answers: NOT_SERVING while Redis does
+/// not (the server itself stays SERVING; calls that need Redis answer UNAVAILABLE).
+pub const STORE_HEALTH: &str = "sluice.queue.v1.Queue/store";
+
+/// How often the store's health is looked at.
+const STORE_HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps [`STORE_HEALTH`] up to date with a PING every [`STORE_HEALTH_EVERY`].
+async fn report_store_health(
+    store: Arc<store::QueueStore>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(STORE_HEALTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let answered = store.ping().await;
+        if answered.is_ok() != serving {
+            serving = answered.is_ok();
+            let status = if serving {
+                tracing::info!("the store answers again");
+                tonic_health::ServingStatus::Serving
+            } else {
+                if let Err(err) = &answered {
+                    tracing::warn!(error = %err, "the store does not answer");
+                }
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status(STORE_HEALTH, status).await;
+        }
+    }
+}
 
 /// The wall clock in ms since the epoch (registry and roster stamps shared between instances).
 pub(crate) fn now_ms() -> u64 {
@@ -71,7 +110,7 @@ pub async fn run(
     );
     let waker = service.clone();
     tasks.spawn(reaper::run(
-        store,
+        store.clone(),
         queues,
         reaper::Schedule {
             interval: config.reaper_interval,
@@ -80,10 +119,16 @@ pub async fn run(
         shutdown.clone(),
         move |ready| waker.wake_local(ready),
     ));
-    let (router, _health) = sluice::server::router(
+    let (router, health) = sluice::server::router(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
         &["sluice.queue.v1.Queue"],
     )?;
+    health
+        .set_service_status(STORE_HEALTH, tonic_health::ServingStatus::Serving)
+        .await;
+    if matches!(*store, store::QueueStore::Redis(_)) {
+        tasks.spawn(report_store_health(store, health, shutdown.clone()));
+    }
     if let Some(redis) = common.redis.redis_config()? {
         tasks.spawn(service.clone().listen_for_wakeups(redis));
         tasks.spawn(roster::publish(service.clone(), shutdown.clone()));

@@ -425,6 +425,12 @@ impl RedisQueue {
         call
     }
 
+    /// Whether Redis answers a PING.
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = self.pool.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
     /// Registers the queue for the reaper as of `now_ms`.
     pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
         let _: i64 = self
@@ -1021,6 +1027,14 @@ macro_rules! delegate {
 }
 
 impl QueueStore {
+    /// Whether the store answers (the embedded store always does).
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.ping().await,
+            Self::Embedded(_) => Ok(()),
+        }
+    }
+
     /// Registers the queue for the reaper as of `now_ms` (the embedded store knows its queues).
     pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
         match self {

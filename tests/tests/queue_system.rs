@@ -1881,3 +1881,71 @@ async fn per_queue_metrics_stay_bounded_whatever_names_clients_use() -> anyhow::
     assert_eq!(series, max + 1);
     q.service.stop().await
 }
+
+/// While Redis is down, health reports the queue's store NOT_SERVING, calls answer
+/// UNAVAILABLE and the failures are counted; once Redis is back, health says SERVING again and
+/// calls succeed, with no restart of queue-svc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result<()> {
+    use sluice_testkit::probe;
+    let mut redis = RedisServer::start().await?;
+    let q = Queue::start(
+        Some(&redis.url()),
+        "",
+        &[
+            "--redis-connect-timeout",
+            "200ms",
+            "--redis-command-timeout",
+            "200ms",
+        ],
+    )
+    .await?;
+    let url = q.service.url();
+    let mut client = q.client.clone();
+    let task = || pb::EnqueueRequest {
+        task: Some(spec("p", "h", b"x", pb::Priority::Normal)),
+    };
+    client.enqueue(task()).await?;
+    assert_eq!(
+        probe::health(&url, queue_svc::STORE_HEALTH).await?,
+        probe::SERVING
+    );
+    redis.kill()?;
+    let refused = client.enqueue(task()).await.expect_err("Redis is down");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    eventually(
+        Duration::from_secs(10),
+        "health to report the store down",
+        || {
+            let url = url.clone();
+            async move {
+                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? != probe::SERVING)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    let text = sluice::server::metrics_handle().render();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("sluice_redis_errors_total{kind=\"unavailable\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+    redis.restart().await?;
+    eventually(
+        Duration::from_secs(10),
+        "health to report the store back",
+        || {
+            let url = url.clone();
+            async move {
+                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? == probe::SERVING)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    client.enqueue(task()).await?;
+    q.service.stop().await
+}
