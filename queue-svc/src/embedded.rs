@@ -26,6 +26,8 @@ struct Queue {
     leased: BTreeSet<(u64, String)>,
     dead: BTreeSet<(u64, String)>,
     done: BTreeSet<(u64, String)>,
+    /// How many of `done` are cancelled.
+    cancelled: u64,
     idem: HashMap<String, (String, u64)>,
     seq: u64,
     paused: bool,
@@ -130,6 +132,9 @@ impl Queue {
         task.st = state.into();
         task.ltok = task.tok.take();
         self.done.insert((now, task.id.clone()));
+        if state == "cancelled" {
+            self.cancelled += 1;
+        }
     }
 
     fn dead_letter(&mut self, task: &mut Record, now: u64) {
@@ -567,6 +572,7 @@ impl EmbeddedQueue {
                 leased: q.leased.len() as u64,
                 dead: q.dead.len() as u64,
                 done: q.done.len() as u64,
+                cancelled: q.cancelled,
                 paused: q.paused,
                 last_minute: [get("enqueued"), get("completed"), get("failed")],
             })
@@ -634,6 +640,9 @@ impl EmbeddedQueue {
                     .collect();
                 for entry in old {
                     set.remove(&entry);
+                    if q.tasks.get(&entry.1).is_some_and(|t| t.st == "cancelled") {
+                        q.cancelled = q.cancelled.saturating_sub(1);
+                    }
                     q.tasks.remove(&entry.1);
                     q.payloads.remove(&entry.1);
                     q.results.remove(&entry.1);

@@ -246,8 +246,10 @@ pub struct Stats {
     pub leased: u64,
     /// Dead letters.
     pub dead: u64,
-    /// Finished tasks still retained.
+    /// Finished tasks still retained (succeeded or cancelled).
     pub done: u64,
+    /// Of those, the cancelled ones.
+    pub cancelled: u64,
     /// Paused.
     pub paused: bool,
     /// Enqueued, completed, failed during the previous minute.
@@ -819,7 +821,7 @@ impl RedisQueue {
         let r: Vec<u64> = Self::call(&self.stats, project, queue)
             .invoke(&self.pool)
             .await?;
-        if r.len() != 13 {
+        if r.len() != 14 {
             return Err(Error::Internal(format!("stats: {} numbers", r.len())));
         }
         Ok(Stats {
@@ -830,6 +832,7 @@ impl RedisQueue {
             done: r[8],
             paused: r[9] == 1,
             last_minute: [r[10], r[11], r[12]],
+            cancelled: r[13].min(r[8]),
         })
     }
 

@@ -800,7 +800,111 @@ async fn not_before_holds_a_task_until_its_time(url: Option<String>) -> anyhow::
     q.service.stop().await
 }
 
+/// GetQueueStats counts retained succeeded and cancelled tasks apart, and both fall to zero
+/// when retention removes them.
+async fn stats_tell_succeeded_from_cancelled(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "[queues.st]\nretention = \"1s\"\n", &[]).await?;
+    let mut client = q.client.clone();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let task = spec("p", "st", format!("t{i}").as_bytes(), pb::Priority::Normal);
+        ids.push(
+            client
+                .enqueue(pb::EnqueueRequest { task: Some(task) })
+                .await?
+                .into_inner()
+                .task_id,
+        );
+    }
+    for id in &ids[1..] {
+        client
+            .cancel_task(pb::CancelTaskRequest {
+                project: "p".into(),
+                queue: "st".into(),
+                task_id: id.clone(),
+            })
+            .await?;
+    }
+    let leases = client
+        .dequeue(dequeue("p", "st", 3))
+        .await?
+        .into_inner()
+        .leases;
+    let [lease] = leases.as_slice() else {
+        anyhow::bail!("one lease, got {leases:?}")
+    };
+    client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "st".into(),
+            task_id: ids[0].clone(),
+            lease_token: lease.lease_token.clone(),
+            result: vec![],
+        })
+        .await?;
+    let stats = q.stats("p", "st").await?;
+    assert_eq!(
+        (stats.succeeded_retained, stats.cancelled_retained),
+        (1, 2),
+        "{stats:?}"
+    );
+    assert!(stats.sampled_at.is_some(), "{stats:?}");
+    eventually(Duration::from_secs(10), "retention to remove both", || {
+        let q = &q;
+        async move {
+            let stats = q.stats("p", "st").await.ok()?;
+            (stats.succeeded_retained == 0 && stats.cancelled_retained == 0).then_some(())
+        }
+    })
+    .await?;
+    // The count went down with them (not merely capped at the finished tasks retained): with
+    // one succeeded and one cancelled task retained again, it says one of each.
+    let mut ids = Vec::new();
+    for i in 3..5 {
+        let task = spec("p", "st", format!("t{i}").as_bytes(), pb::Priority::Normal);
+        ids.push(
+            client
+                .enqueue(pb::EnqueueRequest { task: Some(task) })
+                .await?
+                .into_inner()
+                .task_id,
+        );
+    }
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            project: "p".into(),
+            queue: "st".into(),
+            task_id: ids[1].clone(),
+        })
+        .await?;
+    let leases = client
+        .dequeue(dequeue("p", "st", 1))
+        .await?
+        .into_inner()
+        .leases;
+    client
+        .complete(pb::CompleteRequest {
+            project: "p".into(),
+            queue: "st".into(),
+            task_id: ids[0].clone(),
+            lease_token: leases
+                .first()
+                .map(|l| l.lease_token.clone())
+                .unwrap_or_default(),
+            result: vec![],
+        })
+        .await?;
+    let stats = q.stats("p", "st").await?;
+    assert_eq!(
+        (stats.succeeded_retained, stats.cancelled_retained),
+        (1, 1),
+        "{stats:?}"
+    );
+    q.service.stop().await
+}
+
 on_every_store!(
+    stats_tell_succeeded_from_cancelled,
     not_before_holds_a_task_until_its_time,
     long_polls_answer_with_arrivals_and_before_the_callers_deadline,
     ordering,

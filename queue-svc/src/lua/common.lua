@@ -11,7 +11,7 @@
 --   KEYS[6]  done      zset: task id, score = ms it finished (succeeded, cancelled): retention
 --   KEYS[7]  idem      hash: idempotency key -> task id
 --   KEYS[8]  idemx     zset: idempotency key, score = ms it expires
---   KEYS[9]  meta      hash: paused, per-minute counters
+--   KEYS[9]  meta      hash: paused, per-minute counters, cancelled tasks retained
 --   KEYS[10] results   hash: task id -> result bytes
 --   KEYS[11..15] ready0..ready4  lists of ready task ids per priority (0 critical .. 4
 --            background), oldest first: a list entry costs far less memory than a sorted-set one.
@@ -126,12 +126,15 @@ local function schedule(task, at)
   redis.call('ZADD', K_SCHED, at, task.id)
 end
 
+-- Finished tasks (succeeded or cancelled) wait out their retention in `done`; meta's
+-- `cancelled` counts the cancelled among them, so stats can tell the two apart.
 local function finish(task, state)
   task.st = state
   task.ltok = task.tok
   task.tok = nil
   redis.call('ZREM', K_LEASED, task.id)
   redis.call('ZADD', K_DONE, now, task.id)
+  if state == 'cancelled' then redis.call('HINCRBY', K_META, 'cancelled', 1) end
 end
 
 local function dead_letter(task)

@@ -20,8 +20,18 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', '(' .. now, 'L
 end
 local promoted = promote(limit)
 local removed = 0
+-- Cancelled tasks retained, kept in meta: only while there are some is a finished task's
+-- record read before it goes.
+local cancelled = tonumber(redis.call('HGET', K_META, 'cancelled') or '0')
 local function drop(zset, before)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', before, 'LIMIT', 0, limit)) do
+    if zset == K_DONE and cancelled > 0 then
+      local task = load(id)
+      if task and task.st == 'cancelled' then
+        cancelled = cancelled - 1
+        redis.call('HINCRBY', K_META, 'cancelled', -1)
+      end
+    end
     redis.call('ZREM', zset, id)
     redis.call('HDEL', K_TASKS, id)
     redis.call('HDEL', K_PAYLOADS, id)
