@@ -238,6 +238,14 @@ impl Queue {
     }
 }
 
+/// A dead-letter cursor, `<score> <id>` of the last dead letter a previous call looked at, as
+/// a position in `Queue::dead`; `None` for the start.
+fn dead_position(cursor: &str) -> Option<(u64, String)> {
+    cursor
+        .split_once(' ')
+        .and_then(|(score, id)| Some((score.parse().ok()?, id.to_owned())))
+}
+
 /// The embedded queue store.
 #[derive(Debug)]
 pub struct EmbeddedQueue {
@@ -659,22 +667,28 @@ impl EmbeddedQueue {
         &self,
         project: &str,
         queue: &str,
-        offset: u64,
+        cursor: &str,
         limit: u64,
-    ) -> Result<(u64, Vec<Leased>)> {
+    ) -> Result<(Vec<(u64, Leased)>, bool)> {
+        let after = dead_position(cursor);
         self.with(project, queue, |q, _| {
-            let tasks = q
-                .dead
-                .iter()
-                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-                .take(usize::try_from(limit).unwrap_or(usize::MAX))
-                .filter_map(|(_, id)| {
-                    q.tasks
-                        .get(id)
-                        .map(|t| (t.clone(), q.payloads.get(id).cloned().unwrap_or_default()))
+            let from = match &after {
+                Some(position) => std::ops::Bound::Excluded(position.clone()),
+                None => std::ops::Bound::Unbounded,
+            };
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let mut page = q.dead.range((from, std::ops::Bound::Unbounded));
+            let tasks = page
+                .by_ref()
+                .take(limit)
+                .filter_map(|(at, id)| {
+                    q.tasks.get(id).map(|t| {
+                        let payload = q.payloads.get(id).cloned().unwrap_or_default();
+                        (*at, (t.clone(), payload))
+                    })
                 })
                 .collect();
-            Ok((q.dead.len() as u64, tasks))
+            Ok((tasks, page.next().is_some()))
         })
     }
 
@@ -689,10 +703,7 @@ impl EmbeddedQueue {
         cursor: &str,
     ) -> Result<DeadPass> {
         let redrive = matches!(op, DeadOp::Redrive { .. });
-        // The cursor is `<score> <id>` of the last dead letter a previous call looked at.
-        let after: Option<(u64, String)> = cursor
-            .split_once(' ')
-            .and_then(|(score, id)| Some((score.parse().ok()?, id.to_owned())));
+        let after = dead_position(cursor);
         self.with(project, queue, |q, _| {
             let matches = |task: &Record| match selector {
                 DeadSelector::All => true,

@@ -184,7 +184,8 @@ async fn complete_gathered(
     .await
 }
 
-/// A redrive or purge page token: empty, or `<score> <task id>` as a previous call issued.
+/// A dead-letter page token (ListDeadLetters, redrive, purge): empty, or `<score> <task id>`
+/// as a previous call issued.
 fn dead_cursor(token: &str) -> Result<&str> {
     let valid = token.is_empty()
         || token.split_once(' ').is_some_and(|(score, id)| {
@@ -1254,28 +1255,26 @@ impl pb::queue_server::Queue for QueueService {
             n if n > 500 => return Err(Error::invalid("page_size", "at most 500").into()),
             n => u64::from(n),
         };
-        let offset: u64 = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse()
-                .map_err(|_| Error::invalid("page_token", "not a token this service issued"))?
-        };
+        let cursor = dead_cursor(&r.page_token)?;
         let category = (r.category != 0).then(|| category_name(r.category));
-        let (total, tasks) = self
+        let (tasks, more) = self
             .store
-            .list_dead(&r.project, &r.queue, offset, page)
+            .list_dead(&r.project, &r.queue, cursor, page)
             .await?;
         // A page stops before the answer would pass 4 MiB; the next one starts there.
         let fitting = if r.include_payload {
-            fits(tasks.iter().map(|(_, p)| p.len()))
+            fits(tasks.iter().map(|(_, (_, p))| p.len()))
         } else {
             tasks.len()
         };
-        let read = fitting as u64;
+        let more = more || fitting < tasks.len();
+        let next = tasks[..fitting]
+            .last()
+            .map(|(at, (record, _))| format!("{at} {}", record.id));
         let tasks = tasks
             .into_iter()
             .take(fitting)
+            .map(|(_, task)| task)
             .filter(|(record, _)| {
                 category.is_none_or(|c| record.err.last().is_some_and(|e| e.category == c))
             })
@@ -1295,13 +1294,11 @@ impl pb::queue_server::Queue for QueueService {
                 )
             })
             .collect();
-        let next = offset + read.min(page);
         Ok(Response::new(pb::ListDeadLettersResponse {
             tasks,
-            next_page_token: if next < total {
-                next.to_string()
-            } else {
-                String::new()
+            next_page_token: match next {
+                Some(next) if more => next,
+                _ => String::new(),
             },
         }))
     }

@@ -876,7 +876,7 @@ impl RedisQueue {
         queue: &str,
         op: &str,
         limit: u64,
-        offset: u64,
+        list_cursor: &str,
         selector: &DeadSelector,
         max_size: u64,
     ) -> Call<'s> {
@@ -891,36 +891,41 @@ impl RedisQueue {
         Self::call(&self.dead, project, queue)
             .arg(op)
             .arg(limit)
-            .arg(offset)
+            .arg(list_cursor)
             .arg(kind)
             .arg(arg)
             .arg(before)
             .arg(max_size)
     }
 
-    /// A page of dead letters: (total, tasks with payloads).
+    /// Up to `limit` dead letters after `cursor` (`<score> <id>` of the last one of the
+    /// previous page, empty for the first), oldest dead first, each with its dead-at score
+    /// and payload; and whether more follow.
     pub async fn list_dead(
         &self,
         project: &str,
         queue: &str,
-        offset: u64,
+        cursor: &str,
         limit: u64,
-    ) -> Result<(u64, Vec<Leased>)> {
+    ) -> Result<(Vec<(u64, Leased)>, bool)> {
         let reply: Vec<redis::Value> = self
-            .dead_call(project, queue, "list", limit, offset, &DeadSelector::All, 0)
+            .dead_call(project, queue, "list", limit, cursor, &DeadSelector::All, 0)
             .invoke(&self.pool)
             .await?;
-        let total = number(reply.first(), "dead list")? as u64;
+        let more = number(reply.first(), "dead list")? > 0.0;
         let tasks = reply[1..]
-            .chunks_exact(2)
+            .chunks_exact(3)
             .map(|c| {
                 Ok((
-                    record(&text(c.first(), "dead list")?)?,
-                    bytes(c.get(1), "dead list")?,
+                    number(c.first(), "dead list")? as u64,
+                    (
+                        record(&text(c.get(1), "dead list")?)?,
+                        bytes(c.get(2), "dead list")?,
+                    ),
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((total, tasks))
+        Ok((tasks, more))
     }
 
     /// Redrives or purges dead letters: (count, more left). A redrive moves only as many as
@@ -940,7 +945,7 @@ impl RedisQueue {
             DeadOp::Redrive { max_size } => ("redrive", max_size),
         };
         let r: Vec<redis::Value> = self
-            .dead_call(project, queue, name, limit, 0, selector, max_size)
+            .dead_call(project, queue, name, limit, "", selector, max_size)
             .arg(cursor)
             .invoke(&self.pool)
             .await?;
@@ -1180,10 +1185,10 @@ impl QueueStore {
         &self,
         project: &str,
         queue: &str,
-        offset: u64,
+        cursor: &str,
         limit: u64,
-    ) -> Result<(u64, Vec<Leased>)> {
-        delegate!(self, list_dead(project, queue, offset, limit))
+    ) -> Result<(Vec<(u64, Leased)>, bool)> {
+        delegate!(self, list_dead(project, queue, cursor, limit))
     }
 
     /// See [`RedisQueue::redrive_or_purge`].

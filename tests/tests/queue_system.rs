@@ -903,7 +903,100 @@ async fn stats_tell_succeeded_from_cancelled(url: Option<String>) -> anyhow::Res
     q.service.stop().await
 }
 
+/// ListDeadLetters pages by position: a dead letter redriven between pages shifts nothing,
+/// so every other one is listed exactly once, in the order they died.
+async fn dead_letter_pages_skip_nothing_when_letters_leave(
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    let mut client = q.client.clone();
+    let mut died = Vec::new();
+    for i in 0..7 {
+        let task = spec(
+            "p",
+            "pages",
+            format!("t{i}").as_bytes(),
+            pb::Priority::Normal,
+        );
+        client
+            .enqueue(pb::EnqueueRequest { task: Some(task) })
+            .await?;
+        let leases = client
+            .dequeue(dequeue("p", "pages", 1))
+            .await?
+            .into_inner()
+            .leases;
+        let [lease] = leases.as_slice() else {
+            anyhow::bail!("one lease, got {leases:?}")
+        };
+        let id = lease
+            .task
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_default();
+        client
+            .fail(pb::FailRequest {
+                project: "p".into(),
+                queue: "pages".into(),
+                task_id: id.clone(),
+                lease_token: lease.lease_token.clone(),
+                message: "no".into(),
+                category: pb::FailureCategory::Permanent.into(),
+                retryable: None,
+            })
+            .await?;
+        died.push(id);
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    for page in 0.. {
+        anyhow::ensure!(page < 10, "the pages never ended: {listed:?}");
+        let answer = client
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                project: "p".into(),
+                queue: "pages".into(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        listed.extend(answer.tasks.iter().map(|t| t.id.clone()));
+        if page == 0 {
+            client
+                .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                    project: "p".into(),
+                    queue: "pages".into(),
+                    selector: Some(pb::DeadLetterSelector {
+                        selector: Some(pb::dead_letter_selector::Selector::TaskId(died[0].clone())),
+                    }),
+                    limit: 0,
+                    page_token: String::new(),
+                })
+                .await?;
+        }
+        token = answer.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(listed, died);
+    let bad = client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            project: "p".into(),
+            queue: "pages".into(),
+            page_token: "3".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a token this service did not issue");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("page_token"), "{bad:?}");
+    q.service.stop().await
+}
+
 on_every_store!(
+    dead_letter_pages_skip_nothing_when_letters_leave,
     stats_tell_succeeded_from_cancelled,
     not_before_holds_a_task_until_its_time,
     long_polls_answer_with_arrivals_and_before_the_callers_deadline,

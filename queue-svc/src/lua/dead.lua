@@ -1,17 +1,18 @@
 -- dead: dead-letter operations, bounded by ARGV[2] tasks per call.
 -- ARGV[1] op: 'list' | 'redrive' | 'purge'
--- ARGV[2] limit; ARGV[3] offset (list only)
+-- ARGV[2] limit; ARGV[3] (list only) the cursor of the previous page ('<score> <id>' of its
+-- last dead letter, '' = the start)
 -- ARGV[4] selector: 'id' | 'all' | 'filter'; ARGV[5] task id (id) or category ('' = any);
 -- ARGV[6] dead before (ms, 0 = any); ARGV[7] the queue's max size (redrive and auto; 0 =
 -- unbounded): redriven tasks count against it, so only as many as fit are moved; ARGV[8]
 -- (redrive and purge) the cursor a previous call returned, '' to start at the oldest.
--- list returns {total, then per task: record JSON, payload}; redrive and purge return
--- {count, more (0/1), cursor score, cursor id} (the cursor to go on from, '' when done), or
+-- list returns {more (0/1), then per task: dead-at score, record JSON, payload}; redrive and
+-- purge return {count, more (0/1), cursor score, cursor id} (the cursor to go on from, '' when done), or
 -- {-1, max size} for a redrive with no room left while some matched.
 -- Redrive resets attempts and makes the task ready again.
 -- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
 -- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
-local op, limit, offset = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local op, limit = ARGV[1], tonumber(ARGV[2])
 local max_size = tonumber(ARGV[7] or '0')
 -- How many tasks the queue can still take (-1: unbounded).
 local function room()
@@ -82,18 +83,6 @@ local function matches(task)
   if before > 0 and (task.dd or 0) >= before then return false end
   return true
 end
-if op == 'list' then
-  local ids = redis.call('ZRANGE', K_DEAD, offset, offset + limit - 1)
-  local out = { redis.call('ZCARD', K_DEAD) }
-  for _, id in ipairs(ids) do
-    local task = load(id)
-    if task then
-      out[#out + 1] = encode(task)
-      out[#out + 1] = payload_of(task)
-    end
-  end
-  return out
-end
 -- Redrive and purge look at most SCAN dead letters per call, oldest dead first, from the
 -- cursor ARGV[8] ('<score> <id>' of the last one a previous call looked at; '' = the start),
 -- so a filter matching few of many dead letters costs a bounded amount per call.
@@ -108,6 +97,32 @@ local function after(a, b)
     if x ~= y then return x > y end
   end
   return #a > #b
+end
+if op == 'list' then
+  -- Up to `limit` dead letters after the cursor ARGV[3] (as below), oldest dead first. A
+  -- cursor is a position, so dead letters redriven or purged between pages shift nothing.
+  local from_score, from_id = string.match(ARGV[3] or '', '^(%d+) (.+)$')
+  local ties = 0
+  if from_score then ties = redis.call('ZCOUNT', K_DEAD, from_score, from_score) end
+  local found = redis.call('ZRANGEBYSCORE', K_DEAD, from_score or '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, limit + ties + 1)
+  local out = { 0 }
+  local taken = 0
+  for i = 1, #found, 2 do
+    if not from_score or found[i + 1] ~= from_score or after(found[i], from_id) then
+      if taken == limit then
+        out[1] = 1
+        break
+      end
+      taken = taken + 1
+      local task = load(found[i])
+      if task then
+        out[#out + 1] = found[i + 1]
+        out[#out + 1] = encode(task)
+        out[#out + 1] = payload_of(task)
+      end
+    end
+  end
+  return out
 end
 local candidates = {}
 if selector == 'id' then
