@@ -204,6 +204,15 @@ pub fn inject_into_map(span: &tracing::Span, map: &mut HashMap<String, String>) 
     TraceContextPropagator::new().inject_context(&span.context(), &mut MapCarrier(map));
 }
 
+/// Makes the trace context in `map` (a task's "traceparent") the parent of `span`, which must
+/// not have been entered yet. A map without a valid one leaves `span` as it is.
+pub fn adopt_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {
+    let cx = extract_from_map(map);
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
 /// Reads a trace context from a string map (a task's headers).
 pub fn extract_from_map(map: &HashMap<String, String>) -> opentelemetry::Context {
     TraceContextPropagator::new().extract(&MapReader(map))

@@ -489,7 +489,11 @@ impl rls::rate_limit_service_server::RateLimitService for LimiterService {
             if subject.len() > 4 * MAX_SUBJECT {
                 return Err(Error::invalid(
                     format!("{field}.entries"),
-                    "keys and values are too long",
+                    format!(
+                        "the domain, keys and values come to {} bytes; at most {} together",
+                        subject.len(),
+                        4 * MAX_SUBJECT
+                    ),
                 )
                 .into());
             }

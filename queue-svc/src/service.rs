@@ -627,13 +627,16 @@ impl QueueService {
         Ok(())
     }
 
-    /// Validates one spec into a task to store.
+    /// Validates one spec into a task to store. `traced`: the call's metadata carried a trace
+    /// context, which the publish span then joins; otherwise it joins the one in the task's
+    /// headers, if any.
     fn new_task(
         &self,
         spec: &pb::TaskSpec,
         project: &str,
         queue: &str,
         field: &str,
+        traced: bool,
     ) -> Result<NewTask> {
         let settings = self.queues.get(project, queue);
         model::validate_spec_strings(spec, field)?;
@@ -702,6 +705,9 @@ impl QueueService {
             messaging.message.id = %id,
         );
         if !publish.is_disabled() {
+            if !traced {
+                sluice::telemetry::adopt_parent_from_map(&publish, &spec.headers);
+            }
             sluice::telemetry::inject_into_map(&publish, &mut headers);
         }
         let record = Record {
@@ -906,13 +912,14 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> std::result::Result<Response<pb::EnqueueResponse>, Status> {
+        let traced = request.metadata().contains_key("traceparent");
         let spec = request
             .into_inner()
             .task
             .ok_or_else(|| Error::invalid("task", "is required"))?;
         validate_name(&spec.project, "task.project")?;
         validate_name(&spec.queue, "task.queue")?;
-        let task = self.new_task(&spec, &spec.project, &spec.queue, "task")?;
+        let task = self.new_task(&spec, &spec.project, &spec.queue, "task", traced)?;
         let mut enqueued = self
             .enqueue_tasks(&spec.project, &spec.queue, vec![task])
             .await?;
@@ -926,6 +933,7 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::EnqueueBatchRequest>,
     ) -> std::result::Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let traced = request.metadata().contains_key("traceparent");
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
         validate_name(&request.queue, "queue")?;
@@ -951,7 +959,7 @@ impl pb::queue_server::Queue for QueueService {
                     .into());
                 }
             }
-            tasks.push(self.new_task(spec, &request.project, &request.queue, &field)?);
+            tasks.push(self.new_task(spec, &request.project, &request.queue, &field, traced)?);
         }
         let results = self
             .enqueue_tasks(&request.project, &request.queue, tasks)
