@@ -813,32 +813,59 @@ impl QueueService {
             );
             return Ok(leases);
         }
+        // Each round looks at every queue's head and takes one task from each queue whose head
+        // is the most urgent, in turn from a rotating start. The queues are distinct keys (on
+        // a cluster, distinct slots): their calls go out together and pipeline.
         let mut taken = 0;
         while taken < max {
-            let mut heads = Vec::with_capacity(targets.len());
-            for (project, queue) in targets {
-                heads.push(self.store.head(project, queue).await?);
-            }
+            let heads = match futures::future::try_join_all(
+                targets
+                    .iter()
+                    .map(|(project, queue)| self.store.head(project, queue)),
+            )
+            .await
+            {
+                Ok(heads) => heads,
+                // Tasks already leased go to the caller; an error alone is answered as one.
+                Err(err) if taken == 0 => return Err(err),
+                Err(_) => break,
+            };
             let Some(best) = heads.iter().flatten().min().copied() else {
                 break;
             };
             let start = self
                 .cursor
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let turn: Vec<&(String, String)> = (0..targets.len())
+                .map(|k| (start + k) % targets.len())
+                .filter(|&i| heads[i] == Some(best))
+                .take(max - taken)
+                .map(|i| &targets[i])
+                .collect();
+            let tokens: Vec<[String; 1]> = turn.iter().map(|_| [token()]).collect();
+            let found = futures::future::join_all(turn.iter().zip(&tokens).map(
+                |((project, queue), token)| {
+                    self.store.dequeue(project, queue, lease, worker, token)
+                },
+            ))
+            .await;
             let mut round = 0;
-            for k in 0..targets.len() {
-                let i = (start + k) % targets.len();
-                if heads[i] != Some(best) || taken >= max {
-                    continue;
+            let mut failed = None;
+            for ((project, queue), found) in turn.into_iter().zip(found) {
+                match found {
+                    Ok(found) => {
+                        round += found.len();
+                        taken += found.len();
+                        push(project, queue, found);
+                    }
+                    Err(err) => failed = Some(err),
                 }
-                let (project, queue) = &targets[i];
-                let found = self
-                    .store
-                    .dequeue(project, queue, lease, worker, &[token()])
-                    .await?;
-                round += found.len();
-                taken += found.len();
-                push(project, queue, found);
+            }
+            if let Some(err) = failed {
+                if taken == 0 {
+                    return Err(err);
+                }
+                break;
             }
             if round == 0 {
                 break;
