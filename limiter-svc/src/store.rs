@@ -387,9 +387,50 @@ struct Entry {
     expires: f64,
 }
 
+/// The embedded store's counters, with what bounds them.
+#[derive(Default)]
+struct Entries {
+    map: HashMap<String, Entry>,
+    /// Requests held in sliding-log states, summed (each is 16 bytes).
+    logged: usize,
+    /// When expired entries last went in a full sweep (µs on the store's clock).
+    swept: f64,
+}
+
+impl Entries {
+    /// Drops expired entries.
+    fn sweep(&mut self, now: f64) {
+        let mut freed = 0;
+        self.map.retain(|_, e| {
+            let live = e.expires > now;
+            if !live {
+                freed += logged_in(&e.state);
+            }
+            live
+        });
+        self.logged = self.logged.saturating_sub(freed);
+        self.swept = now;
+    }
+}
+
+/// Requests a state holds one by one (the sliding log's; other states are a few numbers).
+fn logged_in(state: &State) -> usize {
+    match state {
+        State::Log(log) => log.len(),
+        _ => 0,
+    }
+}
+
+/// How often a full store sweeps for expired entries at most: in between it refuses new
+/// counters without walking them all on every call.
+const FULL_SWEEP_EVERY_US: f64 = 100_000.0;
+
+/// Requests the sliding logs of the embedded store may hold, per counter it may hold.
+pub const LOGGED_PER_KEY: usize = 16;
+
 /// Counters in this process, with the same semantics as Redis.
 pub struct EmbeddedStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     epoch_us: f64,
     started: tokio::time::Instant,
     max_keys: usize,
@@ -405,13 +446,14 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// A store holding at most `max_keys` live counters.
+    /// A store holding at most `max_keys` live counters, whose sliding logs hold at most
+    /// [`LOGGED_PER_KEY`] × `max_keys` requests in all.
     pub fn new(max_keys: usize) -> Self {
         let epoch_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_micros() as f64);
         Self {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             epoch_us,
             started: tokio::time::Instant::now(),
             max_keys,
@@ -431,15 +473,20 @@ impl EmbeddedStore {
             .entries
             .lock()
             .map_err(|_| Error::Internal("embedded store lock poisoned".into()))?;
-        // Expired entries go in bulk now and then, and always before refusing a new key.
+        let max_logged = self.max_keys.saturating_mul(LOGGED_PER_KEY);
+        // Expired entries go in bulk now and then, and before refusing a new counter or a
+        // logged request, unless a sweep ran just now: a full store must not walk every
+        // entry on every call.
         let n = self.evaluations.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(4096) || entries.len() >= self.max_keys {
-            entries.retain(|_, e| e.expires > now);
+        let full = entries.map.len() >= self.max_keys || entries.logged >= max_logged;
+        if n.is_multiple_of(4096) || (full && now - entries.swept >= FULL_SWEEP_EVERY_US) {
+            entries.sweep(now);
         }
         let peeked: Vec<_> = counters
             .iter()
             .map(|c| {
                 let state = entries
+                    .map
                     .get(&c.key)
                     .filter(|e| e.expires > now)
                     .map(|e| &e.state);
@@ -450,28 +497,41 @@ impl EmbeddedStore {
             .iter()
             .zip(counters)
             .all(|(p, c)| p.allowed || c.shadow);
-        let new_keys = counters
-            .iter()
-            .filter(|c| !entries.contains_key(&c.key))
-            .count();
-        if mode == Mode::Consume && all && entries.len() + new_keys > self.max_keys {
-            return Err(Error::ResourceExhausted(format!(
-                "the embedded store holds its maximum of {} counters; use Redis for more",
-                self.max_keys
-            )));
+        if mode == Mode::Consume && all {
+            let new_keys = counters
+                .iter()
+                .filter(|c| !entries.map.contains_key(&c.key))
+                .count();
+            if entries.map.len() + new_keys > self.max_keys {
+                return Err(Error::ResourceExhausted(format!(
+                    "the embedded store holds its maximum of {} counters; use Redis for more",
+                    self.max_keys
+                )));
+            }
+            let new_logged = counters
+                .iter()
+                .filter(|c| c.algorithm == Algorithm::SlidingWindowLog)
+                .count();
+            if new_logged > 0 && entries.logged + new_logged > max_logged {
+                return Err(Error::ResourceExhausted(format!(
+                    "the embedded store's sliding logs hold their maximum of {max_logged} \
+                     requests; use Redis, or an algorithm that keeps no log"
+                )));
+            }
         }
         let mut verdicts = Vec::with_capacity(counters.len());
         for (c, p) in counters.iter().zip(peeked) {
             let mut remaining = p.remaining;
             let mut reset = p.reset;
             if mode == Mode::Consume && all && p.allowed {
-                let previous = entries
-                    .remove(&c.key)
-                    .filter(|e| e.expires > now)
-                    .map(|e| e.state);
+                let previous = entries.map.remove(&c.key).and_then(|e| {
+                    entries.logged = entries.logged.saturating_sub(logged_in(&e.state));
+                    (e.expires > now).then_some(e.state)
+                });
                 let (state, new_reset, ttl) =
                     algorithm::commit(c.algorithm, previous, now, &c.params);
-                entries.insert(
+                entries.logged += logged_in(&state);
+                entries.map.insert(
                     c.key.clone(),
                     Entry {
                         state,
@@ -502,10 +562,84 @@ impl EmbeddedStore {
         };
         let mut n = 0;
         for key in keys {
-            if entries.remove(key).is_some_and(|e| e.expires > now) {
-                n += 1;
+            if let Some(e) = entries.map.remove(key) {
+                entries.logged = entries.logged.saturating_sub(logged_in(&e.state));
+                n += u32::from(e.expires > now);
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(key: &str, algorithm: Algorithm, window_us: f64) -> Counter {
+        Counter {
+            key: key.to_owned(),
+            algorithm,
+            params: Params {
+                limit: 1000.0,
+                window: window_us,
+                burst: 0.0,
+                cost: 1.0,
+            },
+            shadow: false,
+        }
+    }
+
+    fn consume(store: &EmbeddedStore, c: &Counter) -> Result<bool> {
+        store
+            .evaluate_now(std::slice::from_ref(c), Mode::Consume)
+            .map(|e| e.allowed)
+    }
+
+    /// The sliding logs hold at most `LOGGED_PER_KEY` requests per counter the store may
+    /// hold: past it a logged request is refused (RESOURCE_EXHAUSTED), other algorithms go
+    /// on, and a reset gives the room back.
+    #[test]
+    fn sliding_logs_are_bounded_in_requests_held() -> Result<()> {
+        let store = EmbeddedStore::new(2);
+        let log = counter("log", Algorithm::SlidingWindowLog, 3.6e9);
+        for _ in 0..2 * LOGGED_PER_KEY {
+            assert!(consume(&store, &log)?);
+        }
+        let refused = consume(&store, &log).err();
+        assert!(
+            matches!(&refused, Some(Error::ResourceExhausted(m)) if m.contains("sliding logs")),
+            "{refused:?}"
+        );
+        assert!(consume(&store, &counter("gcra", Algorithm::Gcra, 3.6e9))?);
+        store.reset(&["log".to_owned()]);
+        assert!(consume(&store, &log)?);
+        Ok(())
+    }
+
+    /// A full store takes new counters again once its expired entries have gone in a later
+    /// sweep (while full, it sweeps at most every 100 ms, not on every call).
+    #[test]
+    fn a_full_store_frees_expired_counters() -> Result<()> {
+        let store = EmbeddedStore::new(1);
+        assert!(consume(
+            &store,
+            &counter("short", Algorithm::FixedWindow, 1_000.0)
+        )?);
+        // Until the fixed window (1 ms) has passed and a sweep has run, there is no room.
+        let other = counter("other", Algorithm::FixedWindow, 3.6e9);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match consume(&store, &other) {
+                Ok(allowed) => {
+                    assert!(allowed);
+                    break;
+                }
+                Err(Error::ResourceExhausted(_)) if tokio::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
     }
 }
