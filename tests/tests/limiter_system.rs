@@ -576,3 +576,85 @@ async fn spent_state_is_kept_a_second_and_answers_as_new() -> anyhow::Result<()>
     }
     limiter.service.stop().await
 }
+
+/// Script calls Redis has run so far (`INFO commandstats`).
+async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}
+
+/// Once Redis has denied a subject until T, the instance denies it locally until T: the
+/// answers say so (source HOT_KEY_CACHE, an honest retry-after) and Redis sees no call for
+/// it; another subject still goes to Redis; a reset clears the local denial at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_over_its_limit_is_denied_locally_without_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.client().await?;
+    let limits = "[policies.two]\nalgorithm = \"token_bucket\"\nlimit = 2\nwindow = \"1h\"\n";
+    let limiter = Limiter::start(&StoreKind::Redis(redis.url()), limits, &[]).await?;
+    let mut client = limiter.client.clone();
+    let run = run_id();
+    let check = |who: &str| {
+        request(
+            vec![policy_check("user", &format!("{who}-{run}"), "two")],
+            1,
+        )
+    };
+    for _ in 0..2 {
+        assert!(client.check_limit(check("hot")).await?.into_inner().allowed);
+    }
+    let first = client.check_limit(check("hot")).await?.into_inner();
+    assert!(!first.allowed);
+    assert_eq!(first.source, i32::from(pb::Source::Store), "{first:?}");
+
+    let before = script_calls(&mut conn).await?;
+    for _ in 0..20 {
+        let r = client.check_limit(check("hot")).await?.into_inner();
+        assert!(!r.allowed, "{r:?}");
+        assert_eq!(r.source, i32::from(pb::Source::HotKeyCache), "{r:?}");
+        // Until a token comes back, as Redis said.
+        let retry = sluice_testkit::limiter::duration(r.retry_after.as_ref());
+        let said = sluice_testkit::limiter::duration(first.retry_after.as_ref());
+        assert!(
+            retry <= said && retry + Duration::from_secs(5) >= said,
+            "{retry:?} against {said:?}"
+        );
+    }
+    assert_eq!(
+        script_calls(&mut conn).await?,
+        before,
+        "no script call for a subject known to be over"
+    );
+    let cold = client.check_limit(check("cold")).await?.into_inner();
+    assert!(
+        cold.allowed && cold.source == i32::from(pb::Source::Store),
+        "{cold:?}"
+    );
+    assert!(script_calls(&mut conn).await? > before);
+
+    client
+        .reset_limit(pb::ResetLimitRequest {
+            checks: check("hot").checks,
+        })
+        .await?;
+    let after = client.check_limit(check("hot")).await?.into_inner();
+    assert!(
+        after.allowed && after.source == i32::from(pb::Source::Store),
+        "{after:?}"
+    );
+    limiter.service.stop().await
+}

@@ -995,7 +995,141 @@ async fn dead_letter_pages_skip_nothing_when_letters_leave(
     q.service.stop().await
 }
 
+/// ExtendLease moves a lease's deadline out (never in), and a stale token changes nothing;
+/// PurgeDeadLetters deletes the dead letters a filter selects and leaves the others.
+async fn extend_lease_and_purge_dead_letters(url: Option<String>) -> anyhow::Result<()> {
+    let q = Queue::start(url.as_deref(), "", &[]).await?;
+    let mut client = q.client.clone();
+    let seconds = |s: i64| prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    };
+    let ms = |t: Option<prost_types::Timestamp>| {
+        t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+    };
+    client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "ext", b"x", pb::Priority::Normal)),
+        })
+        .await?;
+    let mut ask = dequeue("p", "ext", 1);
+    ask.lease_duration = Some(seconds(60));
+    let leases = client.dequeue(ask).await?.into_inner().leases;
+    let [lease] = leases.as_slice() else {
+        anyhow::bail!("one lease, got {leases:?}")
+    };
+    let id = lease
+        .task
+        .as_ref()
+        .map(|t| t.id.clone())
+        .unwrap_or_default();
+    let extend = |token: &str, by: i64| pb::ExtendLeaseRequest {
+        project: "p".into(),
+        queue: "ext".into(),
+        task_id: id.clone(),
+        lease_token: token.into(),
+        extend_by: Some(seconds(by)),
+    };
+    let first = ms(lease.deadline);
+    let longer = client
+        .extend_lease(extend(&lease.lease_token, 600))
+        .await?
+        .into_inner();
+    assert!(
+        ms(longer.deadline) >= first + 500_000,
+        "{longer:?} from {first}"
+    );
+    let shorter = client
+        .extend_lease(extend(&lease.lease_token, 1))
+        .await?
+        .into_inner();
+    assert_eq!(ms(shorter.deadline), ms(longer.deadline), "never shortened");
+    let stale = client
+        .extend_lease(extend("not-the-token", 600))
+        .await
+        .expect_err("a stale token");
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+
+    // Two dead letters: one permanent, one transient; purge the permanent ones.
+    for (i, category) in [
+        pb::FailureCategory::Permanent,
+        pb::FailureCategory::Transient,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut task = spec(
+            "p",
+            "purge",
+            format!("t{i}").as_bytes(),
+            pb::Priority::Normal,
+        );
+        task.max_attempts = Some(1);
+        client
+            .enqueue(pb::EnqueueRequest { task: Some(task) })
+            .await?;
+        let leases = client
+            .dequeue(dequeue("p", "purge", 1))
+            .await?
+            .into_inner()
+            .leases;
+        let [lease] = leases.as_slice() else {
+            anyhow::bail!("one lease, got {leases:?}")
+        };
+        client
+            .fail(pb::FailRequest {
+                project: "p".into(),
+                queue: "purge".into(),
+                task_id: lease
+                    .task
+                    .as_ref()
+                    .map(|t| t.id.clone())
+                    .unwrap_or_default(),
+                lease_token: lease.lease_token.clone(),
+                message: "no".into(),
+                category: category.into(),
+                retryable: None,
+            })
+            .await?;
+    }
+    assert_eq!(q.stats("p", "purge").await?.dead, 2);
+    let purged = client
+        .purge_dead_letters(pb::PurgeDeadLettersRequest {
+            project: "p".into(),
+            queue: "purge".into(),
+            selector: Some(pb::DeadLetterSelector {
+                selector: Some(pb::dead_letter_selector::Selector::Filter(
+                    pb::DeadLetterFilter {
+                        category: pb::FailureCategory::Permanent.into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            limit: 0,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((purged.purged, purged.more), (1, false), "{purged:?}");
+    let left = client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            project: "p".into(),
+            queue: "purge".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .tasks;
+    let categories: Vec<i32> = left
+        .iter()
+        .filter_map(|t| t.errors.last().map(|e| e.category))
+        .collect();
+    assert_eq!(categories, [i32::from(pb::FailureCategory::Transient)]);
+    q.service.stop().await
+}
+
 on_every_store!(
+    extend_lease_and_purge_dead_letters,
     dead_letter_pages_skip_nothing_when_letters_leave,
     stats_tell_succeeded_from_cancelled,
     not_before_holds_a_task_until_its_time,
