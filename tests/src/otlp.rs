@@ -121,6 +121,23 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
+    /// Installs this process's telemetry (once per process), exporting spans here as
+    /// `service`.
+    pub fn install_telemetry(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<sluice::telemetry::TelemetryGuard> {
+        sluice::telemetry::init(
+            service,
+            &sluice::config::TelemetryArgs {
+                log_format: sluice::config::LogFormat::Compact,
+                log: "warn".into(),
+                otlp_endpoint: Some(self.endpoint()),
+                service_name: None,
+            },
+        )
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<CollectedSpan> {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()

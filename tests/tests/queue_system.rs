@@ -800,48 +800,34 @@ async fn not_before_holds_a_task_until_its_time(url: Option<String>) -> anyhow::
     q.service.stop().await
 }
 
+/// Enqueues one task into `queue` of project "p" and cancels it while it is ready.
+async fn cancel_one(client: &mut Client, queue: &str) -> anyhow::Result<()> {
+    let id = client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", queue, b"x", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            project: "p".into(),
+            queue: queue.into(),
+            task_id: id,
+        })
+        .await?;
+    Ok(())
+}
+
 /// GetQueueStats counts retained succeeded and cancelled tasks apart, and both fall to zero
 /// when retention removes them.
 async fn stats_tell_succeeded_from_cancelled(url: Option<String>) -> anyhow::Result<()> {
     let q = Queue::start(url.as_deref(), "[queues.st]\nretention = \"1s\"\n", &[]).await?;
     let mut client = q.client.clone();
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let task = spec("p", "st", format!("t{i}").as_bytes(), pb::Priority::Normal);
-        ids.push(
-            client
-                .enqueue(pb::EnqueueRequest { task: Some(task) })
-                .await?
-                .into_inner()
-                .task_id,
-        );
+    run_one(&mut client, "st").await?;
+    for _ in 0..2 {
+        cancel_one(&mut client, "st").await?;
     }
-    for id in &ids[1..] {
-        client
-            .cancel_task(pb::CancelTaskRequest {
-                project: "p".into(),
-                queue: "st".into(),
-                task_id: id.clone(),
-            })
-            .await?;
-    }
-    let leases = client
-        .dequeue(dequeue("p", "st", 3))
-        .await?
-        .into_inner()
-        .leases;
-    let [lease] = leases.as_slice() else {
-        anyhow::bail!("one lease, got {leases:?}")
-    };
-    client
-        .complete(pb::CompleteRequest {
-            project: "p".into(),
-            queue: "st".into(),
-            task_id: ids[0].clone(),
-            lease_token: lease.lease_token.clone(),
-            result: vec![],
-        })
-        .await?;
     let stats = q.stats("p", "st").await?;
     assert_eq!(
         (stats.succeeded_retained, stats.cancelled_retained),
@@ -859,41 +845,8 @@ async fn stats_tell_succeeded_from_cancelled(url: Option<String>) -> anyhow::Res
     .await?;
     // The count went down with them (not merely capped at the finished tasks retained): with
     // one succeeded and one cancelled task retained again, it says one of each.
-    let mut ids = Vec::new();
-    for i in 3..5 {
-        let task = spec("p", "st", format!("t{i}").as_bytes(), pb::Priority::Normal);
-        ids.push(
-            client
-                .enqueue(pb::EnqueueRequest { task: Some(task) })
-                .await?
-                .into_inner()
-                .task_id,
-        );
-    }
-    client
-        .cancel_task(pb::CancelTaskRequest {
-            project: "p".into(),
-            queue: "st".into(),
-            task_id: ids[1].clone(),
-        })
-        .await?;
-    let leases = client
-        .dequeue(dequeue("p", "st", 1))
-        .await?
-        .into_inner()
-        .leases;
-    client
-        .complete(pb::CompleteRequest {
-            project: "p".into(),
-            queue: "st".into(),
-            task_id: ids[0].clone(),
-            lease_token: leases
-                .first()
-                .map(|l| l.lease_token.clone())
-                .unwrap_or_default(),
-            result: vec![],
-        })
-        .await?;
+    run_one(&mut client, "st").await?;
+    cancel_one(&mut client, "st").await?;
     let stats = q.stats("p", "st").await?;
     assert_eq!(
         (stats.succeeded_retained, stats.cancelled_retained),
@@ -911,41 +864,8 @@ async fn dead_letter_pages_skip_nothing_when_letters_leave(
     let q = Queue::start(url.as_deref(), "", &[]).await?;
     let mut client = q.client.clone();
     let mut died = Vec::new();
-    for i in 0..7 {
-        let task = spec(
-            "p",
-            "pages",
-            format!("t{i}").as_bytes(),
-            pb::Priority::Normal,
-        );
-        client
-            .enqueue(pb::EnqueueRequest { task: Some(task) })
-            .await?;
-        let leases = client
-            .dequeue(dequeue("p", "pages", 1))
-            .await?
-            .into_inner()
-            .leases;
-        let [lease] = leases.as_slice() else {
-            anyhow::bail!("one lease, got {leases:?}")
-        };
-        let id = lease
-            .task
-            .as_ref()
-            .map(|t| t.id.clone())
-            .unwrap_or_default();
-        client
-            .fail(pb::FailRequest {
-                project: "p".into(),
-                queue: "pages".into(),
-                task_id: id.clone(),
-                lease_token: lease.lease_token.clone(),
-                message: "no".into(),
-                category: pb::FailureCategory::Permanent.into(),
-                retryable: None,
-            })
-            .await?;
-        died.push(id);
+    for _ in 0..7 {
+        died.push(dead_letter(&mut client, "pages", pb::FailureCategory::Permanent).await?);
     }
     let mut listed = Vec::new();
     let mut token = String::new();
@@ -1051,46 +971,11 @@ async fn extend_lease_and_purge_dead_letters(url: Option<String>) -> anyhow::Res
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
 
     // Two dead letters: one permanent, one transient; purge the permanent ones.
-    for (i, category) in [
+    for category in [
         pb::FailureCategory::Permanent,
         pb::FailureCategory::Transient,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut task = spec(
-            "p",
-            "purge",
-            format!("t{i}").as_bytes(),
-            pb::Priority::Normal,
-        );
-        task.max_attempts = Some(1);
-        client
-            .enqueue(pb::EnqueueRequest { task: Some(task) })
-            .await?;
-        let leases = client
-            .dequeue(dequeue("p", "purge", 1))
-            .await?
-            .into_inner()
-            .leases;
-        let [lease] = leases.as_slice() else {
-            anyhow::bail!("one lease, got {leases:?}")
-        };
-        client
-            .fail(pb::FailRequest {
-                project: "p".into(),
-                queue: "purge".into(),
-                task_id: lease
-                    .task
-                    .as_ref()
-                    .map(|t| t.id.clone())
-                    .unwrap_or_default(),
-                lease_token: lease.lease_token.clone(),
-                message: "no".into(),
-                category: category.into(),
-                retryable: None,
-            })
-            .await?;
+    ] {
+        dead_letter(&mut client, "purge", category).await?;
     }
     assert_eq!(q.stats("p", "purge").await?.dead, 2);
     let purged = client
@@ -2017,36 +1902,67 @@ async fn metrics_count_what_happens_to_tasks() -> anyhow::Result<()> {
     q.service.stop().await
 }
 
-/// Enqueues one ready task into `queue` of project "p", leases it and completes it.
-async fn run_one(
-    client: &mut pb::queue_client::QueueClient<tonic::transport::Channel>,
-    queue: &str,
-) -> anyhow::Result<()> {
-    let id = client
-        .enqueue(pb::EnqueueRequest {
-            task: Some(spec("p", queue, b"x", pb::Priority::Normal)),
-        })
-        .await?
-        .into_inner()
-        .task_id;
-    let leases = client
+type Client = pb::queue_client::QueueClient<tonic::transport::Channel>;
+
+/// Leases the one task `queue` of project "p" has ready.
+async fn lease_one(client: &mut Client, queue: &str) -> anyhow::Result<pb::TaskLease> {
+    let mut leases = client
         .dequeue(dequeue("p", queue, 1))
         .await?
         .into_inner()
         .leases;
-    let [lease] = leases.as_slice() else {
-        anyhow::bail!("one lease from {queue}, got {leases:?}")
-    };
+    match leases.pop() {
+        Some(lease) if leases.is_empty() => Ok(lease),
+        other => anyhow::bail!("one lease from {queue}, got {other:?} and {leases:?}"),
+    }
+}
+
+/// Enqueues one ready task into `queue` of project "p", leases it and completes it.
+async fn run_one(client: &mut Client, queue: &str) -> anyhow::Result<()> {
+    client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", queue, b"x", pb::Priority::Normal)),
+        })
+        .await?;
+    let lease = lease_one(client, queue).await?;
     client
         .complete(pb::CompleteRequest {
             project: "p".into(),
             queue: queue.into(),
-            task_id: id,
-            lease_token: lease.lease_token.clone(),
+            task_id: lease.task.map(|t| t.id).unwrap_or_default(),
+            lease_token: lease.lease_token,
             result: vec![],
         })
         .await?;
     Ok(())
+}
+
+/// Enqueues one task (one attempt) into `queue` of project "p", leases it and fails it with
+/// `category`, which makes it a dead letter. Its id.
+async fn dead_letter(
+    client: &mut Client,
+    queue: &str,
+    category: pb::FailureCategory,
+) -> anyhow::Result<String> {
+    let mut task = spec("p", queue, b"x", pb::Priority::Normal);
+    task.max_attempts = Some(1);
+    client
+        .enqueue(pb::EnqueueRequest { task: Some(task) })
+        .await?;
+    let lease = lease_one(client, queue).await?;
+    let id = lease.task.map(|t| t.id).unwrap_or_default();
+    client
+        .fail(pb::FailRequest {
+            project: "p".into(),
+            queue: queue.into(),
+            task_id: id.clone(),
+            lease_token: lease.lease_token,
+            message: "no".into(),
+            category: category.into(),
+            retryable: None,
+        })
+        .await?;
+    Ok(id)
 }
 
 /// An empty queue nothing has enqueued into for `--retire-idle-after` is forgotten: out of the

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use sluice::config::{LogFormat, TelemetryArgs};
 use sluice::telemetry::GrpcClientTraceLayer;
 use sluice_testkit::{OtlpReceiver, Service, probe};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -17,15 +16,7 @@ const CLIENT: i32 = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_server_spans_share_one_trace() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
-    let telemetry = sluice::telemetry::init(
-        "trace-test",
-        &TelemetryArgs {
-            log_format: LogFormat::Compact,
-            log: "warn".into(),
-            otlp_endpoint: Some(receiver.endpoint()),
-            service_name: None,
-        },
-    )?;
+    let telemetry = receiver.install_telemetry("trace-test")?;
     let config = limiter_svc::Config::from_args(["limiter-svc"])?;
     let service =
         Service::start(|listeners, shutdown| limiter_svc::run(listeners, config, shutdown)).await?;

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use sluice::config::{LogFormat, TelemetryArgs};
 use sluice::proto::sluice::queue::v1 as pb;
 use sluice::telemetry::GrpcClientTraceLayer;
 use sluice_testkit::queue::{dequeue, spec};
@@ -29,15 +28,7 @@ fn task(payload: &str) -> pb::EnqueueRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publish_span_joins_the_metadata_trace_or_else_the_headers() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
-    let telemetry = sluice::telemetry::init(
-        "trace-queue-test",
-        &TelemetryArgs {
-            log_format: LogFormat::Compact,
-            log: "warn".into(),
-            otlp_endpoint: Some(receiver.endpoint()),
-            service_name: None,
-        },
-    )?;
+    let telemetry = receiver.install_telemetry("trace-queue-test")?;
     let config = queue_svc::Config::from_args(["queue-svc"])?;
     let service =
         Service::start(|listeners, shutdown| queue_svc::run(listeners, config, shutdown)).await?;
