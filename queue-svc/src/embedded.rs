@@ -295,9 +295,10 @@ impl EmbeddedQueue {
     }
 
     /// Every queue the store holds (any call naming a queue makes it), with when it last took
-    /// an enqueue.
-    pub fn registered(&self) -> Vec<Registered> {
-        self.queues
+    /// an enqueue, and the store's time.
+    pub fn registered(&self) -> (u64, Vec<Registered>) {
+        let registered = self
+            .queues
             .lock()
             .map(|queues| {
                 queues
@@ -309,18 +310,20 @@ impl EmbeddedQueue {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (self.now(), registered)
     }
 
-    /// Forgets the queue if it holds nothing (see `retire.lua`) and took no enqueue since
-    /// `cutoff_ms`. Whether it did.
-    pub fn retire(&self, project: &str, queue: &str, cutoff_ms: u64) -> bool {
+    /// Forgets the queue if it holds nothing (see `retire.lua`) and took no enqueue for
+    /// `age_ms`. Whether it did.
+    pub fn retire(&self, project: &str, queue: &str, age_ms: u64) -> bool {
+        let cutoff = self.now().saturating_sub(age_ms);
         let Ok(mut queues) = self.queues.lock() else {
             return false;
         };
         let key = (project.to_owned(), queue.to_owned());
         let empty = queues.get(&key).is_some_and(|q| {
-            !q.paused && q.touched < cutoff_ms && q.tasks.is_empty() && q.idem.is_empty()
+            !q.paused && q.touched < cutoff && q.tasks.is_empty() && q.idem.is_empty()
         });
         if empty {
             queues.remove(&key);
@@ -880,11 +883,11 @@ mod tests {
             q.touched = now;
             Ok(())
         })?;
-        let cutoff = store.now().saturating_sub(1);
-        for Registered { project, queue, .. } in store.registered() {
-            store.retire(&project, &queue, cutoff);
+        // Queues only read never took an enqueue; "fresh" took one just now.
+        for Registered { project, queue, .. } in store.registered().1 {
+            store.retire(&project, &queue, 60_000);
         }
-        let mut left: Vec<String> = store.registered().into_iter().map(|r| r.queue).collect();
+        let mut left: Vec<String> = store.registered().1.into_iter().map(|r| r.queue).collect();
         left.sort();
         assert_eq!(left, ["fresh", "holding", "paused"]);
         Ok(())

@@ -27,8 +27,8 @@ pub fn queue(project: &str, queue: &str) -> Vec<String> {
         .collect()
 }
 
-/// The sorted set of every `<project>/<queue>` the reaper walks, each scored with the time (ms)
-/// an instance last registered it. Instances register a queue they enqueue into at least every
+/// The sorted set of every `<project>/<queue>` the reaper walks, each scored with the time (ms,
+/// Redis's clock) an instance last registered it. Instances register a queue they enqueue into at least every
 /// few minutes; the reaper drops a queue whose score is an hour old and whose keys are empty
 /// (see `reaper`), so names used once do not stay forever.
 pub const REGISTRY: &str = "sluice:q:queues";

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::now_ms;
 use crate::queues::Queues;
 use crate::store::{QueueStore, Registered, Retention, Stats};
 
@@ -53,8 +52,7 @@ pub async fn run(
             () = shutdown.cancelled() => return,
         }
         let retention_pass = pass % RETENTION_EVERY == 0;
-        let now = now_ms();
-        let registered = match store.registered(retention_pass, now).await {
+        let (now, registered) = match store.registered(retention_pass).await {
             Ok(registered) => registered,
             Err(err) => {
                 tracing::debug!(error = %err, "reaper: store unavailable");
@@ -116,10 +114,9 @@ pub async fn run(
                 }
             }
             if retention_pass && let Some(after) = schedule.retire_after {
-                let cutoff =
-                    now.saturating_sub(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
-                if at_ms < cutoff {
-                    match store.retire(&project, &queue, cutoff, now).await {
+                let age = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+                if at_ms < now.saturating_sub(age) {
+                    match store.retire(&project, &queue, age).await {
                         Ok(true) => {
                             record_depth(&project, &queue, &Stats::default());
                             tracing::info!(project, queue, idle = ?after, "empty queue forgotten");

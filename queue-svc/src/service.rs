@@ -619,7 +619,7 @@ impl QueueService {
                 .is_some_and(|at| now.duration_since(*at) < self.register_every)
         });
         if !fresh {
-            self.store.register(project, queue, crate::now_ms()).await?;
+            self.store.register(project, queue).await?;
             if let Ok(mut known) = self.registered.lock() {
                 known.insert(project, queue, now);
             }

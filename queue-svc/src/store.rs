@@ -288,7 +288,7 @@ pub struct RedisQueue {
     head: Script,
     release: Script,
     retire: Script,
-    unregister: Script,
+    registry: Script,
 }
 
 /// A queue in the registry the reaper walks.
@@ -303,13 +303,21 @@ pub struct Registered {
     pub at_ms: u64,
 }
 
-/// Removes registry member ARGV[1] if its score is below ARGV[2]: whether it did.
-const UNREGISTER: &str = r"local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) < tonumber(ARGV[2]) then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 1
+/// Registry scripts (one key, the registry; Redis's clock). `register`: adds or refreshes
+/// member ARGV[1] as registered now. `unregister`: removes it if it was last registered
+/// more than ARGV[2] ms ago; whether it did. Both return Redis's time too (ms).
+const REGISTRY_SCRIPT: &str = r"local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[3] == 'register' then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+  return { 1, now }
 end
-return 0
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < now - tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return { 1, now }
+end
+return { 0, now }
 ";
 
 fn status_error(reply: &[redis::Value], what: &str) -> Error {
@@ -415,7 +423,7 @@ impl RedisQueue {
             head: script!("head", "lua/head.lua"),
             release: script!("release", "lua/release.lua"),
             retire: script!("retire", "lua/retire.lua"),
-            unregister: Script::new("queue.unregister", UNREGISTER),
+            registry: Script::new("queue.registry", REGISTRY_SCRIPT),
         }
     }
 
@@ -433,24 +441,44 @@ impl RedisQueue {
         Ok(())
     }
 
-    /// Registers the queue for the reaper as of `now_ms`.
-    pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
-        let _: i64 = self
-            .pool
-            .query(
-                redis::cmd("ZADD")
-                    .arg(keys::REGISTRY)
-                    .arg(now_ms)
-                    .arg(keys::registry_member(project, queue)),
-            )
-            .await?;
-        Ok(())
+    /// Registers the queue for the reaper, as of Redis's clock.
+    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
+        self.registry_call(project, queue, 0, "register")
+            .await
+            .map(|_| ())
     }
 
-    /// Every registered queue. With `migrate`, first moves in the members of the plain set
-    /// earlier versions kept (as registered at `now_ms`); instances of those versions may still
-    /// be adding to it during a rolling upgrade.
-    pub async fn registered(&self, migrate: bool, now_ms: u64) -> Result<Vec<Registered>> {
+    /// Runs the registry script: (whether it registered or unregistered, Redis's time in ms).
+    async fn registry_call(
+        &self,
+        project: &str,
+        queue: &str,
+        age_ms: u64,
+        op: &str,
+    ) -> Result<(bool, u64)> {
+        let (done, now): (i64, u64) = self
+            .registry
+            .call()
+            .key(keys::REGISTRY)
+            .arg(keys::registry_member(project, queue))
+            .arg(age_ms)
+            .arg(op)
+            .invoke(&self.pool)
+            .await?;
+        Ok((done == 1, now))
+    }
+
+    /// Redis's clock, in ms.
+    async fn redis_now_ms(&self) -> Result<u64> {
+        let (seconds, micros): (u64, u64) = self.pool.query(&redis::cmd("TIME")).await?;
+        Ok(seconds.saturating_mul(1000).saturating_add(micros / 1000))
+    }
+
+    /// Every registered queue, and Redis's time (ms) to judge their ages by. With `migrate`,
+    /// first moves in the members of the plain set earlier versions kept (as registered now);
+    /// instances of those versions may still be adding to it during a rolling upgrade.
+    pub async fn registered(&self, migrate: bool) -> Result<(u64, Vec<Registered>)> {
+        let now = self.redis_now_ms().await?;
         if migrate {
             let legacy: Vec<String> = self
                 .pool
@@ -460,7 +488,7 @@ impl RedisQueue {
                 let mut add = redis::cmd("ZADD");
                 add.arg(keys::REGISTRY).arg("NX");
                 for member in &legacy {
-                    add.arg(now_ms).arg(member);
+                    add.arg(now).arg(member);
                 }
                 let _: i64 = self.pool.query(&add).await?;
                 let _: i64 = self
@@ -479,7 +507,7 @@ impl RedisQueue {
                     .arg("WITHSCORES"),
             )
             .await?;
-        Ok(members
+        let registered = members
             .into_iter()
             .filter_map(|(member, at)| {
                 let (project, queue) = member.split_once('/')?;
@@ -489,26 +517,21 @@ impl RedisQueue {
                     at_ms: at.max(0.0) as u64,
                 })
             })
-            .collect())
+            .collect();
+        Ok((now, registered))
     }
 
-    /// Forgets the queue if it is empty and no instance has registered it since `cutoff_ms`:
-    /// out of the registry, its leftover keys deleted. Whether it did.
+    /// Forgets the queue if it is empty and no instance has registered it for `age_ms` (by
+    /// Redis's clock): out of the registry, its leftover keys deleted. Whether it did.
     ///
     /// An instance registers a queue before enqueuing into it whenever its own registration
-    /// is older than a sixth of the retirement age, so a registry score older than the cut-off
+    /// is older than a sixth of the retirement age, so a registry score older than that age
     /// means no instance is about to enqueue without registering first. The order of the
     /// steps keeps a queue that holds tasks from leaving the registry even if Redis fails
     /// between them: it is found empty, then unregistered (only if its score is still old),
     /// then its keys go if it is still empty; if an enqueue arrived in between after all, the
     /// queue is registered again.
-    pub async fn retire(
-        &self,
-        project: &str,
-        queue: &str,
-        cutoff_ms: u64,
-        now_ms: u64,
-    ) -> Result<bool> {
+    pub async fn retire(&self, project: &str, queue: &str, age_ms: u64) -> Result<bool> {
         let empty: i64 = Self::call(&self.retire, project, queue)
             .arg("0")
             .invoke(&self.pool)
@@ -516,15 +539,10 @@ impl RedisQueue {
         if empty == 0 {
             return Ok(false);
         }
-        let taken: i64 = self
-            .unregister
-            .call()
-            .key(keys::REGISTRY)
-            .arg(keys::registry_member(project, queue))
-            .arg(cutoff_ms)
-            .invoke(&self.pool)
+        let (taken, _) = self
+            .registry_call(project, queue, age_ms, "unregister")
             .await?;
-        if taken == 0 {
+        if !taken {
             return Ok(false);
         }
         let empty: i64 = Self::call(&self.retire, project, queue)
@@ -532,7 +550,7 @@ impl RedisQueue {
             .invoke(&self.pool)
             .await?;
         if empty == 0 {
-            self.register(project, queue, now_ms).await?;
+            self.register(project, queue).await?;
             return Ok(false);
         }
         Ok(true)
@@ -1043,33 +1061,27 @@ impl QueueStore {
         }
     }
 
-    /// Registers the queue for the reaper as of `now_ms` (the embedded store knows its queues).
-    pub async fn register(&self, project: &str, queue: &str, now_ms: u64) -> Result<()> {
+    /// Registers the queue for the reaper (the embedded store knows its queues).
+    pub async fn register(&self, project: &str, queue: &str) -> Result<()> {
         match self {
-            Self::Redis(store) => store.register(project, queue, now_ms).await,
+            Self::Redis(store) => store.register(project, queue).await,
             Self::Embedded(_) => Ok(()),
         }
     }
 
-    /// Every known queue; see [`RedisQueue::registered`].
-    pub async fn registered(&self, migrate: bool, now_ms: u64) -> Result<Vec<Registered>> {
+    /// Every known queue and the store's time; see [`RedisQueue::registered`].
+    pub async fn registered(&self, migrate: bool) -> Result<(u64, Vec<Registered>)> {
         match self {
-            Self::Redis(store) => store.registered(migrate, now_ms).await,
+            Self::Redis(store) => store.registered(migrate).await,
             Self::Embedded(store) => Ok(store.registered()),
         }
     }
 
     /// See [`RedisQueue::retire`].
-    pub async fn retire(
-        &self,
-        project: &str,
-        queue: &str,
-        cutoff_ms: u64,
-        now_ms: u64,
-    ) -> Result<bool> {
+    pub async fn retire(&self, project: &str, queue: &str, age_ms: u64) -> Result<bool> {
         match self {
-            Self::Redis(store) => store.retire(project, queue, cutoff_ms, now_ms).await,
-            Self::Embedded(store) => Ok(store.retire(project, queue, cutoff_ms)),
+            Self::Redis(store) => store.retire(project, queue, age_ms).await,
+            Self::Embedded(store) => Ok(store.retire(project, queue, age_ms)),
         }
     }
 
@@ -1248,9 +1260,9 @@ mod tests {
 
     use super::*;
 
-    /// `retire` leaves a queue registered since the cut-off alone, even when it is empty and
-    /// the caller thought it old: the registry's score is checked where it is removed. A queue
-    /// registered before the cut-off goes; one holding a task stays.
+    /// `retire` goes by the registry's score, by Redis's clock, where it removes the queue:
+    /// an empty queue registered within the age stays, one registered before it goes, and one
+    /// holding a task stays whatever its age.
     #[tokio::test]
     async fn retire_goes_by_the_registry_score_and_keeps_queues_with_tasks() -> anyhow::Result<()> {
         use redis::AsyncCommands;
@@ -1263,14 +1275,34 @@ mod tests {
             command_timeout: Duration::from_secs(5),
             tls_ca: None,
         })?);
-        store.register("p", "empty", 2_000).await?;
-        assert!(!store.retire("p", "empty", 1_000, 3_000).await?);
-        assert!(store.retire("p", "empty", 2_001, 3_000).await?);
-        store.register("p", "holding", 2_000).await?;
+        let (now, _) = store.registered(false).await?;
+        // Registered ten seconds ago (by Redis's clock).
+        let ten_ago = now.saturating_sub(10_000);
+        let _: i64 = conn.zadd(keys::REGISTRY, "p/empty", ten_ago).await?;
+        let _: i64 = conn.zadd(keys::REGISTRY, "p/holding", ten_ago).await?;
         let _: i64 = conn.hset("sluice:q:{p/holding}:tasks", "t", "x").await?;
-        assert!(!store.retire("p", "holding", 2_001, 3_000).await?);
+        assert!(
+            !store.retire("p", "empty", 60_000).await?,
+            "younger than a minute"
+        );
+        assert!(!store.retire("p", "holding", 5_000).await?, "holds a task");
+        assert!(
+            store.retire("p", "empty", 5_000).await?,
+            "older than 5 s and empty"
+        );
         let left: Vec<(String, f64)> = conn.zrange_withscores(keys::REGISTRY, 0, -1).await?;
-        assert_eq!(left, [("p/holding".to_owned(), 2_000.0)]);
+        assert_eq!(left, [("p/holding".to_owned(), ten_ago as f64)]);
+        // Registering stamps Redis's time.
+        store.register("p", "empty").await?;
+        let (later, registered) = store.registered(false).await?;
+        let empty = registered
+            .iter()
+            .find(|r| r.queue == "empty")
+            .map(|r| r.at_ms);
+        assert!(
+            empty.is_some_and(|at| at >= now && at <= later),
+            "{registered:?}"
+        );
         Ok(())
     }
 
