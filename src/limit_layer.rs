@@ -13,12 +13,13 @@
 //!
 //! A denied request never reaches the service: gRPC callers get RESOURCE_EXHAUSTED with a
 //! `google.rpc.RetryInfo` detail, HTTP callers 429 with `Retry-After` and the RateLimit
-//! header fields. A request whose checks the limiter refuses as malformed (INVALID_ARGUMENT:
-//! say, an empty or over-long key taken from a header the caller controls) is refused with
+//! header fields. A request whose check subject the limiter refuses as malformed (say, an
+//! empty or over-long key taken from a header the caller controls) is refused with
 //! INVALID_ARGUMENT / 400, so no caller escapes its limit by sending a bad key. When the
 //! limiter cannot be reached or does not answer within the timeout (200 ms unless set), or
-//! rejects the layer's own configuration (a policy it does not know), the request goes
-//! through (fail open) or is refused with UNAVAILABLE / 503, as configured.
+//! rejects anything else of the layer's checks (its own configuration: a policy it does not
+//! know, a malformed scope or inline limit), the request goes through (fail open) or is
+//! refused with UNAVAILABLE / 503, as configured.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -161,6 +162,19 @@ fn denied<B: Default>(protocol: Protocol, answer: &CheckLimitResponse) -> http::
     }
 }
 
+/// Whether the limiter refused the request for a check's subject alone (the part taken from
+/// the caller), as its `google.rpc.BadRequest` detail names the fields.
+fn refuses_a_subject(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::InvalidArgument
+        && status.get_details_bad_request().is_some_and(|bad| {
+            !bad.field_violations.is_empty()
+                && bad
+                    .field_violations
+                    .iter()
+                    .all(|v| v.field.ends_with(".subject"))
+        })
+}
+
 fn malformed<B: Default>(protocol: Protocol, status: &tonic::Status) -> http::Response<B> {
     match protocol {
         Protocol::Grpc => tonic::Status::invalid_argument(format!(
@@ -239,8 +253,9 @@ where
             match answer {
                 Ok(answer) if !answer.get_ref().allowed => Ok(denied(protocol, answer.get_ref())),
                 Ok(_) => inner.call(request).await,
-                // The caller's own input (a key from its headers) is at fault, not the limiter.
-                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                // The caller's own input (a key from its headers, which becomes a subject) is
+                // at fault, not the limiter or the layer's configuration.
+                Err(status) if refuses_a_subject(&status) => {
                     tracing::debug!(error = %status, "rate limit check refused the request's checks");
                     Ok(malformed(protocol, &status))
                 }

@@ -140,8 +140,9 @@ async fn get_through(layer: RateLimitLayer, users: &[String]) -> anyhow::Result<
 
 /// A key the limiter refuses as malformed (here longer than a subject may be) gets 400 and
 /// the handler never runs, even with the layer failing open: a caller cannot escape its limit
-/// by sending a bad key. A limiter that accepts connections but never answers counts as
-/// unreachable once the timeout passes: failing closed, 503.
+/// by sending a bad key. A check the layer's own configuration gets wrong follows the failure
+/// mode instead. A limiter that accepts connections but never answers counts as unreachable
+/// once the timeout passes: failing closed, 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_keys_are_refused_and_a_silent_limiter_times_out() -> anyhow::Result<()> {
     let limiter = Limiter::start(&StoreKind::Embedded, LIMITS, &[]).await?;
@@ -150,6 +151,20 @@ async fn malformed_keys_are_refused_and_a_silent_limiter_times_out() -> anyhow::
     assert!(answers[0].starts_with("http/1.1 400"), "{}", answers[0]);
     assert!(!answers[0].contains("hello"), "the handler did not run");
     assert!(answers[1].starts_with("http/1.1 200"), "{}", answers[1]);
+    // A check the layer itself gets wrong (a scope the limiter refuses) is its configuration's
+    // fault, not the caller's: the failure mode applies.
+    let misconfigured = |_: &http::HeaderMap, _: &http::Uri| {
+        Some(vec![Check {
+            scope: "no such scope!".into(),
+            subject: "ann".into(),
+            limit: Some(check::Limit::Policy("two".into())),
+        }])
+    };
+    let layer = RateLimitLayer::new(limiter.client.clone(), Protocol::Http, misconfigured);
+    let answers = get_through(layer.clone(), &["ann".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 200"), "{}", answers[0]);
+    let answers = get_through(layer.fail_open(false), &["ann".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 503"), "{}", answers[0]);
     limiter.service.stop().await?;
 
     // Accepts connections, reads nothing, answers nothing.
