@@ -307,6 +307,7 @@ impl EmbeddedQueue {
                         project: project.clone(),
                         queue: queue.clone(),
                         at_ms: q.touched,
+                        legacy: false,
                     })
                     .collect()
             })

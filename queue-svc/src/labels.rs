@@ -1,7 +1,8 @@
 //! Metric label values for queue names, which clients choose: every distinct name would add
 //! series to each per-queue metric for the life of the process. The first [`MAX_QUEUES`] names
-//! an instance sees get series of their own; later ones are counted together under [`OTHER`],
-//! and their depth gauges are left out (GetQueueStats still answers for them).
+//! an instance sees (since it started; a series, once made, stays) get series of their own;
+//! later ones are counted together under [`OTHER`], and their depth gauges are left out
+//! (GetQueueStats still answers for them). Depth gauges go only to queues that held something.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -42,8 +43,10 @@ pub fn queue(queue: &str) -> String {
     }
 }
 
-/// Whether `project`'s `queue` has depth gauges of its own (a gauge cannot be shared).
-pub fn has_depth_gauges(project: &str, queue: &str) -> bool {
+/// Whether `project`'s `queue` has depth gauges of its own (a gauge cannot be shared). With
+/// `admit`, a queue that has none yet gets them while there is room; without, only a queue
+/// that has them already says yes (an empty queue need not take a place to report zeros).
+pub fn has_depth_gauges(project: &str, queue: &str, admit: bool) -> bool {
     let Ok(mut admitted) = admitted().lock() else {
         return false;
     };
@@ -51,7 +54,7 @@ pub fn has_depth_gauges(project: &str, queue: &str) -> bool {
     let pair = (project.to_owned(), queue.to_owned());
     if pairs.contains(&pair) {
         true
-    } else if pairs.len() < MAX_QUEUES {
+    } else if admit && pairs.len() < MAX_QUEUES {
         pairs.insert(pair);
         true
     } else {
@@ -69,12 +72,13 @@ mod tests {
     fn names_past_the_bound_share_one_label() {
         for i in 0..MAX_QUEUES {
             assert_eq!(queue(&format!("q{i}")), format!("q{i}"));
-            assert!(has_depth_gauges("p", &format!("q{i}")));
+            assert!(!has_depth_gauges("p", &format!("q{i}"), false));
+            assert!(has_depth_gauges("p", &format!("q{i}"), true));
         }
         assert_eq!(queue("late"), OTHER);
-        assert!(!has_depth_gauges("p", "late"));
-        assert!(!has_depth_gauges("other-project", "q0"));
+        assert!(!has_depth_gauges("p", "late", true));
+        assert!(!has_depth_gauges("other-project", "q0", true));
         assert_eq!(queue("q7"), "q7");
-        assert!(has_depth_gauges("p", "q7"));
+        assert!(has_depth_gauges("p", "q7", false));
     }
 }

@@ -34,6 +34,9 @@ pub const MAX_HEARTBEAT_TASKS: usize = 1000;
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// The same, while Redis pub/sub announces every task that becomes ready.
 pub const SAFETY_POLL_PUSHED: Duration = Duration::from_secs(10);
+/// How long after its lease deadline (as the stream last saw it) a delivered task stops
+/// counting as in flight.
+const IN_FLIGHT_GRACE_MS: u64 = 60_000;
 /// Keepalive period.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Lease length of a stream that asks for none (heartbeats extend by this much).
@@ -150,8 +153,8 @@ struct Stream {
     credits: u64,
     draining: bool,
     /// Tasks delivered and not yet completed, failed or released, with their lease deadline
-    /// (ms since the epoch): expired ones go on the keep-alive tick, lost ones with the
-    /// heartbeat that finds them lost.
+    /// (ms since the epoch): expired ones go on a keep-alive tick a minute after it, lost ones
+    /// with the heartbeat that finds them lost.
     in_flight: HashMap<String, u64>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     registration: u64,
@@ -388,9 +391,12 @@ impl Stream {
                 () = &mut notified, if hungry => {}
                 () = tokio::time::sleep(if wake.pushed.load(Ordering::Relaxed) { SAFETY_POLL_PUSHED } else { SAFETY_POLL }), if hungry => {}
                 _ = keepalive.tick() => {
+                    // Deadlines are Redis's; a minute's grace absorbs this host's clock
+                    // being ahead (and leases extended outside this stream).
                     let now = crate::now_ms();
                     let before = self.in_flight.len();
-                    self.in_flight.retain(|_, deadline| *deadline >= now);
+                    self.in_flight
+                        .retain(|_, deadline| deadline.saturating_add(IN_FLIGHT_GRACE_MS) >= now);
                     if self.in_flight.len() != before {
                         self.publish();
                     }

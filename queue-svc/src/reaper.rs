@@ -28,9 +28,10 @@ pub struct Schedule {
 }
 
 /// How often an instance registers a queue it enqueues into again: a sixth of the retirement
-/// age, at most 10 minutes, so a queue in use never looks idle to the reaper.
+/// age, at most a minute, so a queue in use never looks idle to any instance's reaper whose
+/// retirement age is 6 minutes or more, whatever this instance's own setting.
 pub fn register_every(retire_after: Option<Duration>) -> Duration {
-    let most = Duration::from_secs(600);
+    let most = Duration::from_secs(60);
     retire_after.map_or(most, |after| (after / 6).min(most))
 }
 
@@ -63,6 +64,7 @@ pub async fn run(
             project,
             queue,
             at_ms,
+            legacy,
         } in registered
         {
             let settings = queues.get(&project, &queue);
@@ -113,7 +115,10 @@ pub async fn run(
                     }
                 }
             }
-            if retention_pass && let Some(after) = schedule.retire_after {
+            if retention_pass
+                && !legacy
+                && let Some(after) = schedule.retire_after
+            {
                 let age = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
                 if at_ms < now.saturating_sub(age) {
                     match store.retire(&project, &queue, age).await {
@@ -136,7 +141,7 @@ pub async fn run(
 /// [`crate::labels`]).
 fn record_depth(project: &str, queue: &str, stats: &Stats) {
     const PRIORITIES: [&str; 5] = ["critical", "high", "normal", "low", "background"];
-    if !crate::labels::has_depth_gauges(project, queue) {
+    if !crate::labels::has_depth_gauges(project, queue, *stats != Stats::default()) {
         return;
     }
     for (priority, ready) in PRIORITIES.iter().zip(stats.ready) {

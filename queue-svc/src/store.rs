@@ -301,6 +301,8 @@ pub struct Registered {
     /// When an instance last registered it (ms since the epoch; the embedded store: when it
     /// last took an enqueue, 0 for a queue only read).
     pub at_ms: u64,
+    /// Listed by an earlier version's registry, as seen on a migrating pass: not to retire.
+    pub legacy: bool,
 }
 
 /// Registry scripts (one key, the registry; Redis's clock). `register`: adds or refreshes
@@ -475,12 +477,15 @@ impl RedisQueue {
     }
 
     /// Every registered queue, and Redis's time (ms) to judge their ages by. With `migrate`,
-    /// first moves in the members of the plain set earlier versions kept (as registered now);
-    /// instances of those versions may still be adding to it during a rolling upgrade.
+    /// first copies in the members of the plain set earlier versions keep (as registered
+    /// now), and marks them `legacy`: such an instance registers a queue once per process and
+    /// never again, so those queues are never retired while that set lists them. The set
+    /// stays for those instances' reapers; once none runs, deleting it lets them go too.
     pub async fn registered(&self, migrate: bool) -> Result<(u64, Vec<Registered>)> {
         let now = self.redis_now_ms().await?;
+        let mut legacy: Vec<String> = Vec::new();
         if migrate {
-            let legacy: Vec<String> = self
+            legacy = self
                 .pool
                 .query(redis::cmd("SMEMBERS").arg(keys::LEGACY_REGISTRY))
                 .await?;
@@ -491,10 +496,6 @@ impl RedisQueue {
                     add.arg(now).arg(member);
                 }
                 let _: i64 = self.pool.query(&add).await?;
-                let _: i64 = self
-                    .pool
-                    .query(redis::cmd("SREM").arg(keys::LEGACY_REGISTRY).arg(&legacy))
-                    .await?;
             }
         }
         let members: Vec<(String, f64)> = self
@@ -515,6 +516,7 @@ impl RedisQueue {
                     project: project.to_owned(),
                     queue: queue.to_owned(),
                     at_ms: at.max(0.0) as u64,
+                    legacy: legacy.contains(&member),
                 })
             })
             .collect();
@@ -1303,6 +1305,46 @@ mod tests {
             empty.is_some_and(|at| at >= now && at <= later),
             "{registered:?}"
         );
+        Ok(())
+    }
+
+    /// retire.lua, as the reaper's last step runs it (deleting): a queue holding a task or
+    /// an idempotency record, or paused, keeps every key; an empty one loses all of them,
+    /// stale index entries included.
+    #[tokio::test]
+    async fn retire_script_deletes_only_an_empty_unpaused_queue() -> anyhow::Result<()> {
+        use redis::AsyncCommands;
+        let redis = RedisServer::start().await?;
+        let mut conn = redis.client().await?;
+        let store = RedisQueue::new(RedisPool::new(&sluice::pool::RedisConfig {
+            url: redis.url(),
+            pool_size: 1,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            tls_ca: None,
+        })?);
+        let retire = |queue: &'static str| {
+            RedisQueue::call(&store.retire, "p", queue)
+                .arg("1")
+                .invoke::<i64>(&store.pool)
+        };
+        let keys_of = |queue: &str| format!("sluice:q:{{p/{queue}}}:*");
+        let _: i64 = conn.hset("sluice:q:{p/task}:tasks", "t", "x").await?;
+        let _: i64 = conn.hset("sluice:q:{p/task}:meta", "enqueued:1", 1).await?;
+        let _: i64 = conn.hset("sluice:q:{p/idem}:idem", "k", "t").await?;
+        let _: i64 = conn.hset("sluice:q:{p/paused}:meta", "paused", "1").await?;
+        let _: i64 = conn
+            .hset("sluice:q:{p/empty}:meta", "enqueued:1", 1)
+            .await?;
+        let _: i64 = conn.rpush("sluice:q:{p/empty}:ready2", "stale").await?;
+        for kept in ["task", "idem", "paused"] {
+            assert_eq!(retire(kept).await?, 0, "{kept}");
+            let keys: Vec<String> = conn.keys(keys_of(kept)).await?;
+            assert!(!keys.is_empty(), "{kept} keeps its keys");
+        }
+        assert_eq!(retire("empty").await?, 1);
+        let keys: Vec<String> = conn.keys(keys_of("empty")).await?;
+        assert!(keys.is_empty(), "{keys:?}");
         Ok(())
     }
 

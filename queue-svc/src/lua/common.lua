@@ -127,14 +127,19 @@ local function schedule(task, at)
 end
 
 -- Finished tasks (succeeded or cancelled) wait out their retention in `done`; meta's
--- `cancelled` counts the cancelled among them, so stats can tell the two apart.
+-- `cancelled` counts the cancelled among them, so stats can tell the two apart. A task counted
+-- there is marked (`cc`), so that retention takes off only what was counted (tasks cancelled
+-- by earlier versions were not).
 local function finish(task, state)
   task.st = state
   task.ltok = task.tok
   task.tok = nil
   redis.call('ZREM', K_LEASED, task.id)
   redis.call('ZADD', K_DONE, now, task.id)
-  if state == 'cancelled' then redis.call('HINCRBY', K_META, 'cancelled', 1) end
+  if state == 'cancelled' then
+    task.cc = 1
+    redis.call('HINCRBY', K_META, 'cancelled', 1)
+  end
 end
 
 local function dead_letter(task)

@@ -27,7 +27,7 @@ local function drop(zset, before)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', before, 'LIMIT', 0, limit)) do
     if zset == K_DONE and cancelled > 0 then
       local task = load(id)
-      if task and task.st == 'cancelled' then
+      if task and task.st == 'cancelled' and task.cc then
         cancelled = cancelled - 1
         redis.call('HINCRBY', K_META, 'cancelled', -1)
       end
