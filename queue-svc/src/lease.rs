@@ -691,13 +691,17 @@ pub struct StreamState {
     pub waiting: AtomicU64,
     /// Signalled when a stream starts waiting, for the wake-up listener.
     pub wanted: tokio::sync::Notify,
+    /// Moved on whenever tasks may have become ready (the same events that wake streams), for
+    /// Dequeue's long polls: each looks again when it moves.
+    pub ready: tokio::sync::watch::Sender<u64>,
 }
 
-/// Counts a stream as waiting for work for as long as it lives.
-struct Waiting<'a>(&'a StreamState);
+/// Counts a stream (or a long poll) as waiting for work for as long as it lives, which keeps
+/// the instance listening for Redis wake-ups.
+pub(crate) struct Waiting<'a>(&'a StreamState);
 
 impl<'a> Waiting<'a> {
-    fn new(state: &'a StreamState) -> Self {
+    pub(crate) fn new(state: &'a StreamState) -> Self {
         // Counted before the signal, so the listener that takes the signal sees the count.
         state.waiting.fetch_add(1, Ordering::SeqCst);
         state.wanted.notify_one();
@@ -722,6 +726,7 @@ impl StreamState {
             pushed: std::sync::atomic::AtomicBool::new(false),
             waiting: AtomicU64::new(0),
             wanted: tokio::sync::Notify::new(),
+            ready: tokio::sync::watch::Sender::new(0),
         })
     }
 }

@@ -43,6 +43,11 @@ fn fits(payloads: impl Iterator<Item = usize>) -> usize {
 /// Furthest ahead a task may be scheduled, by `delay` or `not_before`.
 const MAX_SCHEDULE: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// A waiting Dequeue looks again at least this often, wake-up or not.
+const LONG_POLL_SAFETY: Duration = Duration::from_secs(1);
+/// ... and at most this often.
+const LONG_POLL_GAP: Duration = Duration::from_millis(10);
+
 /// Longest Dequeue long-poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -395,6 +400,9 @@ impl QueueService {
     pub(crate) fn wake_for(&self, tasks: usize) {
         for _ in 0..tasks.min(256) {
             self.streams.wakeups.notify_one();
+        }
+        if self.streams.ready.receiver_count() > 0 {
+            self.streams.ready.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -1047,8 +1055,15 @@ impl pb::queue_server::Queue for QueueService {
             let answer_by = call.at.checked_sub(answer_margin(call.timeout));
             deadline = deadline.min(answer_by.unwrap_or(call.at));
         }
-        let mut pause = Duration::from_millis(5);
+        // While it waits the call counts as waiting for work, so the instance hears Redis's
+        // wake-ups; it looks again when tasks may have become ready here or on any instance
+        // (due tasks are announced by the reaper that promotes them), and at least every
+        // second in case a wake-up was missed. Looks are at least 10 ms apart.
+        let _waiting = (!wait.is_zero()).then(|| crate::lease::Waiting::new(&self.streams));
+        let mut ready = self.streams.ready.subscribe();
         loop {
+            let looked = tokio::time::Instant::now();
+            ready.mark_unchanged();
             let mut leases = self
                 .lease_from(&targets, max, lease, &request.worker_id)
                 .await?;
@@ -1068,10 +1083,14 @@ impl pb::queue_server::Queue for QueueService {
                 metrics::counter!("sluice_queue_leased_total").increment(leases.len() as u64);
                 return Ok(Response::new(pb::DequeueResponse { leases }));
             }
-            // Long poll: check again soon, backing off to 100 ms, never past the deadline.
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            tokio::time::sleep(pause.min(remaining)).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            let safety = (looked + LONG_POLL_SAFETY).min(deadline);
+            tokio::select! {
+                changed = ready.changed() => if changed.is_err() {
+                    tokio::time::sleep_until(safety).await;
+                },
+                () = tokio::time::sleep_until(safety) => {}
+            }
+            tokio::time::sleep_until((looked + LONG_POLL_GAP).min(deadline)).await;
         }
     }
 

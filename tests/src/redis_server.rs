@@ -435,3 +435,23 @@ async fn cluster_ok(url: &str) -> bool {
         && info.contains("cluster_known_nodes:3")
         && info.contains("cluster_slots_ok:16384")
 }
+
+/// Script calls Redis has run so far (`INFO commandstats`).
+pub async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}

@@ -577,26 +577,6 @@ async fn spent_state_is_kept_a_second_and_answers_as_new() -> anyhow::Result<()>
     limiter.service.stop().await
 }
 
-/// Script calls Redis has run so far (`INFO commandstats`).
-async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    Ok(info
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum())
-}
-
 /// Once Redis has denied a subject until T, the instance denies it locally until T: the
 /// answers say so (source HOT_KEY_CACHE, an honest retry-after) and Redis sees no call for
 /// it; another subject still goes to Redis; a reset clears the local denial at once.
@@ -621,7 +601,7 @@ async fn a_subject_over_its_limit_is_denied_locally_without_redis() -> anyhow::R
     assert!(!first.allowed);
     assert_eq!(first.source, i32::from(pb::Source::Store), "{first:?}");
 
-    let before = script_calls(&mut conn).await?;
+    let before = sluice_testkit::redis_server::script_calls(&mut conn).await?;
     for _ in 0..20 {
         let r = client.check_limit(check("hot")).await?.into_inner();
         assert!(!r.allowed, "{r:?}");
@@ -635,7 +615,7 @@ async fn a_subject_over_its_limit_is_denied_locally_without_redis() -> anyhow::R
         );
     }
     assert_eq!(
-        script_calls(&mut conn).await?,
+        sluice_testkit::redis_server::script_calls(&mut conn).await?,
         before,
         "no script call for a subject known to be over"
     );
@@ -644,7 +624,7 @@ async fn a_subject_over_its_limit_is_denied_locally_without_redis() -> anyhow::R
         cold.allowed && cold.source == i32::from(pb::Source::Store),
         "{cold:?}"
     );
-    assert!(script_calls(&mut conn).await? > before);
+    assert!(sluice_testkit::redis_server::script_calls(&mut conn).await? > before);
 
     client
         .reset_limit(pb::ResetLimitRequest {

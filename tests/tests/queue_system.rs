@@ -2219,3 +2219,53 @@ async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result
     client.enqueue(task()).await?;
     q.service.stop().await
 }
+
+/// A long poll waits on wake-ups, not by polling: while it waits on an empty queue Redis runs
+/// about one lease call a second for it, and a task enqueued through another instance reaches
+/// it (announced over Redis pub/sub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_waits_on_wake_ups_from_every_instance() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.client().await?;
+    let a = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let b = Queue::start(Some(&redis.url()), "", &[]).await?;
+    let mut client = a.client.clone();
+    let waiting = tokio::spawn(async move {
+        client
+            .dequeue(pb::DequeueRequest {
+                wait: Some(prost_types::Duration {
+                    seconds: 20,
+                    nanos: 0,
+                }),
+                ..dequeue("p", "woken", 1)
+            })
+            .await
+    });
+    // Two seconds of waiting, counted once the poll has begun.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sluice_testkit::redis_server::script_calls(&mut conn).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let looks = sluice_testkit::redis_server::script_calls(&mut conn).await? - before;
+    assert!(!waiting.is_finished(), "still waiting");
+    assert!(looks <= 4, "{looks} script calls in 2 s of waiting");
+    let id = b
+        .client
+        .clone()
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "woken", b"x", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let leases = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await???
+        .into_inner()
+        .leases;
+    let leased: Vec<&str> = leases
+        .iter()
+        .filter_map(|l| l.task.as_ref().map(|t| t.id.as_str()))
+        .collect();
+    assert_eq!(leased, [id.as_str()]);
+    a.service.stop().await?;
+    b.service.stop().await
+}
