@@ -7,8 +7,8 @@
 -- unbounded): redriven tasks count against it, so only as many as fit are moved; ARGV[8]
 -- (redrive and purge) the cursor a previous call returned, '' to start at the oldest.
 -- list returns {more (0/1), then per task: dead-at score, record JSON, payload}; redrive and
--- purge return {count, more (0/1), cursor score, cursor id} (the cursor to go on from, '' when done), or
--- {-1, max size} for a redrive with no room left while some matched.
+-- purge return {count, more (0/1), cursor score, cursor id} (the cursor to go on from, ''
+-- when done), or {-1, max size} for a redrive with no room left while some matched.
 -- Redrive resets attempts and makes the task ready again.
 -- op 'auto' (the reaper's auto-redrive) takes instead ARGV[4] the categories as ',a,b,',
 -- ARGV[5] the cool-down (ms), ARGV[6] the most auto-redrives of one task; see below.
