@@ -476,38 +476,45 @@ impl RedisQueue {
         Ok(seconds.saturating_mul(1000).saturating_add(micros / 1000))
     }
 
-    /// Every registered queue, and Redis's time (ms) to judge their ages by. With `migrate`,
-    /// first copies in the members of the plain set earlier versions keep (as registered
-    /// now), and marks them `legacy`: such an instance registers a queue once per process and
-    /// never again, so those queues are never retired while that set lists them. The set
-    /// stays for those instances' reapers; once none runs, deleting it lets them go too.
+    /// Every registered queue, and Redis's time (ms) to judge their ages by, read together
+    /// (one round trip). With `migrate`, also reads the plain set earlier versions keep,
+    /// copies its members in (as registered now; they are listed from the next call on) and
+    /// marks them `legacy`: such an instance registers a queue once per process and never
+    /// again, so those queues are never retired while that set lists them. The set stays for
+    /// those instances' reapers; once none runs, deleting it lets them go too.
     pub async fn registered(&self, migrate: bool) -> Result<(u64, Vec<Registered>)> {
-        let now = self.redis_now_ms().await?;
-        let mut legacy: Vec<String> = Vec::new();
-        if migrate {
-            legacy = self
+        let members = async {
+            let members: Vec<(String, f64)> = self
+                .pool
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(keys::REGISTRY)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES"),
+                )
+                .await?;
+            Ok(members)
+        };
+        let legacy = async {
+            if !migrate {
+                return Ok(Vec::new());
+            }
+            let legacy: Vec<String> = self
                 .pool
                 .query(redis::cmd("SMEMBERS").arg(keys::LEGACY_REGISTRY))
                 .await?;
-            if !legacy.is_empty() {
-                let mut add = redis::cmd("ZADD");
-                add.arg(keys::REGISTRY).arg("NX");
-                for member in &legacy {
-                    add.arg(now).arg(member);
-                }
-                let _: i64 = self.pool.query(&add).await?;
+            Ok(legacy)
+        };
+        let (now, members, legacy) = futures::try_join!(self.redis_now_ms(), members, legacy)?;
+        if !legacy.is_empty() {
+            let mut add = redis::cmd("ZADD");
+            add.arg(keys::REGISTRY).arg("NX");
+            for member in &legacy {
+                add.arg(now).arg(member);
             }
+            let _: i64 = self.pool.query(&add).await?;
         }
-        let members: Vec<(String, f64)> = self
-            .pool
-            .query(
-                redis::cmd("ZRANGE")
-                    .arg(keys::REGISTRY)
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES"),
-            )
-            .await?;
         let registered = members
             .into_iter()
             .filter_map(|(member, at)| {
@@ -1262,6 +1269,19 @@ mod tests {
 
     use super::*;
 
+    /// A queue store on `redis`, one connection.
+    fn store_on(redis: &RedisServer) -> anyhow::Result<RedisQueue> {
+        Ok(RedisQueue::new(RedisPool::new(
+            &sluice::pool::RedisConfig {
+                url: redis.url(),
+                pool_size: 1,
+                connect_timeout: Duration::from_secs(5),
+                command_timeout: Duration::from_secs(5),
+                tls_ca: None,
+            },
+        )?))
+    }
+
     /// `retire` goes by the registry's score, by Redis's clock, where it removes the queue:
     /// an empty queue registered within the age stays, one registered before it goes, and one
     /// holding a task stays whatever its age.
@@ -1270,13 +1290,7 @@ mod tests {
         use redis::AsyncCommands;
         let redis = RedisServer::start().await?;
         let mut conn = redis.client().await?;
-        let store = RedisQueue::new(RedisPool::new(&sluice::pool::RedisConfig {
-            url: redis.url(),
-            pool_size: 1,
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(5),
-            tls_ca: None,
-        })?);
+        let store = store_on(&redis)?;
         let (now, _) = store.registered(false).await?;
         // Registered ten seconds ago (by Redis's clock).
         let ten_ago = now.saturating_sub(10_000);
@@ -1316,13 +1330,7 @@ mod tests {
         use redis::AsyncCommands;
         let redis = RedisServer::start().await?;
         let mut conn = redis.client().await?;
-        let store = RedisQueue::new(RedisPool::new(&sluice::pool::RedisConfig {
-            url: redis.url(),
-            pool_size: 1,
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(5),
-            tls_ca: None,
-        })?);
+        let store = store_on(&redis)?;
         let retire = |queue: &'static str| {
             RedisQueue::call(&store.retire, "p", queue)
                 .arg("1")

@@ -691,6 +691,23 @@ macro_rules! on_every_store {
     };
 }
 
+/// A waiting Dequeue call's answer: exactly the task `id` (within 15 s).
+async fn answered_with(
+    waiting: tokio::task::JoinHandle<Result<tonic::Response<pb::DequeueResponse>, tonic::Status>>,
+    id: &str,
+) -> anyhow::Result<()> {
+    let leases = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await???
+        .into_inner()
+        .leases;
+    let leased: Vec<&str> = leases
+        .iter()
+        .filter_map(|l| l.task.as_ref().map(|t| t.id.as_str()))
+        .collect();
+    assert_eq!(leased, [id]);
+    Ok(())
+}
+
 /// Dequeue's long poll answers with a task enqueued while it waits; a caller whose deadline
 /// is nearer than its wait gets an empty answer before the deadline, not DEADLINE_EXCEEDED.
 async fn long_polls_answer_with_arrivals_and_before_the_callers_deadline(
@@ -728,15 +745,7 @@ async fn long_polls_answer_with_arrivals_and_before_the_callers_deadline(
         .await?
         .into_inner()
         .task_id;
-    let leases = tokio::time::timeout(Duration::from_secs(15), waiting)
-        .await???
-        .into_inner()
-        .leases;
-    let leased: Vec<&str> = leases
-        .iter()
-        .filter_map(|l| l.task.as_ref().map(|t| t.id.as_str()))
-        .collect();
-    assert_eq!(leased, [id.as_str()]);
+    answered_with(waiting, &id).await?;
     q.service.stop().await
 }
 
@@ -2257,15 +2266,7 @@ async fn a_long_poll_waits_on_wake_ups_from_every_instance() -> anyhow::Result<(
         .await?
         .into_inner()
         .task_id;
-    let leases = tokio::time::timeout(Duration::from_secs(15), waiting)
-        .await???
-        .into_inner()
-        .leases;
-    let leased: Vec<&str> = leases
-        .iter()
-        .filter_map(|l| l.task.as_ref().map(|t| t.id.as_str()))
-        .collect();
-    assert_eq!(leased, [id.as_str()]);
+    answered_with(waiting, &id).await?;
     a.service.stop().await?;
     b.service.stop().await
 }
