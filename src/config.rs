@@ -35,6 +35,9 @@ pub struct CommonArgs {
     pub redis: RedisArgs,
 
     #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -113,6 +116,66 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
             .worker_threads(threads)
             .enable_all()
             .build()
+    }
+}
+
+/// Who may call: credentials mapped to projects and roles (see [`crate::auth`]), or, only
+/// when asked for, nobody checked.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// API keys file (TOML: one [[keys]] table per key with name, sha256, roles, projects;
+    /// `sluice key new` writes an entry). Callers send `authorization: Bearer <key>`. Reread
+    /// when it changes; a broken edit is logged and the keys in force stay.
+    #[arg(long, env = "SLUICE_AUTH_KEYS", value_name = "FILE")]
+    pub auth_keys: Option<PathBuf>,
+
+    /// File holding the HS256 secret (32 bytes or more) that signs accepted JWTs, sent as
+    /// `authorization: Bearer <jwt>`. Claims read: sub (the caller's name), exp (required),
+    /// nbf, roles, projects, and iss/aud when the options below are set.
+    #[arg(long, env = "SLUICE_AUTH_JWT_SECRET", value_name = "FILE")]
+    pub auth_jwt_secret: Option<PathBuf>,
+
+    /// A JWT's `iss` must be this.
+    #[arg(long, env = "SLUICE_AUTH_JWT_ISSUER", value_name = "ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// A JWT's `aud` must name this.
+    #[arg(long, env = "SLUICE_AUTH_JWT_AUDIENCE", value_name = "AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Serve every caller without credentials, as holding every role on every project. Auth
+    /// is on unless this is given: use it only where the network itself keeps strangers out.
+    #[arg(long, env = "SLUICE_NO_AUTH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_auth: bool,
+}
+
+impl AuthArgs {
+    /// The server's auth, its files read now; an error says which option to change.
+    pub fn auth(&self) -> Result<crate::auth::Auth, crate::Error> {
+        let sources = crate::auth::Sources {
+            keys: self.auth_keys.clone(),
+            jwt_secret: self.auth_jwt_secret.clone(),
+            jwt_issuer: self.auth_jwt_issuer.clone(),
+            jwt_audience: self.auth_jwt_audience.clone(),
+        };
+        if (sources.jwt_issuer.is_some() || sources.jwt_audience.is_some())
+            && sources.jwt_secret.is_none()
+        {
+            return Err(crate::Error::invalid(
+                "auth-jwt-issuer",
+                "--auth-jwt-issuer and --auth-jwt-audience apply to JWTs: give --auth-jwt-secret",
+            ));
+        }
+        if self.no_auth {
+            if sources.keys.is_some() || sources.jwt_secret.is_some() {
+                return Err(crate::Error::invalid(
+                    "no-auth",
+                    "--no-auth contradicts --auth-keys / --auth-jwt-secret: give one or the other",
+                ));
+            }
+            return Ok(crate::auth::Auth::Off);
+        }
+        crate::auth::Auth::load(sources)
     }
 }
 

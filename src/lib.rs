@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod error;

@@ -51,6 +51,8 @@ pub struct RateLimitLayer {
     extract: Arc<Extract>,
     fail_open: bool,
     timeout: Duration,
+    /// `authorization` of each check, for a limiter with auth on.
+    credentials: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// How long a check may take before the layer treats the limiter as unreachable.
@@ -80,7 +82,18 @@ impl RateLimitLayer {
             extract: Arc::new(extract),
             fail_open: true,
             timeout: DEFAULT_TIMEOUT,
+            credentials: None,
         }
+    }
+
+    /// Sends `token` (an API key or JWT) as `authorization: Bearer` with every check, for a
+    /// limiter with auth on; an error if it is not visible ASCII.
+    pub fn credentials(mut self, token: &str) -> Result<Self, crate::Error> {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| crate::Error::invalid("credentials", "must be visible ASCII"))?;
+        self.credentials = Some(value);
+        Ok(self)
     }
 
     /// How long a check may take (sent as its gRPC deadline too) before the limiter counts
@@ -233,6 +246,7 @@ where
             self.layer.fail_open,
             self.layer.timeout,
         );
+        let credentials = self.layer.credentials.clone();
         Box::pin(async move {
             if checks.is_empty() {
                 return inner.call(request).await;
@@ -243,6 +257,9 @@ where
                 request_id: String::new(),
             });
             check.set_timeout(timeout);
+            if let Some(credentials) = credentials {
+                check.metadata_mut().insert("authorization", credentials);
+            }
             let answer = tokio::time::timeout(timeout, client.check_limit(check))
                 .await
                 .unwrap_or_else(|_| {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::auth::{Access, AccessFn, Auth};
 use crate::config::{CommonArgs, ServerArgs};
 use crate::telemetry;
 
@@ -27,28 +28,15 @@ type Reply = http::Response<tonic::body::Body>;
 type Route = tower::util::BoxCloneSyncService<Call, Reply, Infallible>;
 
 /// The gRPC services a server answers, by name, each behind the per-call layer
-/// ([`GrpcServer`]) and the caller's deadline. Calls go from hyper's HTTP/2 connection straight
-/// to the service their path names: no HTTP router, no per-connection tower stack.
+/// ([`GrpcServer`]), the caller's deadline and the auth guard. Calls go from hyper's HTTP/2
+/// connection straight to the service their path names: no HTTP router, no per-connection
+/// tower stack.
 #[derive(Clone)]
 pub struct Router {
     routes: Vec<(&'static str, Route)>,
     /// Answers calls to services not served here.
     unknown: Route,
-}
-
-impl Default for Router {
-    fn default() -> Self {
-        let unknown = tower::service_fn(|call: Call| async move {
-            let service = service_name(call.uri().path());
-            Ok::<_, Infallible>(
-                tonic::Status::unimplemented(format!("no service {service:?} here")).into_http(),
-            )
-        });
-        Self {
-            routes: Vec::new(),
-            unknown: Route::new(tower::Layer::layer(&GrpcServerLayer, unknown)),
-        }
-    }
+    auth: Auth,
 }
 
 impl std::fmt::Debug for Router {
@@ -60,9 +48,25 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// Serves `service` (a generated tonic server) under its gRPC name.
+    /// A router serving nothing yet, whose services check callers with `auth`.
+    pub fn new(auth: Auth) -> Self {
+        let unknown = tower::service_fn(|call: Call| async move {
+            let service = service_name(call.uri().path());
+            Ok::<_, Infallible>(
+                tonic::Status::unimplemented(format!("no service {service:?} here")).into_http(),
+            )
+        });
+        Self {
+            routes: Vec::new(),
+            unknown: Route::new(tower::Layer::layer(&GrpcServerLayer, unknown)),
+            auth,
+        }
+    }
+
+    /// Serves `service` (a generated tonic server) under its gRPC name; `access` says what
+    /// each of its methods asks of callers.
     #[must_use]
-    pub fn add_service<S>(mut self, service: S) -> Self
+    pub fn add_service<S>(mut self, service: S, access: AccessFn) -> Self
     where
         S: tower::Service<Call, Response = Reply, Error = Infallible>
             + tonic::server::NamedService
@@ -72,7 +76,12 @@ impl Router {
             + 'static,
         S::Future: Send + 'static,
     {
-        let service = tower::Layer::layer(&GrpcServerLayer, WithDeadline(service));
+        let guarded = Guarded {
+            inner: service,
+            auth: self.auth.clone(),
+            access,
+        };
+        let service = tower::Layer::layer(&GrpcServerLayer, WithDeadline(guarded));
         self.routes.push((S::NAME, Route::new(service)));
         self
     }
@@ -89,6 +98,52 @@ impl Router {
             Ok(reply) => reply,
             Err(never) => match never {},
         }
+    }
+}
+
+/// A service whose calls first pass the auth check its method asks for: UNAUTHENTICATED or
+/// PERMISSION_DENIED otherwise, before the request is read. Calls that pass carry the
+/// caller's `Arc<Identity>` in their extensions.
+#[derive(Clone)]
+struct Guarded<S> {
+    inner: S,
+    auth: Auth,
+    access: AccessFn,
+}
+
+impl<S> tower::Service<Call> for Guarded<S>
+where
+    S: tower::Service<Call, Response = Reply, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = futures::future::Either<S::Future, std::future::Ready<Result<Reply, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let method = call.uri().path().rsplit('/').next().unwrap_or_default();
+        let access = (self.access)(method);
+        if access != Access::Open {
+            let admitted = self
+                .auth
+                .authenticate(call.headers())
+                .and_then(|who| who.admit(access, method).map(|()| who));
+            match admitted {
+                Ok(who) => {
+                    call.extensions_mut().insert(who);
+                }
+                Err(status) => {
+                    return futures::future::Either::Right(std::future::ready(Ok(
+                        status.into_http()
+                    )));
+                }
+            }
+        }
+        futures::future::Either::Left(self.inner.call(call))
     }
 }
 
@@ -177,12 +232,14 @@ fn grpc_timeout(value: &[u8]) -> Option<Duration> {
 /// gRPC health service name of the server as a whole.
 pub const WHOLE_SERVER: &str = "";
 
-/// A router already serving `grpc.health.v1.Health` and both reflection versions, advertising
-/// `services` (fully-qualified names found in `descriptor_sets`). Returns the health reporter
+/// A router already serving `grpc.health.v1.Health` and both reflection versions (open to
+/// anyone), advertising `services` (fully-qualified names found in `descriptor_sets`), whose
+/// further services check callers with `auth`. Returns the health reporter
 /// so the service can flip its status (e.g. degraded when its store is unreachable).
 pub fn router(
     descriptor_sets: &[&'static [u8]],
     services: &[&str],
+    auth: Auth,
 ) -> Result<(Router, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
     // Installed before any call is served: the per-call layer keeps the handles it gets.
     metrics_handle();
@@ -201,10 +258,11 @@ pub fn router(
         }
         builder
     };
-    let router = Router::default()
-        .add_service(health)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
+    let open: AccessFn = |_| Access::Open;
+    let router = Router::new(auth)
+        .add_service(health, open)
+        .add_service(reflection().build_v1()?, open)
+        .add_service(reflection().build_v1alpha()?, open);
     Ok((router, reporter))
 }
 
@@ -869,7 +927,7 @@ mod tests {
         let mut calls = silent.0.subscribe();
         let mut ended = silent.1.subscribe();
         let server = tokio::spawn(serve(
-            Router::default().add_service(silent),
+            Router::new(Auth::Off).add_service(silent, |_| Access::Open),
             listener,
             shutdown.clone(),
             Connections {
@@ -937,7 +995,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let interval = Duration::from_millis(200);
         let server = tokio::spawn(serve(
-            Router::default().add_service(Silent::default()),
+            Router::new(Auth::Off).add_service(Silent::default(), |_| Access::Open),
             listener,
             shutdown.clone(),
             Connections {

@@ -42,6 +42,8 @@ const USER_AGENT: http::HeaderValue =
 pub struct Conn {
     send: h2::client::SendRequest<Bytes>,
     authority: Authority,
+    /// Sent as `authorization` on every call, for services with auth on.
+    credentials: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -90,7 +92,20 @@ impl Conn {
         tokio::spawn(async move {
             let _closed = connection.await;
         });
-        Ok(Self { send, authority })
+        Ok(Self {
+            send,
+            authority,
+            credentials: None,
+        })
+    }
+
+    /// This connection, sending `credentials` as every call's `authorization`.
+    #[must_use]
+    pub fn with_credentials(self, credentials: Option<http::HeaderValue>) -> Self {
+        Self {
+            credentials,
+            ..self
+        }
     }
 }
 
@@ -119,6 +134,10 @@ impl tower::Service<http::Request<tonic::body::Body>> for Conn {
         let sent = uri.map_err(BoxError::from).and_then(|uri| {
             head.uri = uri;
             head.headers.insert(http::header::USER_AGENT, USER_AGENT);
+            if let Some(credentials) = &self.credentials {
+                head.headers
+                    .insert(http::header::AUTHORIZATION, credentials.clone());
+            }
             self.send
                 .send_request(http::Request::from_parts(head, ()), false)
                 .map_err(BoxError::from)

@@ -55,6 +55,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 
+    /// API key or JWT sent as `authorization: Bearer` on every call, for services with auth
+    /// on (give it the roles and projects the workload touches).
+    #[arg(
+        long,
+        env = "SLUICE_API_KEY",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub api_key: Option<String>,
+
     /// Also print the report as one JSON line on stdout (the text block then goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -272,9 +282,18 @@ async fn redis_usage(
 
 /// Dials every connection up front, so a wrong `--target` fails before any load is sent.
 async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Conn>> {
+    let credentials = args
+        .api_key
+        .as_deref()
+        .map(sluice::auth::bearer)
+        .transpose()?;
     let mut conns = Vec::new();
     for _ in 0..args.connections {
-        conns.push(Conn::connect(&args.target, args.timeout).await?);
+        conns.push(
+            Conn::connect(&args.target, args.timeout)
+                .await?
+                .with_credentials(credentials.clone()),
+        );
     }
     Ok(conns)
 }

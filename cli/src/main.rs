@@ -20,6 +20,31 @@ enum Command {
     /// Run limiter-svc and queue-svc together in this process. Without --redis-url they use
     /// the embedded in-process store: nothing else to install.
     Dev(DevArgs),
+    /// API keys for services with auth on (`--auth-keys FILE`).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Make a new random API key: prints the key (give it to the caller; it is not stored
+    /// anywhere) and the keys-file entry that admits it (add it to the services' file).
+    New(NewKeyArgs),
+    /// Print the SHA-256 of a key read from standard input, as a keys file lists it.
+    Hash,
+}
+
+#[derive(Debug, clap::Args)]
+struct NewKeyArgs {
+    /// Name of the credentials, shown in logs and in PERMISSION_DENIED messages.
+    #[arg(long)]
+    name: String,
+    /// Roles the key holds: producer, worker, admin (repeat or comma-separate).
+    #[arg(long = "role", required = true, value_delimiter = ',', value_parser = ["producer", "worker", "admin"])]
+    roles: Vec<String>,
+    /// Projects the key may touch (repeat or comma-separate); "*" for every project.
+    #[arg(long = "project", required = true, value_delimiter = ',')]
+    projects: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +73,10 @@ struct DevArgs {
     /// Redis URL shared by both services; absent: the embedded store.
     #[arg(long, env = "SLUICE_REDIS_URL", value_name = "URL")]
     redis_url: Option<String>,
+    /// API keys file for both services (see `sluice key new`); absent: auth off, every caller
+    /// holds every role (the listen addresses default to loopback).
+    #[arg(long, env = "SLUICE_AUTH_KEYS", value_name = "FILE")]
+    auth_keys: Option<std::path::PathBuf>,
     /// Bound on draining in-flight calls after SIGTERM/SIGINT.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: std::time::Duration,
@@ -60,6 +89,30 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Key(KeyCommand::New(args)) => {
+            let (key, hash) = sluice::auth::new_key()?;
+            let list = |items: &[String]| {
+                items
+                    .iter()
+                    .map(|i| format!("{i:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!("# The key (give it to the caller; shown only now):");
+            println!("# {key}");
+            println!("[[keys]]");
+            println!("name = {:?}", args.name);
+            println!("sha256 = \"{hash}\"");
+            println!("roles = [{}]", list(&args.roles));
+            println!("projects = [{}]", list(&args.projects));
+            Ok(())
+        }
+        Command::Key(KeyCommand::Hash) => {
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            println!("{}", sluice::auth::key_hash(key.trim()));
+            Ok(())
+        }
     }
 }
 
@@ -76,6 +129,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             ];
             if let Some(url) = &args.redis_url {
                 argv.push(format!("--redis-url={url}"));
+            }
+            match &args.auth_keys {
+                Some(path) => argv.push(format!("--auth-keys={}", path.display())),
+                None => argv.push("--no-auth".to_owned()),
             }
             argv
         };

@@ -38,6 +38,7 @@ use crate::engine::Engine;
 use crate::policy::PolicyStore;
 use crate::service::LimiterService;
 use crate::store::{EmbeddedStore, RedisStore, Store};
+use sluice::auth::{Access, Role};
 
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "limiter-svc";
@@ -54,6 +55,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let common = &config.common;
+    // Every file read and checked before anything starts.
+    let auth = common.auth.auth()?;
     let policies = Arc::new(PolicyStore::load(config.limits.as_deref())?);
     let tasks = TaskTracker::new();
     tasks.spawn(
@@ -62,12 +65,17 @@ pub async fn run(
             .watch(config.limits_reload_interval, shutdown.clone()),
     );
 
+    tasks.spawn(
+        auth.clone()
+            .watch(sluice::auth::RELOAD_EVERY, shutdown.clone()),
+    );
     let (router, health) = sluice::server::router(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
         &[
             "sluice.limiter.v1.Limiter",
             "envoy.service.ratelimit.v3.RateLimitService",
         ],
+        auth,
     )?;
     health
         .set_service_status(STORE_HEALTH, ServingStatus::Serving)
@@ -104,8 +112,8 @@ pub async fn run(
     ));
     let service = LimiterService::new(engine, policies);
     let router = router
-        .add_service(LimiterServer::new(service.clone()))
-        .add_service(RateLimitServiceServer::new(service));
+        .add_service(LimiterServer::new(service.clone()), access)
+        .add_service(RateLimitServiceServer::new(service), access);
     let result = sluice::server::run(
         SERVICE_NAME,
         router,
@@ -118,6 +126,16 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     result
+}
+
+/// What each limiter method asks of its caller. Checks and reads take any valid credentials
+/// (gateways check limits for every tenant, so limits are not bound to projects); resetting a
+/// limit is an operator's call.
+fn access(method: &str) -> Access {
+    match method {
+        "ResetLimit" => Access::Roles(&[Role::Admin]),
+        _ => Access::Authenticated,
+    }
 }
 
 async fn report_store_health(

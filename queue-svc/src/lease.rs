@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use prost::Message as _;
+use sluice::auth::Identity;
 use sluice::error::Error;
 use sluice::proto::sluice::queue::v1 as pb;
 use tokio::sync::mpsc;
@@ -163,6 +164,7 @@ struct Stream {
 /// Serves one Lease stream until it ends.
 pub async fn serve(
     service: QueueService,
+    caller: Arc<Identity>,
     mut inbound: tonic::Streaming<pb::LeaseRequest>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
 ) {
@@ -185,7 +187,7 @@ pub async fn serve(
             return;
         }
     };
-    let mut stream = match Stream::open(service, subscribe, tx).await {
+    let mut stream = match Stream::open(service, &caller, subscribe, tx).await {
         Ok(stream) => stream,
         Err((tx, status)) => {
             let _ = tx.send(Err(status)).await;
@@ -199,6 +201,7 @@ pub async fn serve(
 impl Stream {
     async fn open(
         service: QueueService,
+        caller: &Identity,
         s: pb::Subscribe,
         tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     ) -> Result<Self, (mpsc::Sender<Result<pb::LeaseResponse, Status>>, Status)> {
@@ -227,6 +230,10 @@ impl Stream {
             Ok(ms) => ms,
             Err(err) => return Err((tx, err.into())),
         };
+        // Every task the stream leases or finishes is in the subscribed project.
+        if let Err(status) = caller.grant("subscribe.project", &s.project) {
+            return Err((tx, status));
+        }
         let heartbeat_ms = if lease_ms > 0 {
             lease_ms
         } else {

@@ -29,6 +29,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice::auth::{Access, Role};
 use sluice::proto::sluice::queue::v1::queue_server::QueueServer;
 use sluice::server::Listeners;
 use tokio_util::sync::CancellationToken;
@@ -87,6 +88,24 @@ pub(crate) fn now_ms() -> u64 {
 /// Largest request message: a batch of 1,000 tasks with their payloads (see the contract).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
+/// The roles each queue method accepts, as the contract lists them (admin holds every role).
+/// Handlers then check the projects a request names.
+fn access(method: &str) -> Access {
+    const PRODUCER: &[Role] = &[Role::Producer];
+    const WORKER: &[Role] = &[Role::Worker];
+    const EITHER: &[Role] = &[Role::Producer, Role::Worker];
+    const ADMIN: &[Role] = &[Role::Admin];
+    match method {
+        "Enqueue" | "EnqueueBatch" | "CancelTask" => Access::Roles(PRODUCER),
+        "Dequeue" | "Complete" | "Fail" | "ExtendLease" | "Lease" => Access::Roles(WORKER),
+        "GetTask" | "GetQueueStats" => Access::Roles(EITHER),
+        "ListWorkers" | "PauseQueue" | "ResumeQueue" | "ListDeadLetters" | "RedriveDeadLetters"
+        | "PurgeDeadLetters" => Access::Roles(ADMIN),
+        // A method this version does not serve: UNIMPLEMENTED, to any valid caller.
+        _ => Access::Authenticated,
+    }
+}
+
 /// Runs queue-svc on `listeners` until `shutdown` is cancelled, then drains within the
 /// configured grace.
 pub async fn run(
@@ -95,6 +114,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let common = &config.common;
+    // Every file read and checked before anything starts.
+    let auth = common.auth.auth()?;
     let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
     let tasks = TaskTracker::new();
     let store = Arc::new(match sluice::pool::from_args(&common.redis)? {
@@ -119,9 +140,14 @@ pub async fn run(
         shutdown.clone(),
         move |ready| waker.wake_local(ready),
     ));
+    tasks.spawn(
+        auth.clone()
+            .watch(sluice::auth::RELOAD_EVERY, shutdown.clone()),
+    );
     let (router, health) = sluice::server::router(
         &[sluice::proto::FILE_DESCRIPTOR_SET],
         &["sluice.queue.v1.Queue"],
+        auth,
     )?;
     health
         .set_service_status(STORE_HEALTH, tonic_health::ServingStatus::Serving)
@@ -133,8 +159,10 @@ pub async fn run(
         tasks.spawn(service.clone().listen_for_wakeups(redis));
         tasks.spawn(roster::publish(service.clone(), shutdown.clone()));
     }
-    let router =
-        router.add_service(QueueServer::new(service).max_decoding_message_size(MAX_MESSAGE));
+    let router = router.add_service(
+        QueueServer::new(service).max_decoding_message_size(MAX_MESSAGE),
+        access,
+    );
     let result = sluice::server::run(
         SERVICE_NAME,
         router,

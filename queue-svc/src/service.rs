@@ -948,12 +948,14 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::EnqueueRequest>,
     ) -> std::result::Result<Response<pb::EnqueueResponse>, Status> {
         let traced = request.metadata().contains_key("traceparent");
+        let caller = sluice::auth::caller(&request)?;
         let spec = request
             .into_inner()
             .task
             .ok_or_else(|| Error::invalid("task", "is required"))?;
         validate_name(&spec.project, "task.project")?;
         validate_name(&spec.queue, "task.queue")?;
+        caller.grant("task.project", &spec.project)?;
         let task = self.new_task(&spec, &spec.project, &spec.queue, "task", traced)?;
         let mut enqueued = self
             .enqueue_tasks(&spec.project, &spec.queue, vec![task])
@@ -969,9 +971,11 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<pb::EnqueueBatchRequest>,
     ) -> std::result::Result<Response<pb::EnqueueBatchResponse>, Status> {
         let traced = request.metadata().contains_key("traceparent");
+        let caller = sluice::auth::caller(&request)?;
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
         validate_name(&request.queue, "queue")?;
+        caller.grant("project", &request.project)?;
         if request.tasks.is_empty() || request.tasks.len() > MAX_BATCH {
             return Err(Error::invalid(
                 "tasks",
@@ -1012,11 +1016,15 @@ impl pb::queue_server::Queue for QueueService {
             .extensions()
             .get::<sluice::server::CallDeadline>()
             .copied();
+        let caller = sluice::auth::caller(&request)?;
         let request = request.into_inner();
         validate_name(&request.project, "project")?;
+        caller.grant("project", &request.project)?;
         let mut projects = vec![request.project.clone()];
         for (i, p) in request.also_projects.iter().enumerate() {
-            validate_name(p, &format!("also_projects[{i}]"))?;
+            let field = format!("also_projects[{i}]");
+            validate_name(p, &field)?;
+            caller.grant(&field, p)?;
             if !projects.contains(p) {
                 projects.push(p.clone());
             }
@@ -1098,8 +1106,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> std::result::Result<Response<pb::CompleteResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        caller.grant("project", &r.project)?;
         self.complete_task(&r.project, &r.queue, &r.task_id, &r.lease_token, &r.result)
             .await?;
         Ok(Response::new(pb::CompleteResponse {}))
@@ -1109,8 +1119,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::FailRequest>,
     ) -> std::result::Result<Response<pb::FailResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        caller.grant("project", &r.project)?;
         let category = category_name(r.category);
         // A forgotten `retryable` must not dead-letter a task: only "permanent" defaults to no.
         let retryable = r.retryable.unwrap_or(category != "permanent");
@@ -1150,8 +1162,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> std::result::Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        caller.grant("project", &r.project)?;
         let by = lease_ms(r.extend_by.as_ref(), "extend_by")?;
         if by == 0 {
             return Err(Error::invalid("extend_by", "is required").into());
@@ -1174,8 +1188,14 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<tonic::Streaming<pb::LeaseRequest>>,
     ) -> std::result::Result<Response<Self::LeaseStream>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(crate::lease::serve(self.clone(), request.into_inner(), tx));
+        tokio::spawn(crate::lease::serve(
+            self.clone(),
+            caller,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -1185,8 +1205,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> std::result::Result<Response<pb::GetTaskResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        caller.grant("project", &r.project)?;
         let (record, payload, result) = self
             .store
             .get(&r.project, &r.queue, &r.task_id)
@@ -1213,8 +1235,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> std::result::Result<Response<pb::CancelTaskResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         Self::task_ref(&r.project, &r.queue, &r.task_id)?;
+        caller.grant("project", &r.project)?;
         let now = self.store.cancel(&r.project, &r.queue, &r.task_id).await?;
         Ok(Response::new(pb::CancelTaskResponse {
             state: if now {
@@ -1231,8 +1255,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::GetQueueStatsRequest>,
     ) -> std::result::Result<Response<pb::GetQueueStatsResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let s = self.store.stats(&r.project, &r.queue).await?;
         Ok(Response::new(pb::GetQueueStatsResponse {
             stats: Some(pb::QueueStats {
@@ -1264,8 +1290,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         validate_name(&r.project, "project")?;
+        caller.grant("project", &r.project)?;
         if !r.queue.is_empty() {
             validate_name(&r.queue, "queue")?;
         }
@@ -1280,8 +1308,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::PauseQueueRequest>,
     ) -> std::result::Result<Response<pb::PauseQueueResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let paused = self.store.set_paused(&r.project, &r.queue, true).await?;
         Ok(Response::new(pb::PauseQueueResponse { paused }))
     }
@@ -1290,8 +1320,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::ResumeQueueRequest>,
     ) -> std::result::Result<Response<pb::ResumeQueueResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let paused = self.store.set_paused(&r.project, &r.queue, false).await?;
         // Its ready tasks can be leased again (Redis pub/sub announces them when it flows).
         self.wake_local(256);
@@ -1302,8 +1334,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let page = match r.page_size {
             0 => 100,
             n if n > 500 => return Err(Error::invalid("page_size", "at most 500").into()),
@@ -1361,8 +1395,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::RedriveDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let selector = self.selector(r.selector.as_ref())?;
         let pass = self
             .store
@@ -1388,8 +1424,10 @@ impl pb::queue_server::Queue for QueueService {
         &self,
         request: Request<pb::PurgeDeadLettersRequest>,
     ) -> std::result::Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let caller = sluice::auth::caller(&request)?;
         let r = request.into_inner();
         queue_ref(&r.project, &r.queue)?;
+        caller.grant("project", &r.project)?;
         let selector = self.selector(r.selector.as_ref())?;
         let pass = self
             .store

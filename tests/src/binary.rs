@@ -22,8 +22,8 @@ pub struct Binary {
 }
 
 impl Binary {
-    /// Starts `path` with `args` plus `--log-format json` on ports 0, and waits (bounded) for
-    /// its `listening` event.
+    /// Starts `path` with `args` plus `--log-format json` on ports 0 (and `--no-auth` unless
+    /// `args` choose auth), and waits (bounded) for its `listening` event.
     pub async fn start(path: &str, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(path)
             .args([
@@ -35,6 +35,7 @@ impl Binary {
                 "json",
             ])
             .args(args)
+            .args(crate::auth_choice(args))
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -141,9 +142,31 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         "SLUICE_LISTEN",
         "SLUICE_METRICS_LISTEN",
         "SLUICE_REDIS_URL",
+        "--auth-keys",
+        "--auth-jwt-secret",
+        "--no-auth",
     ] {
         anyhow::ensure!(help.contains(option), "--help mentions {option}:\n{help}");
     }
+
+    // Auth is on unless turned off: a binary told neither refuses to start, saying how.
+    let undecided = Command::new(path)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env_remove("SLUICE_NO_AUTH")
+        .env_remove("SLUICE_AUTH_KEYS")
+        .env_remove("SLUICE_AUTH_JWT_SECRET")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let undecided = tokio::time::timeout(Duration::from_secs(10), undecided)
+        .await
+        .context("a binary without an auth choice should exit at once")??;
+    let said = String::from_utf8_lossy(&undecided.stderr);
+    anyhow::ensure!(
+        !undecided.status.success() && said.contains("--no-auth") && said.contains("--auth-keys"),
+        "without an auth choice: exits non-zero naming the options; got {:?}: {said}",
+        undecided.status
+    );
 
     // Both schedulers: one event-loop thread (the default on small machines) and several.
     for threads in ["1", "2"] {

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod binary;
 pub mod limiter;
 pub mod otlp;
@@ -50,6 +51,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The flags that make a service's auth choice explicit for a test: `--no-auth`, unless
+/// `args` already choose (`--auth-keys`, `--auth-jwt-secret`, `--no-auth`).
+pub fn auth_choice(args: &[&str]) -> &'static [&'static str] {
+    let chosen = args
+        .iter()
+        .any(|a| a.starts_with("--auth-") || a.starts_with("--no-auth"));
+    if chosen { &[] } else { &["--no-auth"] }
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again later).

@@ -42,6 +42,7 @@ impl Limiter {
             args.push(url.clone());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.extend(crate::auth_choice(extra).iter().map(|s| (*s).to_owned()));
         let config = limiter_svc::Config::from_args(args)?;
         let mut service = Service::start(|l, s| limiter_svc::run(l, config, s)).await?;
         let client = pb::limiter_client::LimiterClient::new(service.channel().await?);

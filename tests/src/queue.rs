@@ -37,6 +37,7 @@ impl Queue {
             args.push(url.to_owned());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.extend(crate::auth_choice(extra).iter().map(|s| (*s).to_owned()));
         let config = queue_svc::Config::from_args(args)?;
         let mut service = Service::start(|l, s| queue_svc::run(l, config, s)).await?;
         let client = pb::queue_client::QueueClient::new(service.channel().await?)

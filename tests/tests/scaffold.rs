@@ -86,12 +86,12 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
-    let config = limiter_svc::Config::from_args(["limiter-svc"])?;
+    let config = limiter_svc::Config::from_args(["limiter-svc", "--no-auth"])?;
     check_scaffold(Service::start(|l, s| limiter_svc::run(l, config, s)).await?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
-    let config = queue_svc::Config::from_args(["queue-svc"])?;
+    let config = queue_svc::Config::from_args(["queue-svc", "--no-auth"])?;
     check_scaffold(Service::start(|l, s| queue_svc::run(l, config, s)).await?).await
 }

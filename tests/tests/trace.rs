@@ -17,7 +17,7 @@ const CLIENT: i32 = 3;
 async fn client_and_server_spans_share_one_trace() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
     let telemetry = receiver.install_telemetry("trace-test")?;
-    let config = limiter_svc::Config::from_args(["limiter-svc"])?;
+    let config = limiter_svc::Config::from_args(["limiter-svc", "--no-auth"])?;
     let service =
         Service::start(|listeners, shutdown| limiter_svc::run(listeners, config, shutdown)).await?;
 

@@ -29,7 +29,7 @@ fn task(payload: &str) -> pb::EnqueueRequest {
 async fn the_publish_span_joins_the_metadata_trace_or_else_the_headers() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
     let telemetry = receiver.install_telemetry("trace-queue-test")?;
-    let config = queue_svc::Config::from_args(["queue-svc"])?;
+    let config = queue_svc::Config::from_args(["queue-svc", "--no-auth"])?;
     let service =
         Service::start(|listeners, shutdown| queue_svc::run(listeners, config, shutdown)).await?;
     let channel = probe::channel(&service.url()).await?;

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice::auth::{Bearer, BearerLayer};
 use sluice::proto::sluice::queue::v1 as pb;
 use sluice::proto::sluice::queue::v1::lease_request::Kind as Up;
 use sluice::proto::sluice::queue::v1::lease_response::Kind as Down;
@@ -34,11 +35,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// more sends several.
 const MAX_HEARTBEAT_TASKS: usize = 1000;
 
-/// A queue client whose calls carry the caller's trace context.
-pub type Client = QueueClient<GrpcClientTrace<Channel>>;
+/// A queue client whose calls carry the worker's credentials and the caller's trace context.
+pub type Client = QueueClient<Bearer<GrpcClientTrace<Channel>>>;
 
-/// Connects to queue-svc at `url` (e.g. `http://127.0.0.1:50052`) within `timeout`.
-pub async fn connect(url: &str, timeout: Duration) -> Result<Client, tonic::transport::Error> {
+/// Connects to queue-svc at `url` (e.g. `http://127.0.0.1:50052`) within `timeout`; every call
+/// sends `credentials` as its `authorization` (see [`sluice::auth::bearer`]).
+pub async fn connect(
+    url: &str,
+    timeout: Duration,
+    credentials: Option<http::HeaderValue>,
+) -> Result<Client, tonic::transport::Error> {
     let channel = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
@@ -46,6 +52,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Client, tonic::tran
         .await?;
     Ok(QueueClient::new(
         tower::ServiceBuilder::new()
+            .layer(BearerLayer::new(credentials))
             .layer(GrpcClientTraceLayer)
             .service(channel),
     ))
@@ -151,6 +158,9 @@ pub struct Options {
     pub drain: Duration,
     /// Bound on connecting.
     pub connect_timeout: Duration,
+    /// Sent as `authorization` on every call (an API key or JWT with the worker role on the
+    /// project; `None` for a queue-svc with auth off).
+    pub credentials: Option<http::HeaderValue>,
 }
 
 enum Ended {
@@ -218,7 +228,7 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     connected: &mut dyn FnMut(),
 ) -> Result<Ended, String> {
-    let mut client = connect(url, options.connect_timeout)
+    let mut client = connect(url, options.connect_timeout, options.credentials.clone())
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<pb::LeaseRequest>(1024);

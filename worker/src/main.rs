@@ -27,6 +27,10 @@ struct Cli {
     /// Bound on connecting to queue-svc.
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     connect_timeout: Duration,
+    /// API key or JWT holding the worker role on the project, sent as `authorization: Bearer`
+    /// on every call. Prefer the environment variable: flags show in process lists.
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,11 +100,23 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(all_serving, "queue-svc is not serving");
             Ok(())
         }
-        Command::Run(args) => run(cli.queue_url, cli.connect_timeout, *args).await,
+        Command::Run(args) => {
+            let credentials = cli
+                .api_key
+                .as_deref()
+                .map(sluice::auth::bearer)
+                .transpose()?;
+            run(cli.queue_url, cli.connect_timeout, credentials, *args).await
+        }
     }
 }
 
-async fn run(urls: Vec<String>, connect_timeout: Duration, args: RunArgs) -> anyhow::Result<()> {
+async fn run(
+    urls: Vec<String>,
+    connect_timeout: Duration,
+    credentials: Option<http::HeaderValue>,
+    args: RunArgs,
+) -> anyhow::Result<()> {
     let telemetry = sluice::telemetry::init("sluice-worker", &args.telemetry)?;
     let shutdown = sluice::shutdown::on_signal();
     let result = async {
@@ -138,6 +154,7 @@ async fn run(urls: Vec<String>, connect_timeout: Duration, args: RunArgs) -> any
             task_timeout: args.task_timeout,
             drain: args.drain_timeout,
             connect_timeout,
+            credentials,
         };
         sluice_worker::run(options, handler, shutdown.clone()).await?;
         shutdown.cancel();

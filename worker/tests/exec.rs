@@ -104,6 +104,47 @@ async fn a_python_one_liner_processes_tasks() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_presents_its_api_key() -> anyhow::Result<()> {
+    let creds = sluice_testkit::auth::Credentials::new(&[
+        ("web", "sk_web", &["producer"], &["p"]),
+        ("fleet", "sk_fleet", &["worker"], &["p"]),
+    ])?;
+    let q = Queue::start(None, "", &["--auth-keys", &creds.keys_arg()]).await?;
+    let url = q.service.url();
+    let mut producer =
+        pb::queue_client::QueueClient::new(sluice_testkit::auth::channel_as(&url, "sk_web").await?);
+    let id = producer
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "keyed", b"ok", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let child = worker(&q, "keyed", &["--api-key", "sk_fleet"], &["cat"])?;
+    let done = eventually(Duration::from_secs(20), "the task to succeed", || {
+        let mut producer = producer.clone();
+        let id = id.clone();
+        async move {
+            producer
+                .get_task(pb::GetTaskRequest {
+                    project: "p".into(),
+                    queue: "keyed".into(),
+                    task_id: id,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .task
+                .filter(|t| t.state == i32::from(pb::TaskState::Succeeded))
+        }
+    })
+    .await?;
+    assert_eq!(done.result, b"ok");
+    stop(child).await?;
+    q.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_command_retries_then_dead_letters() -> anyhow::Result<()> {
     let q = Queue::start(None, "", &[]).await?;
     let fast = |s: &mut pb::TaskSpec| {
