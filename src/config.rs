@@ -75,15 +75,52 @@ pub struct ServerArgs {
     /// cores (Redis and the network stack keep the other), else one per core.
     #[arg(long, env = "SLUICE_THREADS", value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub threads: u16,
+
+    /// PEM certificate chain the gRPC port presents; with --tls-key the port speaks TLS only
+    /// (HTTP/2 agreed by ALPN). Reread when it changes: a renewed certificate needs no restart.
+    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): clients must present a certificate one of them signs (mutual
+    /// TLS). Needs --tls-cert and --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServerArgs {
-    /// How the gRPC server treats its connections.
-    pub fn connections(&self) -> crate::server::Connections {
-        crate::server::Connections {
+    /// How the gRPC server treats its connections, its TLS files read now (an error names the
+    /// option at fault).
+    pub fn connections(&self) -> Result<crate::server::Connections, crate::Error> {
+        Ok(crate::server::Connections {
             grace: self.shutdown_grace,
             keepalive: (!self.http2_keepalive.is_zero()).then_some(self.http2_keepalive),
             handshake: crate::server::HANDSHAKE_TIMEOUT,
+            tls: self.tls()?,
+        })
+    }
+
+    /// The gRPC port's TLS, or `None` for plaintext HTTP/2.
+    pub fn tls(&self) -> Result<Option<crate::tls::Tls>, crate::Error> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::Tls::load(crate::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })
+            .map(Some),
+            (None, None) if self.tls_client_ca.is_none() => Ok(None),
+            (None, None) => Err(crate::Error::invalid(
+                "tls-client-ca",
+                "mutual TLS needs the server's own --tls-cert and --tls-key too",
+            )),
+            _ => Err(crate::Error::invalid(
+                "tls-cert",
+                "give --tls-cert and --tls-key together",
+            )),
         }
     }
 

@@ -27,6 +27,7 @@ pub mod script;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{Error, Result};
 

@@ -270,8 +270,9 @@ pub fn router(
 /// waits for one of its calls to finish; some clients open another connection instead.
 pub const MAX_CALLS_PER_CONNECTION: u32 = 1024;
 
-/// How a gRPC server treats its connections (`--shutdown-grace`, `--http2-keepalive`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a gRPC server treats its connections (`--shutdown-grace`, `--http2-keepalive`,
+/// `--tls-*`).
+#[derive(Debug, Clone)]
 pub struct Connections {
     /// How long in-flight calls may run after shutdown begins.
     pub grace: Duration,
@@ -280,7 +281,10 @@ pub struct Connections {
     /// How long a new connection has to send the HTTP/2 client preface. Clients send it as soon
     /// as they connect; a connection that sends nothing, or only part of it, for this long is
     /// closed. (Once the preface is in, keep-alive PINGs find clients that stop answering.)
+    /// With TLS the TLS handshake counts within it.
     pub handshake: Duration,
+    /// TLS (mutual when it names a client CA); `None`: plaintext HTTP/2.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// [`Connections::handshake`] of the service binaries.
@@ -370,6 +374,76 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PrefaceWatch<T>
     }
 }
 
+/// A connection's socket: plain TCP, or TLS over it.
+enum Socket {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Socket {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Socket {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Longest wait for a keep-alive PING's answer.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -387,6 +461,7 @@ pub async fn serve(
         grace,
         keepalive,
         handshake,
+        tls,
     } = settings;
     let router = Arc::new(router);
     let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -424,6 +499,7 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(router.call(request).await) }
             });
             let (http2, stop, cut) = (http2.clone(), shutdown.clone(), cut.clone());
+            let tls = tls.as_ref().map(crate::tls::Tls::acceptor);
             connections.spawn(async move {
                 // Until a connection's first bytes arrive it costs a task and a socket, not
                 // yet an HTTP/2 connection's buffers: port probes and TCP health checks end
@@ -439,6 +515,30 @@ pub async fn serve(
                     }
                     () = stop.cancelled() => return,
                 }
+                let stream = match tls {
+                    None => Socket::Plain(stream),
+                    Some(acceptor) => {
+                        let accepted = tokio::select! {
+                            accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+                            () = stop.cancelled() => return,
+                        };
+                        match accepted {
+                            Ok(Ok(stream)) => Socket::Tls(Box::new(stream)),
+                            // A client that does not trust the certificate, has none to show
+                            // (mutual TLS), or speaks plaintext.
+                            Ok(Err(err)) => {
+                                metrics::counter!("sluice_tls_handshake_failures_total").increment(1);
+                                tracing::debug!(error = %err, "TLS handshake failed; closing the connection");
+                                return;
+                            }
+                            Err(_) => {
+                                metrics::counter!("sluice_tls_handshake_failures_total").increment(1);
+                                tracing::debug!(?handshake, "TLS handshake not done in time; closing the connection");
+                                return;
+                            }
+                        }
+                    }
+                };
                 let (io, preface) = PrefaceWatch::new(stream);
                 let connection = http2.serve_connection(hyper_util::rt::TokioIo::new(io), calls);
                 tokio::pin!(connection);
@@ -539,7 +639,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let grpc = listeners.grpc.local_addr()?;
     let metrics = listeners.metrics.local_addr()?;
-    tracing::info!(service, %grpc, %metrics, "listening");
+    tracing::info!(service, %grpc, %metrics, tls = connections.tls.is_some(), "listening");
+    let reload_tls = connections
+        .tls
+        .clone()
+        .map(|tls| tls.watch(crate::auth::RELOAD_EVERY, shutdown.clone()));
     let grpc_server = async {
         serve(router, listeners.grpc, shutdown.clone(), connections)
             .await
@@ -550,7 +654,13 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("metrics server on {metrics}: {e}"))
     };
-    let result = tokio::try_join!(grpc_server, metrics_server).map(|_| ());
+    let reload_tls = async {
+        if let Some(watch) = reload_tls {
+            watch.await;
+        }
+        Ok(())
+    };
+    let result = tokio::try_join!(grpc_server, metrics_server, reload_tls).map(|_| ());
     // Either server failing stops the other: a half-up binary is worse than a restart.
     shutdown.cancel();
     tracing::info!(service, "stopped");
@@ -934,6 +1044,7 @@ mod tests {
                 grace: Duration::from_millis(200),
                 keepalive: None,
                 handshake: HANDSHAKE_TIMEOUT,
+                tls: None,
             },
         ));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -1002,6 +1113,7 @@ mod tests {
                 grace: Duration::from_millis(200),
                 keepalive: Some(interval),
                 handshake: interval,
+                tls: None,
             },
         ));
         // A connection that sends nothing at all is closed, with nothing said.

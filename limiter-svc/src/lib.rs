@@ -57,6 +57,7 @@ pub async fn run(
     let common = &config.common;
     // Every file read and checked before anything starts.
     let auth = common.auth.auth()?;
+    let connections = common.server.connections()?;
     let policies = Arc::new(PolicyStore::load(config.limits.as_deref())?);
     let tasks = TaskTracker::new();
     tasks.spawn(
@@ -119,7 +120,7 @@ pub async fn run(
         router,
         listeners,
         shutdown.clone(),
-        common.server.connections(),
+        connections,
     )
     .await;
     shutdown.cancel();

@@ -116,6 +116,7 @@ pub async fn run(
     let common = &config.common;
     // Every file read and checked before anything starts.
     let auth = common.auth.auth()?;
+    let connections = common.server.connections()?;
     let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
     let tasks = TaskTracker::new();
     let store = Arc::new(match sluice::pool::from_args(&common.redis)? {
@@ -168,7 +169,7 @@ pub async fn run(
         router,
         listeners,
         shutdown.clone(),
-        common.server.connections(),
+        connections,
     )
     .await;
     shutdown.cancel();

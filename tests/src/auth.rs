@@ -1,7 +1,10 @@
-//! Credentials for tests of services with auth on: a keys file and a JWT secret, tokens, and
-//! channels that present them.
+//! Credentials for tests of services with auth or TLS on: a keys file and a JWT secret, tokens,
+//! certificates made by openssl, and channels that present them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context as _;
 
 use base64::Engine as _;
 use sluice::auth::{Bearer, BearerLayer};
@@ -101,4 +104,130 @@ pub async fn channel_as(url: &str, token: &str) -> anyhow::Result<Bearer<Channel
         &layer,
         crate::probe::channel(url).await?,
     ))
+}
+
+/// Makes a CA (`{ca}.key`, `{ca}.crt`, "Sluice test CA {ca}") in `dir`, and for each of
+/// `leaves` a key and a certificate it signs (`{leaf}.key`, `{leaf}.crt`), valid for 127.0.0.1
+/// and localhost, as servers and clients, for two days.
+pub fn issue_certificates(dir: &Path, ca: &str, leaves: &[&str]) -> anyhow::Result<()> {
+    let ext = format!("{ca}-ext.cnf");
+    std::fs::write(
+        dir.join(&ext),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
+    let file = |name: &str, suffix: &str| format!("{name}.{suffix}");
+    let mut steps: Vec<Vec<String>> = vec![
+        vec![
+            "genrsa".into(),
+            "-out".into(),
+            file(ca, "key"),
+            "2048".into(),
+        ],
+        [
+            "req", "-x509", "-new", "-nodes", "-sha256", "-days", "2", "-key",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([
+            file(ca, "key"),
+            "-subj".into(),
+            format!("/CN=Sluice test CA {ca}"),
+            "-out".into(),
+            file(ca, "crt"),
+        ])
+        .collect(),
+    ];
+    for leaf in leaves {
+        steps.push(vec![
+            "genrsa".into(),
+            "-out".into(),
+            file(leaf, "key"),
+            "2048".into(),
+        ]);
+        steps.push(vec![
+            "req".into(),
+            "-new".into(),
+            "-key".into(),
+            file(leaf, "key"),
+            "-subj".into(),
+            format!("/CN={leaf}"),
+            "-out".into(),
+            file(leaf, "csr"),
+        ]);
+        steps.push(vec![
+            "x509".into(),
+            "-req".into(),
+            "-in".into(),
+            file(leaf, "csr"),
+            "-CA".into(),
+            file(ca, "crt"),
+            "-CAkey".into(),
+            file(ca, "key"),
+            "-CAcreateserial".into(),
+            "-out".into(),
+            file(leaf, "crt"),
+            "-days".into(),
+            "2".into(),
+            "-sha256".into(),
+            "-extfile".into(),
+            ext.clone(),
+        ]);
+    }
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (.ci/run installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A directory of certificates; `file("server.crt")` names one.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// An empty directory.
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// A CA and leaves it signs, see [`issue_certificates`].
+    pub fn issue(&self, ca: &str, leaves: &[&str]) -> anyhow::Result<()> {
+        issue_certificates(self.dir.path(), ca, leaves)
+    }
+
+    /// The path of a file in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The same, as a flag's value.
+    pub fn arg(&self, name: &str) -> String {
+        self.file(name).display().to_string()
+    }
+}
+
+/// A TLS channel to `url` trusting `ca`, presenting `identity` (cert, key) when given.
+pub async fn tls_channel(
+    url: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<Channel> {
+    let tls = sluice::tls::client_config(Some(ca), identity)?;
+    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(5))
+        .tls_config(tls)?
+        .connect()
+        .await?)
 }

@@ -145,6 +145,9 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         "--auth-keys",
         "--auth-jwt-secret",
         "--no-auth",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
     ] {
         anyhow::ensure!(help.contains(option), "--help mentions {option}:\n{help}");
     }

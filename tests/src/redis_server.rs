@@ -253,70 +253,7 @@ async fn ping(url: &str, ca: Option<Vec<u8>>) -> bool {
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl command line.
 fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )?;
-    let steps: [&[&str]; 5] = [
-        &["genrsa", "-out", "ca.key", "2048"],
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-nodes",
-            "-key",
-            "ca.key",
-            "-sha256",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Sluice test CA",
-            "-out",
-            "ca.crt",
-        ],
-        &["genrsa", "-out", "redis.key", "2048"],
-        &[
-            "req",
-            "-new",
-            "-key",
-            "redis.key",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-out",
-            "redis.csr",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "redis.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "redis.crt",
-            "-days",
-            "2",
-            "-sha256",
-            "-extfile",
-            "ext.cnf",
-        ],
-    ];
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl (.ci/run installs it)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    crate::auth::issue_certificates(dir, "ca", &["redis"])
 }
 
 /// A 3-master Redis Cluster (no replicas) of [`RedisServer`]s, slots split evenly.

@@ -38,32 +38,60 @@ const MAX_HEARTBEAT_TASKS: usize = 1000;
 /// A queue client whose calls carry the worker's credentials and the caller's trace context.
 pub type Client = QueueClient<Bearer<GrpcClientTrace<Channel>>>;
 
-/// Connects to queue-svc at `url` (e.g. `http://127.0.0.1:50052`) within `timeout`; every call
-/// sends `credentials` as its `authorization` (see [`sluice::auth::bearer`]).
-pub async fn connect(
-    url: &str,
-    timeout: Duration,
-    credentials: Option<http::HeaderValue>,
-) -> Result<Client, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+/// How a worker reaches queue-svc.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Sent as `authorization` on every call (an API key or JWT with the worker role on the
+    /// project, see [`sluice::auth::bearer`]); `None` for a queue-svc with auth off.
+    pub credentials: Option<http::HeaderValue>,
+    /// TLS for `https://` URLs (see [`sluice::tls::client_config`]); `None`: the defaults of
+    /// the system's roots, no client certificate.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl Transport {
+    /// Plaintext or system-trusted TLS, no credentials.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            connect_timeout,
+            credentials: None,
+            tls: None,
+        }
+    }
+
+    fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true);
+        match (&self.tls, url.starts_with("https://")) {
+            (Some(tls), _) => endpoint.tls_config(tls.clone()),
+            (None, true) => {
+                endpoint.tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            }
+            (None, false) => Ok(endpoint),
+        }
+    }
+}
+
+/// Connects to queue-svc at `url` (e.g. `http://127.0.0.1:50052`, or `https://…` for TLS).
+pub async fn connect(url: &str, transport: &Transport) -> Result<Client, tonic::transport::Error> {
+    let channel = transport.endpoint(url)?.connect().await?;
     Ok(QueueClient::new(
         tower::ServiceBuilder::new()
-            .layer(BearerLayer::new(credentials))
+            .layer(BearerLayer::new(transport.credentials.clone()))
             .layer(GrpcClientTraceLayer)
             .service(channel),
     ))
 }
 
 /// The gRPC health status (`SERVING`, `NOT_SERVING`, …) queue-svc reports for itself.
-pub async fn health(url: &str, timeout: Duration) -> anyhow::Result<String> {
+pub async fn health(url: &str, transport: &Transport) -> anyhow::Result<String> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(timeout)
-        .timeout(timeout)
+    let channel = transport
+        .endpoint(url)?
+        .timeout(transport.connect_timeout)
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach queue-svc at {url}: {e}"))?;
@@ -156,11 +184,8 @@ pub struct Options {
     pub task_timeout: Duration,
     /// On shutdown, how long running tasks may take to finish.
     pub drain: Duration,
-    /// Bound on connecting.
-    pub connect_timeout: Duration,
-    /// Sent as `authorization` on every call (an API key or JWT with the worker role on the
-    /// project; `None` for a queue-svc with auth off).
-    pub credentials: Option<http::HeaderValue>,
+    /// How to reach queue-svc: connect timeout, credentials, TLS.
+    pub transport: Transport,
 }
 
 enum Ended {
@@ -228,7 +253,7 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     connected: &mut dyn FnMut(),
 ) -> Result<Ended, String> {
-    let mut client = connect(url, options.connect_timeout, options.credentials.clone())
+    let mut client = connect(url, &options.transport)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<pb::LeaseRequest>(1024);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{TelemetryArgs, parse_duration};
-use sluice_worker::Options;
 use sluice_worker::exec::Exec;
+use sluice_worker::{Options, Transport};
 
 /// Sluice worker.
 #[derive(Debug, Parser)]
@@ -31,6 +31,17 @@ struct Cli {
     /// on every call. Prefer the environment variable: flags show in process lists.
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
+    /// PEM CA that signs queue-svc's certificate, for https:// URLs; unset: the system's
+    /// trusted roots.
+    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM certificate the worker presents to a queue-svc that requires client certificates
+    /// (mutual TLS); with --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "FILE", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "FILE", global = true)]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,34 +100,44 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let transport = transport(&cli)?;
     match cli.command {
         Command::Check => {
             let mut all_serving = true;
             for url in &cli.queue_url {
-                let status = sluice_worker::health(url, cli.connect_timeout).await?;
+                let status = sluice_worker::health(url, &transport).await?;
                 println!("{url}: {status}");
                 all_serving &= status == "SERVING";
             }
             anyhow::ensure!(all_serving, "queue-svc is not serving");
             Ok(())
         }
-        Command::Run(args) => {
-            let credentials = cli
-                .api_key
-                .as_deref()
-                .map(sluice::auth::bearer)
-                .transpose()?;
-            run(cli.queue_url, cli.connect_timeout, credentials, *args).await
-        }
+        Command::Run(args) => run(cli.queue_url, transport, *args).await,
     }
 }
 
-async fn run(
-    urls: Vec<String>,
-    connect_timeout: Duration,
-    credentials: Option<http::HeaderValue>,
-    args: RunArgs,
-) -> anyhow::Result<()> {
+/// How to reach queue-svc, from the options every subcommand shares.
+fn transport(cli: &Cli) -> anyhow::Result<Transport> {
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
+    let tls = (cli.tls_ca.is_some() || identity.is_some())
+        .then(|| sluice::tls::client_config(cli.tls_ca.as_deref(), identity))
+        .transpose()?;
+    Ok(Transport {
+        connect_timeout: cli.connect_timeout,
+        credentials: cli
+            .api_key
+            .as_deref()
+            .map(sluice::auth::bearer)
+            .transpose()?,
+        tls,
+    })
+}
+
+async fn run(urls: Vec<String>, transport: Transport, args: RunArgs) -> anyhow::Result<()> {
     let telemetry = sluice::telemetry::init("sluice-worker", &args.telemetry)?;
     let shutdown = sluice::shutdown::on_signal();
     let result = async {
@@ -153,8 +174,7 @@ async fn run(
             lease: args.lease,
             task_timeout: args.task_timeout,
             drain: args.drain_timeout,
-            connect_timeout,
-            credentials,
+            transport,
         };
         sluice_worker::run(options, handler, shutdown.clone()).await?;
         shutdown.cancel();

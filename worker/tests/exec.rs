@@ -145,6 +145,69 @@ async fn a_worker_presents_its_api_key() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_connects_over_mutual_tls() -> anyhow::Result<()> {
+    let pki = sluice_testkit::auth::Pki::new()?;
+    pki.issue("ca", &["server", "worker"])?;
+    let config = queue_svc::Config::from_args([
+        "queue-svc".to_owned(),
+        "--no-auth".to_owned(),
+        "--tls-cert".to_owned(),
+        pki.arg("server.crt"),
+        "--tls-key".to_owned(),
+        pki.arg("server.key"),
+        "--tls-client-ca".to_owned(),
+        pki.arg("ca.crt"),
+    ])?;
+    let service = sluice_testkit::Service::start(|l, s| queue_svc::run(l, config, s)).await?;
+    let url = format!("https://127.0.0.1:{}", service.grpc.port());
+    let (cert, key) = (pki.file("worker.crt"), pki.file("worker.key"));
+    let channel =
+        sluice_testkit::auth::tls_channel(&url, &pki.file("ca.crt"), Some((&cert, &key))).await?;
+    let mut client = pb::queue_client::QueueClient::new(channel);
+    let id = client
+        .enqueue(pb::EnqueueRequest {
+            task: Some(spec("p", "sealed", b"over tls", pb::Priority::Normal)),
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let child = sluice_testkit::binary::worker_process(
+        env!("CARGO_BIN_EXE_sluice-worker"),
+        &url,
+        "sealed",
+        &[
+            "--tls-ca",
+            &pki.arg("ca.crt"),
+            "--tls-cert",
+            &pki.arg("worker.crt"),
+            "--tls-key",
+            &pki.arg("worker.key"),
+        ],
+        &["cat"],
+    )?;
+    let done = eventually(Duration::from_secs(20), "the task to succeed", || {
+        let (mut client, id) = (client.clone(), id.clone());
+        async move {
+            client
+                .get_task(pb::GetTaskRequest {
+                    project: "p".into(),
+                    queue: "sealed".into(),
+                    task_id: id,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .task
+                .filter(|t| t.state == i32::from(pb::TaskState::Succeeded))
+        }
+    })
+    .await?;
+    assert_eq!(done.result, b"over tls");
+    stop(child).await?;
+    service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_command_retries_then_dead_letters() -> anyhow::Result<()> {
     let q = Queue::start(None, "", &[]).await?;
     let fast = |s: &mut pb::TaskSpec| {
