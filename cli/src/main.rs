@@ -1,5 +1,8 @@
 //! `sluice`: the operator's command line. `sluice dev` runs limiter-svc and queue-svc in one
-//! process on the embedded store — the one command a newcomer needs.
+//! process on the embedded store — the one command a newcomer needs; `sluice limit` and
+//! `sluice queue` talk to running services (see `ops`); `sluice key` makes API keys.
+
+mod ops;
 
 use std::net::SocketAddr;
 
@@ -13,6 +16,8 @@ use sluice::server::Listeners;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    remote: ops::Remote,
 }
 
 #[derive(Debug, Subcommand)]
@@ -23,6 +28,13 @@ enum Command {
     /// API keys for services with auth on (`--auth-keys FILE`).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Check, read or reset a limit on a running limiter-svc.
+    #[command(subcommand)]
+    Limit(ops::LimitCommand),
+    /// Enqueue, inspect and cancel tasks; stats, pause, workers and dead letters of a running
+    /// queue-svc.
+    #[command(subcommand)]
+    Queue(ops::QueueCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,35 +97,58 @@ struct DevArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Dev(args) => dev(args).await,
-        Command::Key(KeyCommand::New(args)) => {
-            let (key, hash) = sluice::auth::new_key()?;
-            let list = |items: &[String]| {
-                items
-                    .iter()
-                    .map(|i| format!("{i:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            println!("# The key (give it to the caller; shown only now):");
-            println!("# {key}");
-            println!("[[keys]]");
-            println!("name = {:?}", args.name);
-            println!("sha256 = \"{hash}\"");
-            println!("roles = [{}]", list(&args.roles));
-            println!("projects = [{}]", list(&args.projects));
-            Ok(())
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(err) => {
+            // A refused call prints as its code and the server's message, which says what to
+            // change.
+            match err.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {err:#}"),
+            }
+            std::process::ExitCode::FAILURE
         }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Dev(args) => dev(args).await?,
+        Command::Key(KeyCommand::New(args)) => new_key(&args)?,
         Command::Key(KeyCommand::Hash) => {
             let mut key = String::new();
             std::io::stdin().read_line(&mut key)?;
             println!("{}", sluice::auth::key_hash(key.trim()));
-            Ok(())
         }
+        Command::Limit(command) => {
+            if !ops::limit(&cli.remote, command).await? {
+                return Ok(std::process::ExitCode::from(ops::DENIED_EXIT));
+            }
+        }
+        Command::Queue(command) => ops::queue(&cli.remote, command).await?,
     }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Prints a new key and the keys-file entry that admits it.
+fn new_key(args: &NewKeyArgs) -> anyhow::Result<()> {
+    let (key, hash) = sluice::auth::new_key()?;
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("{i:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("# The key (give it to the caller; shown only now):");
+    println!("# {key}");
+    println!("[[keys]]");
+    println!("name = {:?}", args.name);
+    println!("sha256 = \"{hash}\"");
+    println!("roles = [{}]", list(&args.roles));
+    println!("projects = [{}]", list(&args.projects));
+    Ok(())
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
