@@ -306,17 +306,8 @@ impl Auth {
     /// Rereads the credential files every `interval` until `shutdown`, taking what changed. A
     /// file that no longer reads or parses is logged and the credentials in force stay.
     pub async fn watch(self, interval: Duration, shutdown: CancellationToken) {
-        let Self::On(verifier) = self else {
-            return;
-        };
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => verifier.reload(),
-            }
+        if let Self::On(verifier) = self {
+            crate::shutdown::every(interval, &shutdown, || verifier.reload()).await;
         }
     }
 }

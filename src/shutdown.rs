@@ -30,6 +30,24 @@ pub async fn signal() {
     }
 }
 
+/// Calls `tick` every `interval` (the first time one interval from now) until `shutdown`: the
+/// loop behind every file that is reread while a service runs.
+pub async fn every(
+    interval: std::time::Duration,
+    shutdown: &CancellationToken,
+    mut tick: impl FnMut(),
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => tick(),
+        }
+    }
+}
+
 /// A token cancelled on the first SIGTERM or SIGINT.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();

@@ -85,15 +85,7 @@ impl Tls {
 
     /// Rereads the files every `interval` until `shutdown`.
     pub async fn watch(self, interval: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => self.reload(),
-            }
-        }
+        crate::shutdown::every(interval, &shutdown, || self.reload()).await;
     }
 }
 

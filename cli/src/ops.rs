@@ -581,51 +581,57 @@ async fn dead(
             }
         }
         DeadCommand::Redrive(select) => {
-            let selector = select.selector()?;
-            let total = walk(|page_token| {
-                let (mut client, selector) = (client.clone(), selector.clone());
-                let (project, queue) = (select.queue.project.clone(), select.queue.queue.clone());
-                async move {
-                    let r = client
-                        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
-                            project,
-                            queue,
-                            selector: Some(selector),
-                            limit: 0,
-                            page_token,
-                        })
-                        .await?
-                        .into_inner();
-                    Ok((r.redriven, r.more, r.next_page_token))
-                }
-            })
-            .await?;
+            let total = walk_dead(client, &select, false).await?;
             println!("redriven: {total}");
         }
         DeadCommand::Purge(select) => {
-            let selector = select.selector()?;
-            let total = walk(|page_token| {
-                let (mut client, selector) = (client.clone(), selector.clone());
-                let (project, queue) = (select.queue.project.clone(), select.queue.queue.clone());
-                async move {
-                    let r = client
-                        .purge_dead_letters(pb::PurgeDeadLettersRequest {
-                            project,
-                            queue,
-                            selector: Some(selector),
-                            limit: 0,
-                            page_token,
-                        })
-                        .await?
-                        .into_inner();
-                    Ok((r.purged, r.more, r.next_page_token))
-                }
-            })
-            .await?;
+            let total = walk_dead(client, &select, true).await?;
             println!("purged: {total}");
         }
     }
     Ok(())
+}
+
+/// Redrives (or with `purge`, deletes) every dead letter `select` names, page by page.
+async fn walk_dead(
+    client: &pb::queue_client::QueueClient<Bearer<Channel>>,
+    select: &DeadSelect,
+    purge: bool,
+) -> anyhow::Result<u64> {
+    let selector = select.selector()?;
+    walk(|page_token| {
+        let mut client = client.clone();
+        let (project, queue) = (select.queue.project.clone(), select.queue.queue.clone());
+        let selector = Some(selector.clone());
+        async move {
+            Ok(if purge {
+                let r = client
+                    .purge_dead_letters(pb::PurgeDeadLettersRequest {
+                        project,
+                        queue,
+                        selector,
+                        limit: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                (r.purged, r.more, r.next_page_token)
+            } else {
+                let r = client
+                    .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                        project,
+                        queue,
+                        selector,
+                        limit: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                (r.redriven, r.more, r.next_page_token)
+            })
+        }
+    })
+    .await
 }
 
 fn spec(args: EnqueueArgs) -> anyhow::Result<pb::TaskSpec> {

@@ -577,14 +577,10 @@ impl PolicyStore {
         if self.path.is_none() {
             return;
         }
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => { self.reload(); }
-                () = shutdown.cancelled() => return,
-            }
-        }
+        sluice::shutdown::every(interval, &shutdown, || {
+            self.reload();
+        })
+        .await;
     }
 }
 

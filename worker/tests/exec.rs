@@ -59,6 +59,32 @@ async fn task(q: &Queue, queue: &str, id: &str) -> Option<pb::Task> {
         .task
 }
 
+/// The task `id` of project p's `queue` once it has succeeded (bounded wait).
+async fn succeeded(
+    client: &pb::queue_client::QueueClient<sluice::auth::Bearer<tonic::transport::Channel>>,
+    queue: &str,
+    id: &str,
+) -> anyhow::Result<pb::Task> {
+    eventually(Duration::from_secs(20), "the task to succeed", || {
+        let mut client = client.clone();
+        let request = pb::GetTaskRequest {
+            project: "p".into(),
+            queue: queue.into(),
+            task_id: id.into(),
+        };
+        async move {
+            client
+                .get_task(request)
+                .await
+                .ok()?
+                .into_inner()
+                .task
+                .filter(|t| t.state == i32::from(pb::TaskState::Succeeded))
+        }
+    })
+    .await
+}
+
 async fn stop(mut child: tokio::process::Child) -> anyhow::Result<()> {
     sluice_testkit::binary::sigterm(&child)?;
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
@@ -121,24 +147,7 @@ async fn a_worker_presents_its_api_key() -> anyhow::Result<()> {
         .into_inner()
         .task_id;
     let child = worker(&q, "keyed", &["--api-key", "sk_fleet"], &["cat"])?;
-    let done = eventually(Duration::from_secs(20), "the task to succeed", || {
-        let mut producer = producer.clone();
-        let id = id.clone();
-        async move {
-            producer
-                .get_task(pb::GetTaskRequest {
-                    project: "p".into(),
-                    queue: "keyed".into(),
-                    task_id: id,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .task
-                .filter(|t| t.state == i32::from(pb::TaskState::Succeeded))
-        }
-    })
-    .await?;
+    let done = succeeded(&producer, "keyed", &id).await?;
     assert_eq!(done.result, b"ok");
     stop(child).await?;
     q.service.stop().await
@@ -163,7 +172,10 @@ async fn a_worker_connects_over_mutual_tls() -> anyhow::Result<()> {
     let (cert, key) = (pki.file("worker.crt"), pki.file("worker.key"));
     let channel =
         sluice_testkit::auth::tls_channel(&url, &pki.file("ca.crt"), Some((&cert, &key))).await?;
-    let mut client = pb::queue_client::QueueClient::new(channel);
+    let mut client = pb::queue_client::QueueClient::new(tower::Layer::layer(
+        &sluice::auth::BearerLayer::new(None),
+        channel,
+    ));
     let id = client
         .enqueue(pb::EnqueueRequest {
             task: Some(spec("p", "sealed", b"over tls", pb::Priority::Normal)),
@@ -185,23 +197,7 @@ async fn a_worker_connects_over_mutual_tls() -> anyhow::Result<()> {
         ],
         &["cat"],
     )?;
-    let done = eventually(Duration::from_secs(20), "the task to succeed", || {
-        let (mut client, id) = (client.clone(), id.clone());
-        async move {
-            client
-                .get_task(pb::GetTaskRequest {
-                    project: "p".into(),
-                    queue: "sealed".into(),
-                    task_id: id,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .task
-                .filter(|t| t.state == i32::from(pb::TaskState::Succeeded))
-        }
-    })
-    .await?;
+    let done = succeeded(&client, "sealed", &id).await?;
     assert_eq!(done.result, b"over tls");
     stop(child).await?;
     service.stop().await
