@@ -72,8 +72,11 @@ pub enum Access {
     Roles(&'static [Role]),
 }
 
-/// How a service says what each of its methods (by name, e.g. `Enqueue`) needs.
-pub type AccessFn = fn(&str) -> Access;
+/// How a service says what each of its methods (by name, e.g. `Enqueue`) needs; `None` for a
+/// name that is none of its methods, which the server answers UNIMPLEMENTED before any auth
+/// check (so a method left out of the list is refused, never served unchecked, and callers
+/// probing made-up names all count under one metric label).
+pub type AccessFn = fn(&str) -> Option<Access>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Projects {
@@ -174,6 +177,35 @@ impl Identity {
     }
 }
 
+/// A call's credentials as presented, kept so that a long-lived call (a Lease stream) can check
+/// them again: a key removed from the file or a token past its `exp` ends it. The server puts
+/// one in every guarded call's extensions.
+#[derive(Debug, Clone)]
+pub struct Presented {
+    auth: Auth,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl Presented {
+    /// Checks the credentials again, as for a new call to `method` needing one of `roles`, on
+    /// `project` (named by the request's `field`).
+    pub fn recheck(
+        &self,
+        method: &str,
+        roles: &'static [Role],
+        field: &str,
+        project: &str,
+    ) -> Result<(), Status> {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = &self.authorization {
+            headers.insert(http::header::AUTHORIZATION, value.clone());
+        }
+        let who = self.auth.authenticate(&headers)?;
+        who.admit(Access::Roles(roles), method)?;
+        who.grant(field, project)
+    }
+}
+
 /// The identity the server found for `request`. A call that reached a handler without one did
 /// not come through the server's guard: refused, never let through.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Arc<Identity>, Status> {
@@ -257,6 +289,17 @@ impl Auth {
             sources,
             current: RwLock::new(Arc::new(credentials)),
         })))
+    }
+
+    /// What a guarded call carries for [`Presented::recheck`].
+    pub(crate) fn presented(&self, headers: &http::HeaderMap) -> Presented {
+        Presented {
+            auth: self.clone(),
+            authorization: match self {
+                Self::Off => None,
+                Self::On(_) => headers.get(http::header::AUTHORIZATION).cloned(),
+            },
+        }
     }
 
     /// Who sent `headers`: [`Identity::anyone`] when auth is off, else the identity of the
@@ -369,7 +412,13 @@ impl Credentials {
         };
         let jwt = match &sources.jwt_secret {
             Some(path) => {
-                let secret = read.1.trim_ascii();
+                // A file written by a text editor or `echo` ends in a newline that is not part
+                // of the secret; every other byte is.
+                let secret = read.1.as_slice();
+                let secret = secret
+                    .strip_suffix(b"\r\n")
+                    .or_else(|| secret.strip_suffix(b"\n"))
+                    .unwrap_or(secret);
                 if secret.len() < MIN_JWT_SECRET {
                     return Err(crate::Error::invalid(
                         "auth-jwt-secret",
@@ -584,6 +633,37 @@ fn verify_jwt(key: &ring::hmac::Key, sources: &Sources, token: &str) -> Result<I
     let projects =
         parse_projects(&claims.projects).map_err(|why| refuse(&format!("projects: {why}")))?;
     Ok(Identity::new(sub, roles, projects))
+}
+
+/// A bearer token (an API key or a JWT) taken from a flag or the environment; `Debug` shows no
+/// secret.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// The `authorization` value that presents this token.
+    pub fn bearer(&self) -> Result<http::HeaderValue, crate::Error> {
+        bearer(&self.0)
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+
+    fn from_str(token: &str) -> Result<Self, Self::Err> {
+        Ok(Self(token.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Checks a keys file's text as the services would read it; the number of keys it lists.
+pub fn check_keys_file(text: &str) -> Result<usize, crate::Error> {
+    parse_keys(Path::new("keys file"), text.as_bytes()).map(|keys| keys.len())
 }
 
 /// The `authorization` value that presents `token`; an error when the token cannot be sent as
@@ -855,6 +935,20 @@ mod tests {
                 secret.as_bytes(),
                 r#"{"alg":"none"}"#,
                 &claims(unix_now() + 60.0, "idp", "sluice"),
+            ),
+            // No exp; valid only from an hour on.
+            sign(
+                secret.as_bytes(),
+                header,
+                &serde_json::json!({"sub": "s", "iss": "idp", "aud": "sluice",
+                    "roles": ["worker"], "projects": ["shop"]}),
+            ),
+            sign(
+                secret.as_bytes(),
+                header,
+                &serde_json::json!({"sub": "s", "iss": "idp", "aud": "sluice",
+                    "exp": unix_now() + 7200.0, "nbf": unix_now() + 3600.0,
+                    "roles": ["worker"], "projects": ["shop"]}),
             ),
         ];
         for token in refused {

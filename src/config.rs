@@ -166,9 +166,10 @@ pub struct AuthArgs {
     #[arg(long, env = "SLUICE_AUTH_KEYS", value_name = "FILE")]
     pub auth_keys: Option<PathBuf>,
 
-    /// File holding the HS256 secret (32 bytes or more) that signs accepted JWTs, sent as
-    /// `authorization: Bearer <jwt>`. Claims read: sub (the caller's name), exp (required),
-    /// nbf, roles, projects, and iss/aud when the options below are set.
+    /// File holding the HS256 secret (32 bytes or more; one trailing newline is not part of
+    /// it) that signs accepted JWTs, sent as `authorization: Bearer <jwt>`. Claims read: sub
+    /// (the caller's name), exp (required), nbf, roles, projects, and iss/aud when the options
+    /// below are set (set the audience when the secret is shared with other services).
     #[arg(long, env = "SLUICE_AUTH_JWT_SECRET", value_name = "FILE")]
     pub auth_jwt_secret: Option<PathBuf>,
 

@@ -89,9 +89,10 @@ impl RateLimitLayer {
     /// Sends `token` (an API key or JWT) as `authorization: Bearer` with every check, for a
     /// limiter with auth on; an error if it is not visible ASCII.
     pub fn credentials(mut self, token: &str) -> Result<Self, crate::Error> {
-        let value = format!("Bearer {token}")
+        let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
             .parse()
             .map_err(|_| crate::Error::invalid("credentials", "must be visible ASCII"))?;
+        value.set_sensitive(true);
         self.credentials = Some(value);
         Ok(self)
     }

@@ -126,7 +126,10 @@ where
 
     fn call(&mut self, mut call: Call) -> Self::Future {
         let method = call.uri().path().rsplit('/').next().unwrap_or_default();
-        let access = (self.access)(method);
+        let Some(access) = (self.access)(method) else {
+            let status = tonic::Status::unimplemented(format!("no method {method:?} here"));
+            return futures::future::Either::Right(std::future::ready(Ok(status.into_http())));
+        };
         if access != Access::Open {
             let admitted = self
                 .auth
@@ -134,7 +137,9 @@ where
                 .and_then(|who| who.admit(access, method).map(|()| who));
             match admitted {
                 Ok(who) => {
+                    let presented = self.auth.presented(call.headers());
                     call.extensions_mut().insert(who);
+                    call.extensions_mut().insert(presented);
                 }
                 Err(status) => {
                     return futures::future::Either::Right(std::future::ready(Ok(
@@ -258,7 +263,8 @@ pub fn router(
         }
         builder
     };
-    let open: AccessFn = |_| Access::Open;
+    // Their own servers answer names they do not have.
+    let open: AccessFn = |_| Some(Access::Open);
     let router = Router::new(auth)
         .add_service(health, open)
         .add_service(reflection().build_v1()?, open)
@@ -1037,7 +1043,7 @@ mod tests {
         let mut calls = silent.0.subscribe();
         let mut ended = silent.1.subscribe();
         let server = tokio::spawn(serve(
-            Router::new(Auth::Off).add_service(silent, |_| Access::Open),
+            Router::new(Auth::Off).add_service(silent, |_| Some(Access::Open)),
             listener,
             shutdown.clone(),
             Connections {
@@ -1106,7 +1112,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let interval = Duration::from_millis(200);
         let server = tokio::spawn(serve(
-            Router::new(Auth::Off).add_service(Silent::default(), |_| Access::Open),
+            Router::new(Auth::Off).add_service(Silent::default(), |_| Some(Access::Open)),
             listener,
             shutdown.clone(),
             Connections {

@@ -63,7 +63,7 @@ pub struct RunArgs {
         hide_env_values = true,
         value_name = "TOKEN"
     )]
-    pub api_key: Option<String>,
+    pub api_key: Option<sluice::auth::Token>,
 
     /// Also print the report as one JSON line on stdout (the text block then goes to stderr).
     #[arg(long)]
@@ -284,8 +284,8 @@ async fn redis_usage(
 async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Conn>> {
     let credentials = args
         .api_key
-        .as_deref()
-        .map(sluice::auth::bearer)
+        .as_ref()
+        .map(sluice::auth::Token::bearer)
         .transpose()?;
     let mut conns = Vec::new();
     for _ in 0..args.connections {

@@ -141,13 +141,17 @@ fn new_key(args: &NewKeyArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let entry = format!(
+        "[[keys]]\nname = {:?}\nsha256 = \"{hash}\"\nroles = [{}]\nprojects = [{}]\n",
+        args.name,
+        list(&args.roles),
+        list(&args.projects)
+    );
+    // Read back as the services will: an entry they would refuse is not printed.
+    sluice::auth::check_keys_file(&entry).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("# The key (give it to the caller; shown only now):");
     println!("# {key}");
-    println!("[[keys]]");
-    println!("name = {:?}", args.name);
-    println!("sha256 = \"{hash}\"");
-    println!("roles = [{}]", list(&args.roles));
-    println!("projects = [{}]", list(&args.projects));
+    print!("{entry}");
     Ok(())
 }
 

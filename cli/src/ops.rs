@@ -37,15 +37,25 @@ pub struct Remote {
     /// API key or JWT, sent as `authorization: Bearer`; prefer the environment variable, as
     /// flags show in process lists.
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<String>,
+    api_key: Option<sluice::auth::Token>,
     /// PEM CA of the services' certificates (https://); unset: the system's roots.
     #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
     tls_ca: Option<PathBuf>,
     /// PEM client certificate, for services that require one (mutual TLS); with --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_CERT",
+        value_name = "FILE",
+        global = true
+    )]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        global = true
+    )]
     tls_key: Option<PathBuf>,
     /// Bound on connecting and on each call.
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
@@ -63,10 +73,11 @@ impl Remote {
             _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         };
         if url.starts_with("https://") {
-            endpoint = endpoint.tls_config(sluice::tls::client_config(
-                self.tls_ca.as_deref(),
-                identity,
-            )?)?;
+            let tls = sluice::tls::client_config(self.tls_ca.as_deref(), identity)?;
+            endpoint = endpoint.tls_config(tls)?;
+        } else if self.tls_ca.is_some() || identity.is_some() {
+            // Refused rather than ignored: the token would go out in the clear.
+            anyhow::bail!("--tls-ca/--tls-cert/--tls-key apply to https:// URLs; {url} is not one");
         }
         let channel = endpoint
             .connect()
@@ -74,8 +85,8 @@ impl Remote {
             .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
         let credentials = self
             .api_key
-            .as_deref()
-            .map(sluice::auth::bearer)
+            .as_ref()
+            .map(sluice::auth::Token::bearer)
             .transpose()?;
         Ok(tower::Layer::layer(&BearerLayer::new(credentials), channel))
     }

@@ -258,3 +258,60 @@ async fn operators_tend_queues_from_the_command_line() -> anyhow::Result<()> {
     );
     q.service.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_come_with_an_entry_the_services_accept() -> anyhow::Result<()> {
+    let made = sluice(
+        &[
+            "key",
+            "new",
+            "--name",
+            "web",
+            "--role",
+            "producer",
+            "--project",
+            "shop,mail",
+        ],
+        &[],
+    )
+    .await?;
+    anyhow::ensure!(made.code == Some(0), "{}", made.stderr);
+    let key = made
+        .stdout
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("# "))
+        .ok_or_else(|| anyhow::anyhow!("no key in {}", made.stdout))?;
+    anyhow::ensure!(key.starts_with("sk_") && key.len() == 46, "{key}");
+    let entry: String = made
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    anyhow::ensure!(sluice::auth::check_keys_file(&entry)? == 1, "{entry}");
+    anyhow::ensure!(
+        entry.contains(&sluice::auth::key_hash(key)),
+        "the entry admits the key printed: {entry}"
+    );
+    let refused = sluice(
+        &[
+            "key",
+            "new",
+            "--name",
+            "web",
+            "--role",
+            "admin",
+            "--project",
+            "no spaces",
+        ],
+        &[],
+    )
+    .await?;
+    anyhow::ensure!(
+        refused.code == Some(1) && refused.stderr.contains("projects"),
+        "{}",
+        refused.stderr
+    );
+    Ok(())
+}

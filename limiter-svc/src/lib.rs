@@ -132,10 +132,11 @@ pub async fn run(
 /// What each limiter method asks of its caller. Checks and reads take any valid credentials
 /// (gateways check limits for every tenant, so limits are not bound to projects); resetting a
 /// limit is an operator's call.
-fn access(method: &str) -> Access {
+fn access(method: &str) -> Option<Access> {
     match method {
-        "ResetLimit" => Access::Roles(&[Role::Admin]),
-        _ => Access::Authenticated,
+        "CheckLimit" | "GetLimitStatus" | "ShouldRateLimit" => Some(Access::Authenticated),
+        "ResetLimit" => Some(Access::Roles(&[Role::Admin])),
+        _ => None,
     }
 }
 

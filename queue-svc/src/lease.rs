@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use prost::Message as _;
-use sluice::auth::Identity;
+use sluice::auth::{Identity, Presented, Role};
 use sluice::error::Error;
 use sluice::proto::sluice::queue::v1 as pb;
 use tokio::sync::mpsc;
@@ -159,12 +159,15 @@ struct Stream {
     in_flight: HashMap<String, u64>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     registration: u64,
+    /// Checked again with each batch of messages and each keep-alive tick: credentials revoked
+    /// or expired while the stream is open end it.
+    credentials: Presented,
 }
 
 /// Serves one Lease stream until it ends.
 pub async fn serve(
     service: QueueService,
-    caller: Arc<Identity>,
+    (caller, credentials): (Arc<Identity>, Presented),
     mut inbound: tonic::Streaming<pb::LeaseRequest>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
 ) {
@@ -187,7 +190,7 @@ pub async fn serve(
             return;
         }
     };
-    let mut stream = match Stream::open(service, &caller, subscribe, tx).await {
+    let mut stream = match Stream::open(service, &caller, credentials, subscribe, tx).await {
         Ok(stream) => stream,
         Err((tx, status)) => {
             let _ = tx.send(Err(status)).await;
@@ -202,6 +205,7 @@ impl Stream {
     async fn open(
         service: QueueService,
         caller: &Identity,
+        credentials: Presented,
         s: pb::Subscribe,
         tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     ) -> Result<Self, (mpsc::Sender<Result<pb::LeaseResponse, Status>>, Status)> {
@@ -284,6 +288,7 @@ impl Stream {
             tx,
             registration,
             service,
+            credentials,
         })
     }
 
@@ -381,6 +386,10 @@ impl Stream {
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
                         let (batch, ended) = gather(request, inbound);
+                        if let Err(status) = self.recheck() {
+                            let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
                         if let Err(status) = self.handle_batch(batch).await {
                             let _ = self.tx.send(Err(status)).await;
                             return;
@@ -398,6 +407,10 @@ impl Stream {
                 () = &mut notified, if hungry => {}
                 () = tokio::time::sleep(if wake.pushed.load(Ordering::Relaxed) { SAFETY_POLL_PUSHED } else { SAFETY_POLL }), if hungry => {}
                 _ = keepalive.tick() => {
+                    if let Err(status) = self.recheck() {
+                        let _ = self.tx.send(Err(status)).await;
+                        return;
+                    }
                     // Deadlines are Redis's; a minute's grace absorbs this host's clock
                     // being ahead (and leases extended outside this stream).
                     let now = crate::now_ms();
@@ -420,6 +433,13 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// The stream's credentials checked again: still valid, still the worker role, still the
+    /// subscribed project.
+    fn recheck(&self) -> Result<(), Status> {
+        self.credentials
+            .recheck("Lease", &[Role::Worker], "subscribe.project", &self.project)
     }
 
     /// Handles messages that arrived together, in order, except that completions are

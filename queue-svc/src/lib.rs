@@ -90,20 +90,19 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// The roles each queue method accepts, as the contract lists them (admin holds every role).
 /// Handlers then check the projects a request names.
-fn access(method: &str) -> Access {
+fn access(method: &str) -> Option<Access> {
     const PRODUCER: &[Role] = &[Role::Producer];
     const WORKER: &[Role] = &[Role::Worker];
     const EITHER: &[Role] = &[Role::Producer, Role::Worker];
     const ADMIN: &[Role] = &[Role::Admin];
-    match method {
-        "Enqueue" | "EnqueueBatch" | "CancelTask" => Access::Roles(PRODUCER),
-        "Dequeue" | "Complete" | "Fail" | "ExtendLease" | "Lease" => Access::Roles(WORKER),
-        "GetTask" | "GetQueueStats" => Access::Roles(EITHER),
+    Some(Access::Roles(match method {
+        "Enqueue" | "EnqueueBatch" | "CancelTask" => PRODUCER,
+        "Dequeue" | "Complete" | "Fail" | "ExtendLease" | "Lease" => WORKER,
+        "GetTask" | "GetQueueStats" => EITHER,
         "ListWorkers" | "PauseQueue" | "ResumeQueue" | "ListDeadLetters" | "RedriveDeadLetters"
-        | "PurgeDeadLetters" => Access::Roles(ADMIN),
-        // A method this version does not serve: UNIMPLEMENTED, to any valid caller.
-        _ => Access::Authenticated,
-    }
+        | "PurgeDeadLetters" => ADMIN,
+        _ => return None,
+    }))
 }
 
 /// Runs queue-svc on `listeners` until `shutdown` is cancelled, then drains within the

@@ -1189,10 +1189,15 @@ impl pb::queue_server::Queue for QueueService {
         request: Request<tonic::Streaming<pb::LeaseRequest>>,
     ) -> std::result::Result<Response<Self::LeaseStream>, Status> {
         let caller = sluice::auth::caller(&request)?;
+        let presented = request
+            .extensions()
+            .get::<sluice::auth::Presented>()
+            .cloned()
+            .ok_or_else(|| Status::permission_denied("the call carries no credentials"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(crate::lease::serve(
             self.clone(),
-            caller,
+            (caller, presented),
             request.into_inner(),
             tx,
         ));

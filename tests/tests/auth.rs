@@ -279,7 +279,10 @@ async fn jwts_are_honoured_and_rotated_keys_take_effect_without_a_restart() -> a
     eventually(Duration::from_secs(10), "the new key to be taken", || {
         let (mut old, mut new) = (old.clone(), new.clone());
         async move {
-            let old_refused = old.enqueue(enqueue("shop", "q")).await.is_err();
+            let old_refused = old
+                .enqueue(enqueue("shop", "q"))
+                .await
+                .is_err_and(|s| s.code() == Code::Unauthenticated);
             let new_taken = new.enqueue(enqueue("shop", "q")).await.is_ok();
             (old_refused && new_taken).then_some(())
         }
@@ -289,6 +292,60 @@ async fn jwts_are_honoured_and_rotated_keys_take_effect_without_a_restart() -> a
     std::fs::write(creds.keys(), "[[keys]]\nname = \"half")?;
     tokio::time::sleep(sluice::auth::RELOAD_EVERY * 2).await;
     new.enqueue(enqueue("shop", "q")).await?;
+    q.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_lease_stream_ends_once_its_key_is_revoked() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let creds = Credentials::new(&[("fleet", "sk_fleet", &["worker"], &["shop"])])?;
+    let q = Queue::start(Some(&redis.url()), "", &["--auth-keys", &creds.keys_arg()]).await?;
+    let mut worker = queue_as(&q.service.url(), "sk_fleet").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::LeaseRequest {
+        kind: Some(pb::lease_request::Kind::Subscribe(pb::Subscribe {
+            project: "shop".into(),
+            queues: vec!["q".into()],
+            worker_id: "w1".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = worker
+        .lease(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??;
+    anyhow::ensure!(
+        matches!(
+            first.and_then(|m| m.kind),
+            Some(pb::lease_response::Kind::Subscribed(_))
+        ),
+        "the stream opens"
+    );
+
+    // Revoked: the first message the stream gets once the keys file is reread ends it.
+    creds.write_keys(&[("other", "sk_other", &["worker"], &["shop"])])?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let credit = pb::LeaseRequest {
+                kind: Some(pb::lease_request::Kind::Credits(pb::Credits { add: 0 })),
+            };
+            if tx.send(credit).await.is_err() {
+                anyhow::bail!("the stream closed without a status");
+            }
+            tokio::select! {
+                message = stream.message() => match message {
+                    Err(status) => return Ok(status),
+                    Ok(None) => anyhow::bail!("the stream ended without a status"),
+                    Ok(Some(_)) => {}
+                },
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    })
+    .await??;
+    anyhow::ensure!(ended.code() == Code::Unauthenticated, "{ended:?}");
     q.service.stop().await
 }
 

@@ -1,9 +1,12 @@
 //! Every service, started in-process: health, both reflection versions, /metrics, and a clean
 //! stop.
 
+use sluice_testkit::auth::Credentials;
 use sluice_testkit::{Service, probe};
 
-async fn check_scaffold(service: Service) -> anyhow::Result<()> {
+/// `service` runs with auth on: health and reflection answer without credentials, and so do
+/// paths naming nothing served (`own_absent` is a made-up method of its own service).
+async fn check_scaffold(service: Service, own_absent: &'static str) -> anyhow::Result<()> {
     let url = service.url();
     assert_eq!(probe::health(&url, "").await?, probe::SERVING);
     for services in [
@@ -27,6 +30,7 @@ async fn check_scaffold(service: Service) -> anyhow::Result<()> {
     for path in [
         "/sluice.test.Absent/Call",
         "/grpc.health.v1.Health/ProbeNoSuchMethod",
+        own_absent,
     ] {
         let status = call_empty(&channel, path).await;
         assert_eq!(
@@ -42,15 +46,15 @@ async fn check_scaffold(service: Service) -> anyhow::Result<()> {
         "the calls above were counted: {metrics}"
     );
     let unknown = format!(
-        "sluice_grpc_requests_total{{method=\"{}\",code=\"12\"}} 2",
+        "sluice_grpc_requests_total{{method=\"{}\",code=\"12\"}} 3",
         sluice::server::UNKNOWN_METHOD
     );
     assert!(
         metrics.contains(&unknown),
-        "both calls counted under one label: {metrics}"
+        "the three calls counted under one label: {metrics}"
     );
     assert!(
-        !metrics.contains("Absent") && !metrics.contains("ProbeNoSuchMethod"),
+        !metrics.contains("Absent") && !metrics.contains("NoSuchMethod"),
         "a path the caller made up is no label: {metrics}"
     );
     service.stop().await
@@ -86,12 +90,18 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
-    let config = limiter_svc::Config::from_args(["limiter-svc", "--no-auth"])?;
-    check_scaffold(Service::start(|l, s| limiter_svc::run(l, config, s)).await?).await
+    let creds = Credentials::new(&[])?;
+    let keys = creds.keys_arg();
+    let config = limiter_svc::Config::from_args(["limiter-svc", "--auth-keys", &keys])?;
+    let service = Service::start(|l, s| limiter_svc::run(l, config, s)).await?;
+    check_scaffold(service, "/sluice.limiter.v1.Limiter/NoSuchMethod").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_serves_health_reflection_and_metrics() -> anyhow::Result<()> {
-    let config = queue_svc::Config::from_args(["queue-svc", "--no-auth"])?;
-    check_scaffold(Service::start(|l, s| queue_svc::run(l, config, s)).await?).await
+    let creds = Credentials::new(&[])?;
+    let keys = creds.keys_arg();
+    let config = queue_svc::Config::from_args(["queue-svc", "--auth-keys", &keys])?;
+    let service = Service::start(|l, s| queue_svc::run(l, config, s)).await?;
+    check_scaffold(service, "/sluice.queue.v1.Queue/NoSuchMethod").await
 }

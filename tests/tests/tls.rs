@@ -186,3 +186,52 @@ async fn bad_tls_files_stop_the_service_naming_the_option() -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_in_the_tls_handshake_is_disconnected() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new()?;
+    pki.issue("ca", &["server"])?;
+    let tls = sluice::tls::Tls::load(sluice::tls::ServerFiles {
+        cert: pki.file("server.crt"),
+        key: pki.file("server.key"),
+        client_ca: None,
+    })?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let (router, _health) = sluice::server::router(&[], &[], sluice::auth::Auth::Off)?;
+    let server = tokio::spawn(sluice::server::serve(
+        router,
+        listener,
+        shutdown.clone(),
+        sluice::server::Connections {
+            grace: Duration::from_millis(200),
+            keepalive: None,
+            handshake: Duration::from_millis(500),
+            tls: Some(tls),
+        },
+    ));
+    // A TLS record header announcing a 200-byte ClientHello, one byte of it, then silence.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await?;
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01])
+        .await?;
+    let mut buf = [0; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    anyhow::ensure!(
+        closed.is_ok(),
+        "the connection is closed once the handshake deadline passes"
+    );
+    shutdown.cancel();
+    server.await??;
+    Ok(())
+}

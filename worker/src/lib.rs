@@ -39,7 +39,7 @@ const MAX_HEARTBEAT_TASKS: usize = 1000;
 pub type Client = QueueClient<Bearer<GrpcClientTrace<Channel>>>;
 
 /// How a worker reaches queue-svc.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Transport {
     /// Bound on connecting.
     pub connect_timeout: Duration,
@@ -49,6 +49,20 @@ pub struct Transport {
     /// TLS for `https://` URLs (see [`sluice::tls::client_config`]); `None`: the defaults of
     /// the system's roots, no client certificate.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The TLS configuration holds the client's private key: only whether there is one.
+        f.debug_struct("Transport")
+            .field("connect_timeout", &self.connect_timeout)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Transport {
@@ -65,12 +79,14 @@ impl Transport {
         let endpoint = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        // TLS options with an http:// URL are refused where the options are read (the
+        // binary's `transport`): a token must not go out in the clear while TLS looks on.
         match (&self.tls, url.starts_with("https://")) {
-            (Some(tls), _) => endpoint.tls_config(tls.clone()),
+            (Some(tls), true) => endpoint.tls_config(tls.clone()),
             (None, true) => {
                 endpoint.tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
             }
-            (None, false) => Ok(endpoint),
+            (_, false) => Ok(endpoint),
         }
     }
 }

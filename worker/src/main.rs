@@ -30,17 +30,27 @@ struct Cli {
     /// API key or JWT holding the worker role on the project, sent as `authorization: Bearer`
     /// on every call. Prefer the environment variable: flags show in process lists.
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<String>,
+    api_key: Option<sluice::auth::Token>,
     /// PEM CA that signs queue-svc's certificate, for https:// URLs; unset: the system's
     /// trusted roots.
     #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
     tls_ca: Option<std::path::PathBuf>,
     /// PEM certificate the worker presents to a queue-svc that requires client certificates
     /// (mutual TLS); with --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_CERT",
+        value_name = "FILE",
+        global = true
+    )]
     tls_cert: Option<std::path::PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        global = true
+    )]
     tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -126,12 +136,17 @@ fn transport(cli: &Cli) -> anyhow::Result<Transport> {
     let tls = (cli.tls_ca.is_some() || identity.is_some())
         .then(|| sluice::tls::client_config(cli.tls_ca.as_deref(), identity))
         .transpose()?;
+    if tls.is_some()
+        && let Some(plain) = cli.queue_url.iter().find(|u| !u.starts_with("https://"))
+    {
+        anyhow::bail!("--tls-ca/--tls-cert/--tls-key apply to https:// URLs; {plain} is not one");
+    }
     Ok(Transport {
         connect_timeout: cli.connect_timeout,
         credentials: cli
             .api_key
-            .as_deref()
-            .map(sluice::auth::bearer)
+            .as_ref()
+            .map(sluice::auth::Token::bearer)
             .transpose()?,
         tls,
     })
