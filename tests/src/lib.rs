@@ -62,6 +62,22 @@ pub fn auth_choice(args: &[&str]) -> &'static [&'static str] {
     if chosen { &[] } else { &["--no-auth"] }
 }
 
+/// The Python interpreter of the tests' venv (`.venv`, which `.ci/run` creates with
+/// tests/python/requirements.txt), or the one `SLUICE_PYTHON` names.
+pub fn python() -> anyhow::Result<std::path::PathBuf> {
+    let python = std::env::var_os("SLUICE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+        });
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing: run .ci/run once (it creates the venv with tests/python/requirements.txt)",
+        python.display()
+    );
+    Ok(python)
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again later).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

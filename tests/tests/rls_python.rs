@@ -12,20 +12,8 @@ fn python_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
 }
 
-fn interpreter() -> anyhow::Result<PathBuf> {
-    let python = std::env::var_os("SLUICE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
-    anyhow::ensure!(
-        python.exists(),
-        "{} is missing: run .ci/run once (it creates the venv with tests/python/requirements.txt)",
-        python.display()
-    );
-    Ok(python)
-}
-
 async fn run_python_suite(store: StoreKind) -> anyhow::Result<()> {
-    let python = interpreter()?;
+    let python = sluice_testkit::python()?;
     let limits = std::fs::read_to_string(python_dir().join("rls_limits.toml"))?;
     let limiter = Limiter::start(&store, &limits, &[]).await?;
     let run_id = format!("{}-{}", std::process::id(), limiter.service.grpc.port());
