@@ -2,13 +2,17 @@
 """Black-box test of limiter-svc's Envoy rate limit service, from a client that shares no
 code with the server: Envoy's own protos as published on PyPI (`xds-protos`) over `grpcio`.
 
-    python tests/python/test_rls.py 127.0.0.1:50051 RUN_ID
+    python tests/python/test_rls.py 127.0.0.1:50051 RUN_ID [API_KEY]
 
 The server must run with tests/python/rls_limits.toml as its limits file:
 
     per-ip:  3 per minute              rule ["remote_address"]           (a counter per value)
     edge.1:  2 per hour (inline)       rule ["path=/api/*", "user"]      (prefix match)
     edge.2:  5 per hour, token bucket  rule ["tier=gold"]                (exact match)
+
+With API_KEY (a server with auth on), every call sends it as `authorization: Bearer` metadata,
+as Envoy does with the rate limit cluster's `initial_metadata`, and one more group checks that
+calls without it, or with a wrong key, are UNAUTHENTICATED.
 
 RUN_ID goes into every descriptor value that a counter is keyed on, so a rerun against the same
 server (or the same Redis) never shares counters with an earlier run. Each check group prints
@@ -35,8 +39,9 @@ RPC_TIMEOUT = 5.0
 
 
 class Client:
-    def __init__(self, address, run_id):
+    def __init__(self, address, run_id, api_key=None):
         self.channel = grpc.insecure_channel(address)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.stub = rls_pb2_grpc.RateLimitServiceStub(self.channel)
         self.run_id = run_id
         # Two octets from the run id, so IP values differ between runs; the last octet tells
@@ -49,7 +54,7 @@ class Client:
 
     def call(self, descriptors, hits_addend=0, domain=DOMAIN):
         request = rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors, hits_addend=hits_addend)
-        return self.stub.ShouldRateLimit(request, timeout=RPC_TIMEOUT)
+        return self.stub.ShouldRateLimit(request, timeout=RPC_TIMEOUT, metadata=self.metadata)
 
 
 def descriptor(*entries, hits_addend=None):
@@ -338,7 +343,7 @@ def check_headers(c):
 def expect_invalid(c, request_kwargs, needle, what):
     request = rls_pb2.RateLimitRequest(**request_kwargs)
     try:
-        r = c.stub.ShouldRateLimit(request, timeout=RPC_TIMEOUT)
+        r = c.stub.ShouldRateLimit(request, timeout=RPC_TIMEOUT, metadata=c.metadata)
     except grpc.RpcError as e:
         expect(e.code() == grpc.StatusCode.INVALID_ARGUMENT,
                f"{what}: expected INVALID_ARGUMENT, got {e.code()} ({e.details()!r})")
@@ -355,6 +360,18 @@ def check_bad_input(c):
                    "entries", "a descriptor with no entries")
 
 
+def check_credentials(c):
+    request = rls_pb2.RateLimitRequest(domain=DOMAIN, descriptors=[descriptor(("remote_address", c.ip(16)))])
+    for metadata, what in [((), "no credentials"), ((("authorization", "Bearer sk_wrong"),), "a wrong key")]:
+        try:
+            r = c.stub.ShouldRateLimit(request, timeout=RPC_TIMEOUT, metadata=metadata)
+        except grpc.RpcError as e:
+            expect(e.code() == grpc.StatusCode.UNAUTHENTICATED,
+                   f"{what}: expected UNAUTHENTICATED, got {e.code()} ({e.details()!r})")
+            continue
+        expect(False, f"{what}: expected UNAUTHENTICATED, got a response", r)
+
+
 CHECKS = [
     ("exact value, a counter per value", check_exact_value_counters),
     ("prefix match and non-matching descriptors", check_prefix_match),
@@ -367,17 +384,18 @@ CHECKS = [
 
 
 def main(argv):
-    if len(argv) != 3 or not argv[2]:
-        print(f"usage: {argv[0]} HOST:PORT RUN_ID", file=sys.stderr)
+    if len(argv) not in (3, 4) or not argv[2]:
+        print(f"usage: {argv[0]} HOST:PORT RUN_ID [API_KEY]", file=sys.stderr)
         return 2
-    c = Client(argv[1], argv[2])
+    c = Client(argv[1], argv[2], argv[3] if len(argv) == 4 else None)
+    checks = CHECKS + ([("without the key: UNAUTHENTICATED", check_credentials)] if c.metadata else [])
     try:
         grpc.channel_ready_future(c.channel).result(timeout=10)
     except grpc.FutureTimeoutError:
         print(f"FAIL: cannot connect to {argv[1]} within 10s", file=sys.stderr)
         return 2
     passed = failed = 0
-    for name, check in CHECKS:
+    for name, check in checks:
         try:
             check(c)
         except AssertionError as e:
