@@ -187,3 +187,30 @@ async fn malformed_keys_are_refused_and_a_silent_limiter_times_out() -> anyhow::
     held.abort();
     Ok(())
 }
+
+/// Against a limiter with auth on, the layer sends its key with every check and the limit is
+/// enforced; a layer without valid credentials is refused by the limiter, which counts as the
+/// layer's own configuration at fault: its failure mode decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_presents_its_key_to_a_limiter_with_auth_on() -> anyhow::Result<()> {
+    let creds =
+        sluice_testkit::auth::Credentials::new(&[("api", "sk_api", &["producer"], &["*"])])?;
+    let limiter = Limiter::start(
+        &StoreKind::Embedded,
+        LIMITS,
+        &["--auth-keys", &creds.keys_arg()],
+    )
+    .await?;
+    let keyed = RateLimitLayer::new(limiter.client.clone(), Protocol::Http, by_user)
+        .credentials("sk_api")?
+        .fail_open(false);
+    let answers = get_through(keyed, &["bo".into(), "bo".into(), "bo".into()]).await?;
+    assert!(answers[1].starts_with("http/1.1 200"), "{}", answers[1]);
+    assert!(answers[2].starts_with("http/1.1 429"), "{}", answers[2]);
+    let keyless = RateLimitLayer::new(limiter.client.clone(), Protocol::Http, by_user);
+    let answers = get_through(keyless.clone().fail_open(false), &["cy".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 503"), "{}", answers[0]);
+    let answers = get_through(keyless, &["cy".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 200"), "{}", answers[0]);
+    limiter.service.stop().await
+}
