@@ -1,8 +1,9 @@
 //! Who may call what: credentials in a call's metadata, mapped to projects and roles.
 //!
 //! A caller sends `authorization: Bearer <token>`. The token is either an API key, listed by
-//! its SHA-256 in the keys file (`--auth-keys`), or a JWT signed with HS256 under the secret in
-//! `--auth-jwt-secret`. Either way it stands for an [`Identity`]: a name, the roles it holds
+//! its SHA-256 in the keys file (`--auth-keys`), or a JWT: signed with HS256 under the secret in
+//! `--auth-jwt-secret`, or with RS256 / ES256 by a key whose public half is in
+//! `--auth-jwt-public-keys` (an identity provider's). Either way it stands for an [`Identity`]: a name, the roles it holds
 //! (producer, worker, admin) and the projects it may touch (`*`: every project).
 //!
 //! The server checks the role a method needs before the call reaches its handler (each service
@@ -251,6 +252,8 @@ pub struct Sources {
     pub keys: Option<PathBuf>,
     /// The HS256 secret file.
     pub jwt_secret: Option<PathBuf>,
+    /// PEM public keys (RSA, EC P-256) of RS256 / ES256 tokens.
+    pub jwt_public_keys: Option<PathBuf>,
     /// A JWT's `iss` must be this, when set.
     pub jwt_issuer: Option<String>,
     /// A JWT's `aud` must name this, when set.
@@ -260,9 +263,24 @@ pub struct Sources {
 struct Credentials {
     /// SHA-256 of each key → who it is.
     keys: HashMap<[u8; 32], Arc<Identity>>,
-    jwt: Option<ring::hmac::Key>,
+    /// `None`: no JWT is accepted.
+    jwt: Option<JwtKeys>,
     /// The files' bytes these were read from, to tell a change.
-    read: (Vec<u8>, Vec<u8>),
+    read: Read,
+}
+
+/// The keys, secret, and public keys files' bytes (empty when not set).
+type Read = [Vec<u8>; 3];
+
+/// What JWT signatures are checked with. Each `alg` has its own keys, so a token cannot pass
+/// one kind of key off as another (an HS256 token is never checked against a public key).
+#[derive(Default)]
+struct JwtKeys {
+    hs256: Option<ring::hmac::Key>,
+    /// RSAPublicKey DER of each RSA key (RS256).
+    rs256: Vec<Vec<u8>>,
+    /// Uncompressed points of each P-256 key (ES256).
+    es256: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -277,11 +295,14 @@ impl std::fmt::Debug for Credentials {
 impl Auth {
     /// Auth on with the credentials in `sources` (read now: a bad file is an error here).
     pub fn load(sources: Sources) -> Result<Self, crate::Error> {
-        if sources.keys.is_none() && sources.jwt_secret.is_none() {
+        if sources.keys.is_none()
+            && sources.jwt_secret.is_none()
+            && sources.jwt_public_keys.is_none()
+        {
             return Err(crate::Error::invalid(
                 "auth-keys",
                 "auth is on unless --no-auth is given: name an API keys file (--auth-keys) \
-                 and/or a JWT secret (--auth-jwt-secret)",
+                 and/or JWT keys (--auth-jwt-secret, --auth-jwt-public-keys)",
             ));
         }
         let credentials = Credentials::read(&sources)?;
@@ -388,16 +409,17 @@ impl Verifier {
     }
 }
 
-fn read_sources(sources: &Sources) -> Result<(Vec<u8>, Vec<u8>), crate::Error> {
+fn read_sources(sources: &Sources) -> Result<Read, crate::Error> {
     let read = |path: &Option<PathBuf>, option: &str| match path {
         Some(path) => std::fs::read(path)
             .map_err(|e| crate::Error::invalid(option, format!("{}: {e}", path.display()))),
         None => Ok(Vec::new()),
     };
-    Ok((
+    Ok([
         read(&sources.keys, "auth-keys")?,
         read(&sources.jwt_secret, "auth-jwt-secret")?,
-    ))
+        read(&sources.jwt_public_keys, "auth-jwt-public-keys")?,
+    ])
 }
 
 impl Credentials {
@@ -405,16 +427,16 @@ impl Credentials {
         Self::parse(sources, read_sources(sources)?)
     }
 
-    fn parse(sources: &Sources, read: (Vec<u8>, Vec<u8>)) -> Result<Self, crate::Error> {
+    fn parse(sources: &Sources, read: Read) -> Result<Self, crate::Error> {
         let keys = match &sources.keys {
-            Some(path) => parse_keys(path, &read.0)?,
+            Some(path) => parse_keys(path, &read[0])?,
             None => HashMap::new(),
         };
-        let jwt = match &sources.jwt_secret {
+        let hs256 = match &sources.jwt_secret {
             Some(path) => {
                 // A file written by a text editor or `echo` ends in a newline that is not part
                 // of the secret; every other byte is.
-                let secret = read.1.as_slice();
+                let secret = read[1].as_slice();
                 let secret = secret
                     .strip_suffix(b"\r\n")
                     .or_else(|| secret.strip_suffix(b"\n"))
@@ -434,7 +456,24 @@ impl Credentials {
             }
             None => None,
         };
-        Ok(Self { keys, jwt, read })
+        let mut jwt = JwtKeys {
+            hs256,
+            ..JwtKeys::default()
+        };
+        if let Some(path) = &sources.jwt_public_keys {
+            parse_public_keys(&read[2], &mut jwt).map_err(|reason| {
+                crate::Error::invalid(
+                    "auth-jwt-public-keys",
+                    format!("{}: {reason}", path.display()),
+                )
+            })?;
+        }
+        let any = jwt.hs256.is_some() || !jwt.rs256.is_empty() || !jwt.es256.is_empty();
+        Ok(Self {
+            keys,
+            jwt: any.then_some(jwt),
+            read,
+        })
     }
 }
 
@@ -569,9 +608,75 @@ struct Claims {
     projects: Vec<String>,
 }
 
-/// The identity a JWT (HS256 under `key`) stands for: `sub` names it, `roles` and `projects`
-/// list what it holds; `exp` is required.
-fn verify_jwt(key: &ring::hmac::Key, sources: &Sources, token: &str) -> Result<Identity, Status> {
+/// Reads the PEM public keys (SubjectPublicKeyInfo, `-----BEGIN PUBLIC KEY-----`) of `pem`:
+/// RSA keys for RS256, P-256 keys for ES256; anything else is an error.
+fn parse_public_keys(pem: &[u8], jwt: &mut JwtKeys) -> Result<(), String> {
+    use rustls::pki_types::SubjectPublicKeyInfoDer;
+    use rustls::pki_types::pem::PemObject as _;
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    const EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    for (i, spki) in SubjectPublicKeyInfoDer::pem_slice_iter(pem).enumerate() {
+        let spki = spki.map_err(|e| format!("key {i}: not a PEM public key: {e}"))?;
+        let malformed = || format!("key {i}: malformed SubjectPublicKeyInfo");
+        let (0x30, body, _) = der(spki.as_ref()).ok_or_else(malformed)? else {
+            return Err(malformed());
+        };
+        let (0x30, algorithm, rest) = der(body).ok_or_else(malformed)? else {
+            return Err(malformed());
+        };
+        let (0x03, bits, _) = der(rest).ok_or_else(malformed)? else {
+            return Err(malformed());
+        };
+        let (0x06, oid, params) = der(algorithm).ok_or_else(malformed)? else {
+            return Err(malformed());
+        };
+        let key = match bits.split_first() {
+            Some((0, key)) => key.to_vec(),
+            _ => return Err(malformed()),
+        };
+        match oid {
+            RSA => jwt.rs256.push(key),
+            EC if der(params).is_some_and(|(tag, curve, _)| tag == 0x06 && curve == P256) => {
+                jwt.es256.push(key);
+            }
+            _ => {
+                return Err(format!(
+                    "key {i}: only RSA and EC P-256 public keys are read"
+                ));
+            }
+        }
+    }
+    if jwt.rs256.is_empty() && jwt.es256.is_empty() {
+        return Err("holds no PEM public key".into());
+    }
+    Ok(())
+}
+
+/// One DER element of `input`: (tag, contents, what follows). Definite lengths up to 4 bytes.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at_checked(n)?;
+        let len = bytes
+            .iter()
+            .fold(0usize, |len, b| (len << 8) | usize::from(*b));
+        (len, rest)
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    Some((tag, contents, rest))
+}
+
+/// The identity a JWT stands for: `sub` names it, `roles` and `projects` list what it holds;
+/// `exp` is required. The signature is checked with the keys of its `alg` only.
+fn verify_jwt(keys: &JwtKeys, sources: &Sources, token: &str) -> Result<Identity, Status> {
     let refuse = |why: &str| Status::unauthenticated(format!("JWT refused: {why}"));
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let Some((signed, signature)) = token.rsplit_once('.') else {
@@ -585,14 +690,34 @@ fn verify_jwt(key: &ring::hmac::Key, sources: &Sources, token: &str) -> Result<I
         .ok()
         .and_then(|h| serde_json::from_slice(&h).ok())
         .ok_or_else(|| refuse("the header is not base64url JSON"))?;
-    if header.alg != "HS256" {
-        return Err(refuse("only alg HS256 is accepted"));
-    }
     let signature = b64
         .decode(signature)
         .map_err(|_| refuse("the signature is not base64url"))?;
-    ring::hmac::verify(key, signed.as_bytes(), &signature)
-        .map_err(|_| refuse("the signature does not match"))?;
+    let public = |algorithm: &'static dyn ring::signature::VerificationAlgorithm,
+                  keys: &[Vec<u8>]| {
+        keys.iter().any(|key| {
+            ring::signature::UnparsedPublicKey::new(algorithm, key)
+                .verify(signed.as_bytes(), &signature)
+                .is_ok()
+        })
+    };
+    let verified = match header.alg.as_str() {
+        "HS256" => match &keys.hs256 {
+            Some(key) => ring::hmac::verify(key, signed.as_bytes(), &signature).is_ok(),
+            None => return Err(refuse("HS256 is not accepted here (no --auth-jwt-secret)")),
+        },
+        "RS256" if !keys.rs256.is_empty() => {
+            public(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &keys.rs256)
+        }
+        "ES256" if !keys.es256.is_empty() => {
+            public(&ring::signature::ECDSA_P256_SHA256_FIXED, &keys.es256)
+        }
+        "RS256" | "ES256" => return Err(refuse("no public key of that kind is configured")),
+        _ => return Err(refuse("alg must be HS256, RS256 or ES256")),
+    };
+    if !verified {
+        return Err(refuse("the signature does not match"));
+    }
     let claims: Claims = b64
         .decode(claims)
         .ok()
@@ -881,6 +1006,21 @@ mod tests {
             Auth::load(Sources::default()).is_err(),
             "auth needs a source"
         );
+        // Public keys: none at all, not DER inside, a kind that is neither RSA nor P-256
+        // (an Ed25519 SubjectPublicKeyInfo).
+        for text in [
+            "nothing here\n",
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+        ] {
+            let path = files.write("keys.pub", text);
+            let err = Auth::load(Sources {
+                jwt_public_keys: Some(path),
+                ..Sources::default()
+            })
+            .expect_err(text);
+            assert!(err.to_string().contains("auth-jwt-public-keys"), "{err}");
+        }
     }
 
     #[test]

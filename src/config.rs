@@ -173,6 +173,12 @@ pub struct AuthArgs {
     #[arg(long, env = "SLUICE_AUTH_JWT_SECRET", value_name = "FILE")]
     pub auth_jwt_secret: Option<PathBuf>,
 
+    /// PEM file of public keys (`-----BEGIN PUBLIC KEY-----`; RSA for RS256, EC P-256 for
+    /// ES256; several for rotation) whose tokens are accepted: an identity provider's. Same
+    /// claims as above. Reread when it changes.
+    #[arg(long, env = "SLUICE_AUTH_JWT_PUBLIC_KEYS", value_name = "FILE")]
+    pub auth_jwt_public_keys: Option<PathBuf>,
+
     /// A JWT's `iss` must be this.
     #[arg(long, env = "SLUICE_AUTH_JWT_ISSUER", value_name = "ISSUER")]
     pub auth_jwt_issuer: Option<String>,
@@ -193,22 +199,23 @@ impl AuthArgs {
         let sources = crate::auth::Sources {
             keys: self.auth_keys.clone(),
             jwt_secret: self.auth_jwt_secret.clone(),
+            jwt_public_keys: self.auth_jwt_public_keys.clone(),
             jwt_issuer: self.auth_jwt_issuer.clone(),
             jwt_audience: self.auth_jwt_audience.clone(),
         };
-        if (sources.jwt_issuer.is_some() || sources.jwt_audience.is_some())
-            && sources.jwt_secret.is_none()
-        {
+        let jwt = sources.jwt_secret.is_some() || sources.jwt_public_keys.is_some();
+        if (sources.jwt_issuer.is_some() || sources.jwt_audience.is_some()) && !jwt {
             return Err(crate::Error::invalid(
                 "auth-jwt-issuer",
-                "--auth-jwt-issuer and --auth-jwt-audience apply to JWTs: give --auth-jwt-secret",
+                "--auth-jwt-issuer and --auth-jwt-audience apply to JWTs: give \
+                 --auth-jwt-secret or --auth-jwt-public-keys",
             ));
         }
         if self.no_auth {
-            if sources.keys.is_some() || sources.jwt_secret.is_some() {
+            if sources.keys.is_some() || jwt {
                 return Err(crate::Error::invalid(
                     "no-auth",
-                    "--no-auth contradicts --auth-keys / --auth-jwt-secret: give one or the other",
+                    "--no-auth contradicts --auth-keys / --auth-jwt-*: give one or the other",
                 ));
             }
             return Ok(crate::auth::Auth::Off);

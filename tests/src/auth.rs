@@ -77,6 +77,85 @@ impl Credentials {
     }
 }
 
+/// Makes a key pair with openssl in `dir`: `{name}.key` (PKCS#8 PEM) and `{name}.pub` (PEM
+/// SubjectPublicKeyInfo); `rsa` (2048 bits) or else EC P-256.
+pub fn key_pair(dir: &Path, name: &str, rsa: bool) -> anyhow::Result<()> {
+    let (key, public) = (format!("{name}.key"), format!("{name}.pub"));
+    let kind = if rsa {
+        ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]
+    } else {
+        ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    };
+    let mut generate = vec!["genpkey"];
+    generate.extend(kind);
+    generate.extend(["-out", key.as_str()]);
+    let steps = [
+        generate,
+        vec![
+            "pkey",
+            "-in",
+            key.as_str(),
+            "-pubout",
+            "-out",
+            public.as_str(),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (.ci/run installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A JWT over `claims` signed with the PKCS#8 PEM private key at `key`: RS256 for an RSA key,
+/// ES256 for a P-256 one.
+pub fn jwt_signed_by(key: &Path, rsa: bool, claims: &serde_json::Value) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(key)?;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(body)?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let alg = if rsa { "RS256" } else { "ES256" };
+    let signed = format!(
+        "{}.{}",
+        b64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#)),
+        b64.encode(claims.to_string())
+    );
+    let rng = ring::rand::SystemRandom::new();
+    let signature = if rsa {
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(&der)
+            .map_err(|e| anyhow::anyhow!("RSA key: {e}"))?;
+        let mut signature = vec![0; pair.public().modulus_len()];
+        pair.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &rng,
+            signed.as_bytes(),
+            &mut signature,
+        )
+        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        signature
+    } else {
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &der,
+            &rng,
+        )
+        .map_err(|e| anyhow::anyhow!("EC key: {e}"))?;
+        pair.sign(&rng, signed.as_bytes())
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))?
+            .as_ref()
+            .to_vec()
+    };
+    Ok(format!("{signed}.{}", b64.encode(signature)))
+}
+
 /// An HS256 JWT over `claims`, signed with `secret`.
 pub fn jwt(secret: &str, claims: &serde_json::Value) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -144,6 +144,7 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         "SLUICE_REDIS_URL",
         "--auth-keys",
         "--auth-jwt-secret",
+        "--auth-jwt-public-keys",
         "--no-auth",
         "--tls-cert",
         "--tls-key",

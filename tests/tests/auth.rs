@@ -10,7 +10,9 @@ use sluice::proto::envoy::extensions::common::ratelimit::v3::{
 use sluice::proto::envoy::service::ratelimit::v3 as rls;
 use sluice::proto::sluice::limiter::v1 as pb_limiter;
 use sluice::proto::sluice::queue::v1 as pb;
-use sluice_testkit::auth::{Credentials, SECRET, channel_as, jwt, unix_now};
+use sluice_testkit::auth::{
+    Credentials, Pki, SECRET, channel_as, jwt, jwt_signed_by, key_pair, unix_now,
+};
 use sluice_testkit::limiter::{Limiter, StoreKind, policy_check, request};
 use sluice_testkit::queue::{Queue, dequeue, spec};
 use sluice_testkit::{RedisServer, eventually, probe};
@@ -292,6 +294,62 @@ async fn jwts_are_honoured_and_rotated_keys_take_effect_without_a_restart() -> a
     std::fs::write(creds.keys(), "[[keys]]\nname = \"half")?;
     tokio::time::sleep(sluice::auth::RELOAD_EVERY * 2).await;
     new.enqueue(enqueue("shop", "q")).await?;
+    q.service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_provider_tokens_are_checked_with_its_public_keys() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new()?;
+    for (name, rsa) in [("idp-rsa", true), ("idp-ec", false), ("rogue", true)] {
+        key_pair(pki.file("").as_path(), name, rsa)?;
+    }
+    // Both of the provider's keys in one file, as during a rotation.
+    let mut keys = std::fs::read(pki.file("idp-rsa.pub"))?;
+    keys.extend(std::fs::read(pki.file("idp-ec.pub"))?);
+    std::fs::write(pki.file("idp.pub"), &keys)?;
+    let q = Queue::start(
+        Some(&redis.url()),
+        "",
+        &[
+            "--auth-jwt-public-keys",
+            &pki.arg("idp.pub"),
+            "--auth-jwt-audience",
+            "sluice",
+        ],
+    )
+    .await?;
+    let url = q.service.url();
+    let claims = serde_json::json!({"sub": "fleet-9", "exp": unix_now() + 300, "aud": "sluice",
+        "roles": ["worker"], "projects": ["shop"]});
+    for (key, rsa) in [("idp-rsa.key", true), ("idp-ec.key", false)] {
+        let token = jwt_signed_by(&pki.file(key), rsa, &claims)?;
+        let mut fleet = queue_as(&url, &token).await?;
+        fleet.dequeue(dequeue("shop", "q", 1)).await?;
+        refused(
+            fleet.dequeue(dequeue("other", "q", 1)).await,
+            Code::PermissionDenied,
+            &["fleet-9"],
+        )?;
+    }
+    // Another key's signature; an HS256 token, whether signed with some secret or with the
+    // provider's public key as one (the classic algorithm confusion).
+    let public_pem = std::fs::read_to_string(pki.file("idp-rsa.pub"))?;
+    for (token, why) in [
+        (
+            jwt_signed_by(&pki.file("rogue.key"), true, &claims)?,
+            "signature",
+        ),
+        (jwt(SECRET, &claims), "HS256"),
+        (jwt(&public_pem, &claims), "HS256"),
+    ] {
+        let mut client = queue_as(&url, &token).await?;
+        refused(
+            client.dequeue(dequeue("shop", "q", 1)).await,
+            Code::Unauthenticated,
+            &[why],
+        )?;
+    }
     q.service.stop().await
 }
 
