@@ -265,9 +265,19 @@ struct Credentials {
     keys: HashMap<[u8; 32], Arc<Identity>>,
     /// `None`: no JWT is accepted.
     jwt: Option<JwtKeys>,
+    /// JWTs already verified against these credentials (an RSA signature costs tens of
+    /// microseconds; a client sends the same token on every call): SHA-256 of the token → who
+    /// it is and its `exp`. Dropped with the credentials on a reload.
+    verified: std::sync::Mutex<Verified>,
     /// The files' bytes these were read from, to tell a change.
     read: Read,
 }
+
+/// SHA-256 of a verified JWT → who it is and its `exp`.
+type Verified = HashMap<[u8; 32], (Arc<Identity>, f64)>;
+
+/// Most verified JWTs remembered; past it the memory starts over.
+const MAX_VERIFIED: usize = 10_000;
 
 /// The keys, secret, and public keys files' bytes (empty when not set).
 type Read = [Vec<u8>; 3];
@@ -352,14 +362,14 @@ impl Auth {
                 Status::unauthenticated("the authorization metadata must read `Bearer <token>`")
             })?;
         let credentials = verifier.credentials();
-        if token.bytes().filter(|b| *b == b'.').count() == 2
-            && let Some(key) = &credentials.jwt
-        {
-            return verify_jwt(key, &verifier.sources, token).map(Arc::new);
-        }
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let mut hash = [0; 32];
         hash.copy_from_slice(digest.as_ref());
+        if token.bytes().filter(|b| *b == b'.').count() == 2
+            && let Some(keys) = &credentials.jwt
+        {
+            return credentials.jwt_identity(keys, &verifier.sources, token, hash);
+        }
         credentials
             .keys
             .get(&hash)
@@ -423,6 +433,36 @@ fn read_sources(sources: &Sources) -> Result<Read, crate::Error> {
 }
 
 impl Credentials {
+    /// Who the JWT `token` (whose SHA-256 is `hash`) stands for: remembered once verified, its
+    /// `exp` checked on every call.
+    fn jwt_identity(
+        &self,
+        keys: &JwtKeys,
+        sources: &Sources,
+        token: &str,
+        hash: [u8; 32],
+    ) -> Result<Arc<Identity>, Status> {
+        let now = unix_now();
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((who, exp)) = verified.get(&hash) {
+            if now <= exp + JWT_LEEWAY_SECS {
+                return Ok(Arc::clone(who));
+            }
+            verified.remove(&hash);
+            return Err(Status::unauthenticated("JWT refused: it has expired (exp)"));
+        }
+        // Verified without the lock held: other calls' tokens are not kept waiting.
+        drop(verified);
+        let (who, exp) = verify_jwt(keys, sources, token)?;
+        let who = Arc::new(who);
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= MAX_VERIFIED {
+            verified.clear();
+        }
+        verified.insert(hash, (Arc::clone(&who), exp));
+        Ok(who)
+    }
+
     fn read(sources: &Sources) -> Result<Self, crate::Error> {
         Self::parse(sources, read_sources(sources)?)
     }
@@ -472,6 +512,7 @@ impl Credentials {
         Ok(Self {
             keys,
             jwt: any.then_some(jwt),
+            verified: std::sync::Mutex::new(HashMap::new()),
             read,
         })
     }
@@ -674,9 +715,16 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, contents, rest))
 }
 
-/// The identity a JWT stands for: `sub` names it, `roles` and `projects` list what it holds;
-/// `exp` is required. The signature is checked with the keys of its `alg` only.
-fn verify_jwt(keys: &JwtKeys, sources: &Sources, token: &str) -> Result<Identity, Status> {
+/// Seconds since the epoch by this host's clock, as JWT claims count them.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The identity a JWT stands for, and its `exp`: `sub` names it, `roles` and `projects` list
+/// what it holds; `exp` is required. The signature is checked with the keys of its `alg` only.
+fn verify_jwt(keys: &JwtKeys, sources: &Sources, token: &str) -> Result<(Identity, f64), Status> {
     let refuse = |why: &str| Status::unauthenticated(format!("JWT refused: {why}"));
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let Some((signed, signature)) = token.rsplit_once('.') else {
@@ -723,9 +771,7 @@ fn verify_jwt(keys: &JwtKeys, sources: &Sources, token: &str) -> Result<Identity
         .ok()
         .and_then(|c| serde_json::from_slice(&c).ok())
         .ok_or_else(|| refuse("the claims are not base64url JSON of the expected shape"))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let now = unix_now();
     let exp = claims
         .exp
         .ok_or_else(|| refuse("the exp claim is required"))?;
@@ -757,7 +803,7 @@ fn verify_jwt(keys: &JwtKeys, sources: &Sources, token: &str) -> Result<Identity
     let roles = parse_roles(&claims.roles).map_err(|why| refuse(&format!("roles: {why}")))?;
     let projects =
         parse_projects(&claims.projects).map_err(|why| refuse(&format!("projects: {why}")))?;
-    Ok(Identity::new(sub, roles, projects))
+    Ok((Identity::new(sub, roles, projects), exp))
 }
 
 /// A bearer token (an API key or a JWT) taken from a flag or the environment; `Debug` shows no
@@ -1104,6 +1150,42 @@ mod tests {
                 ..Sources::default()
             })
             .is_err()
+        );
+    }
+
+    #[test]
+    fn remembered_jwts_still_expire_and_are_forgotten_when_the_secret_changes() {
+        let files = Files::new();
+        let secret = "0123456789abcdef0123456789abcdef";
+        let path = files.write("secret", secret);
+        let auth = Auth::load(Sources {
+            jwt_secret: Some(path),
+            ..Sources::default()
+        })
+        .expect("loads");
+        let Auth::On(verifier) = &auth else {
+            panic!("auth is on");
+        };
+        let header = r#"{"alg":"HS256"}"#;
+        let claims = |exp: f64| serde_json::json!({"sub": "s", "exp": exp, "roles": ["worker"], "projects": ["p"]});
+        // Within the 30 s of leeway for one more second.
+        let ending = sign(secret.as_bytes(), header, &claims(unix_now() - 29.0));
+        let lasting = sign(secret.as_bytes(), header, &claims(unix_now() + 600.0));
+        for token in [&ending, &lasting, &ending] {
+            auth.authenticate(&headers(&format!("Bearer {token}")))
+                .expect("valid, then remembered");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let expired = auth
+            .authenticate(&headers(&format!("Bearer {ending}")))
+            .expect_err("a remembered token expires all the same");
+        assert_eq!(expired.code(), tonic::Code::Unauthenticated);
+        files.write("secret", "another secret, also thirty-two bytes long");
+        verifier.reload();
+        assert!(
+            auth.authenticate(&headers(&format!("Bearer {lasting}")))
+                .is_err(),
+            "a token of the old secret is not remembered past the change"
         );
     }
 
