@@ -650,40 +650,60 @@ struct Claims {
 }
 
 /// Reads the PEM public keys (SubjectPublicKeyInfo, `-----BEGIN PUBLIC KEY-----`) of `pem`:
-/// RSA keys for RS256, P-256 keys for ES256; anything else is an error.
+/// RSA keys of 2048 to 8192 bits for RS256, P-256 keys for ES256. Any other PEM block (a
+/// certificate, a PKCS#1 `RSA PUBLIC KEY`), key kind or malformed key is an error, so a bad
+/// file never replaces working keys.
 fn parse_public_keys(pem: &[u8], jwt: &mut JwtKeys) -> Result<(), String> {
-    use rustls::pki_types::SubjectPublicKeyInfoDer;
-    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::pem::{PemObject as _, SectionKind};
     const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
     const EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
     const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    for (i, spki) in SubjectPublicKeyInfoDer::pem_slice_iter(pem).enumerate() {
-        let spki = spki.map_err(|e| format!("key {i}: not a PEM public key: {e}"))?;
-        let malformed = || format!("key {i}: malformed SubjectPublicKeyInfo");
-        let (0x30, body, _) = der(spki.as_ref()).ok_or_else(malformed)? else {
-            return Err(malformed());
+    for (i, section) in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem).enumerate() {
+        let (kind, spki) = section.map_err(|e| format!("block {i}: not PEM: {e}"))?;
+        if kind != SectionKind::PublicKey {
+            return Err(format!(
+                "block {i} is a {kind:?}: write each key as a `PUBLIC KEY` block \
+                 (openssl pkey -pubout)"
+            ));
+        }
+        let malformed = || format!("block {i}: malformed SubjectPublicKeyInfo");
+        let element = |input, tag| match der(input) {
+            Some((found, contents, rest)) if found == tag => Ok((contents, rest)),
+            _ => Err(malformed()),
         };
-        let (0x30, algorithm, rest) = der(body).ok_or_else(malformed)? else {
-            return Err(malformed());
-        };
-        let (0x03, bits, _) = der(rest).ok_or_else(malformed)? else {
-            return Err(malformed());
-        };
-        let (0x06, oid, params) = der(algorithm).ok_or_else(malformed)? else {
-            return Err(malformed());
-        };
+        let (body, after) = element(&spki, 0x30)?;
+        let (algorithm, rest) = element(body, 0x30)?;
+        let (bits, trailing) = element(rest, 0x03)?;
+        let (oid, params) = element(algorithm, 0x06)?;
         let key = match bits.split_first() {
-            Some((0, key)) => key.to_vec(),
+            Some((0, key)) if after.is_empty() && trailing.is_empty() => key.to_vec(),
             _ => return Err(malformed()),
         };
         match oid {
-            RSA => jwt.rs256.push(key),
-            EC if der(params).is_some_and(|(tag, curve, _)| tag == 0x06 && curve == P256) => {
+            RSA => {
+                // RSAPublicKey: SEQUENCE { modulus INTEGER, publicExponent INTEGER }.
+                let (fields, rest) = element(&key, 0x30)?;
+                let (modulus, exponent) = element(fields, 0x02)?;
+                let (_, end) = element(exponent, 0x02)?;
+                let bits = modulus.iter().skip_while(|b| **b == 0).count() * 8;
+                if !rest.is_empty() || !end.is_empty() || !(2048..=8192).contains(&bits) {
+                    return Err(format!("block {i}: an RSA key must have 2048 to 8192 bits"));
+                }
+                jwt.rs256.push(key);
+            }
+            EC if element(params, 0x06)
+                .is_ok_and(|(curve, rest)| curve == P256 && rest.is_empty()) =>
+            {
+                if key.len() != 65 || key[0] != 4 {
+                    return Err(format!(
+                        "block {i}: a P-256 key must be an uncompressed point"
+                    ));
+                }
                 jwt.es256.push(key);
             }
             _ => {
                 return Err(format!(
-                    "key {i}: only RSA and EC P-256 public keys are read"
+                    "block {i}: only RSA and EC P-256 public keys are read"
                 ));
             }
         }
@@ -1053,19 +1073,33 @@ mod tests {
             "auth needs a source"
         );
         // Public keys: none at all, not DER inside, a kind that is neither RSA nor P-256
-        // (an Ed25519 SubjectPublicKeyInfo).
-        for text in [
-            "nothing here\n",
-            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
-            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+        // (an Ed25519 SubjectPublicKeyInfo), a block that is not a public key.
+        for (text, says) in [
+            ("nothing here\n", "no PEM public key"),
+            (
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+                "malformed",
+            ),
+            (
+                "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+                "only RSA and EC P-256",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "PUBLIC KEY",
+            ),
         ] {
             let path = files.write("keys.pub", text);
             let err = Auth::load(Sources {
                 jwt_public_keys: Some(path),
                 ..Sources::default()
             })
-            .expect_err(text);
-            assert!(err.to_string().contains("auth-jwt-public-keys"), "{err}");
+            .expect_err(text)
+            .to_string();
+            assert!(
+                err.contains("auth-jwt-public-keys") && err.contains(says),
+                "{err} should say {says}"
+            );
         }
     }
 

@@ -175,7 +175,8 @@ pub struct AuthArgs {
 
     /// PEM file of public keys (`-----BEGIN PUBLIC KEY-----`; RSA for RS256, EC P-256 for
     /// ES256; several for rotation) whose tokens are accepted: an identity provider's. Same
-    /// claims as above. Reread when it changes.
+    /// claims as above; needs --auth-jwt-issuer and --auth-jwt-audience. Reread when it
+    /// changes.
     #[arg(long, env = "SLUICE_AUTH_JWT_PUBLIC_KEYS", value_name = "FILE")]
     pub auth_jwt_public_keys: Option<PathBuf>,
 
@@ -204,6 +205,17 @@ impl AuthArgs {
             jwt_audience: self.auth_jwt_audience.clone(),
         };
         let jwt = sources.jwt_secret.is_some() || sources.jwt_public_keys.is_some();
+        if sources.jwt_public_keys.is_some()
+            && (sources.jwt_issuer.is_none() || sources.jwt_audience.is_none())
+        {
+            // A provider signs tokens for every application it serves: only those it issued
+            // for this one may pass.
+            return Err(crate::Error::invalid(
+                "auth-jwt-public-keys",
+                "a provider's keys sign tokens for other applications too: give \
+                 --auth-jwt-issuer and --auth-jwt-audience with them",
+            ));
+        }
         if (sources.jwt_issuer.is_some() || sources.jwt_audience.is_some()) && !jwt {
             return Err(crate::Error::invalid(
                 "auth-jwt-issuer",

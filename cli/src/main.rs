@@ -39,8 +39,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeyCommand {
-    /// Make a new random API key: prints the key (give it to the caller; it is not stored
-    /// anywhere) and the keys-file entry that admits it (add it to the services' file).
+    /// Make a new random API key: prints the key on stderr (give it to the caller; it is not
+    /// stored anywhere) and on stdout the keys-file entry that admits it (append it to the
+    /// services' file).
     New(NewKeyArgs),
     /// Print the SHA-256 of a key read from standard input, as a keys file lists it.
     Hash,
@@ -149,8 +150,10 @@ fn new_key(args: &NewKeyArgs) -> anyhow::Result<()> {
     );
     // Read back as the services will: an entry they would refuse is not printed.
     sluice::auth::check_keys_file(&entry).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("# The key (give it to the caller; shown only now):");
-    println!("# {key}");
+    // The key on stderr, the entry on stdout: `sluice key new … >> keys.toml` keeps the
+    // plaintext key out of the file the services read.
+    eprintln!("the key (give it to the caller; it is shown only now and stored nowhere):");
+    eprintln!("{key}");
     print!("{entry}");
     Ok(())
 }

@@ -159,6 +159,8 @@ pub async fn check_service_binary(path: &str, services: &[&str]) -> anyhow::Resu
         .env_remove("SLUICE_NO_AUTH")
         .env_remove("SLUICE_AUTH_KEYS")
         .env_remove("SLUICE_AUTH_JWT_SECRET")
+        .env_remove("SLUICE_AUTH_JWT_PUBLIC_KEYS")
+        .env_remove("SLUICE_CONFIG")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();

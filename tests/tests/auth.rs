@@ -308,22 +308,44 @@ async fn identity_provider_tokens_are_checked_with_its_public_keys() -> anyhow::
     let mut keys = std::fs::read(pki.file("idp-rsa.pub"))?;
     keys.extend(std::fs::read(pki.file("idp-ec.pub"))?);
     std::fs::write(pki.file("idp.pub"), &keys)?;
+    // A provider's keys alone are refused: its tokens for other applications would pass.
+    let loose =
+        queue_svc::Config::from_args(["queue-svc", "--auth-jwt-public-keys", &pki.arg("idp.pub")])?;
+    let stopped = queue_svc::run(
+        sluice::server::Listeners::ephemeral().await?,
+        loose,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(5), stopped).await?;
+    anyhow::ensure!(
+        stopped.is_err_and(|e| e.to_string().contains("--auth-jwt-issuer")),
+        "public keys need an issuer and an audience"
+    );
+
+    // The provider's keys beside a shared secret of this service's own.
+    let creds = Credentials::new(&[])?;
     let q = Queue::start(
         Some(&redis.url()),
         "",
         &[
             "--auth-jwt-public-keys",
             &pki.arg("idp.pub"),
+            "--auth-jwt-secret",
+            &creds.secret_arg(),
+            "--auth-jwt-issuer",
+            "idp",
             "--auth-jwt-audience",
             "sluice",
         ],
     )
     .await?;
     let url = q.service.url();
-    let claims = serde_json::json!({"sub": "fleet-9", "exp": unix_now() + 300, "aud": "sluice",
-        "roles": ["worker"], "projects": ["shop"]});
+    let claims = |aud: &str| {
+        serde_json::json!({"sub": "fleet-9", "exp": unix_now() + 300, "iss": "idp", "aud": aud,
+            "roles": ["worker"], "projects": ["shop"]})
+    };
     for (key, rsa) in [("idp-rsa.key", true), ("idp-ec.key", false)] {
-        let token = jwt_signed_by(&pki.file(key), rsa, &claims)?;
+        let token = jwt_signed_by(&pki.file(key), rsa, &claims("sluice"))?;
         let mut fleet = queue_as(&url, &token).await?;
         fleet.dequeue(dequeue("shop", "q", 1)).await?;
         refused(
@@ -332,16 +354,21 @@ async fn identity_provider_tokens_are_checked_with_its_public_keys() -> anyhow::
             &["fleet-9"],
         )?;
     }
-    // Another key's signature; an HS256 token, whether signed with some secret or with the
-    // provider's public key as one (the classic algorithm confusion).
+    let mut own = queue_as(&url, &jwt(SECRET, &claims("sluice"))).await?;
+    own.dequeue(dequeue("shop", "q", 1)).await?;
+    // Another key's signature; a token for another application; an HS256 token keyed with the
+    // provider's public key (the classic algorithm confusion).
     let public_pem = std::fs::read_to_string(pki.file("idp-rsa.pub"))?;
     for (token, why) in [
         (
-            jwt_signed_by(&pki.file("rogue.key"), true, &claims)?,
+            jwt_signed_by(&pki.file("rogue.key"), true, &claims("sluice"))?,
             "signature",
         ),
-        (jwt(SECRET, &claims), "HS256"),
-        (jwt(&public_pem, &claims), "HS256"),
+        (
+            jwt_signed_by(&pki.file("idp-rsa.key"), true, &claims("billing"))?,
+            "aud",
+        ),
+        (jwt(&public_pem, &claims("sluice")), "signature"),
     ] {
         let mut client = queue_as(&url, &token).await?;
         refused(

@@ -205,11 +205,28 @@ async fn the_layer_presents_its_key_to_a_limiter_with_auth_on() -> anyhow::Resul
         .credentials("sk_api")?
         .fail_open(false);
     let answers = get_through(keyed, &["bo".into(), "bo".into(), "bo".into()]).await?;
+    assert!(answers[0].starts_with("http/1.1 200"), "{}", answers[0]);
     assert!(answers[1].starts_with("http/1.1 200"), "{}", answers[1]);
     assert!(answers[2].starts_with("http/1.1 429"), "{}", answers[2]);
     let keyless = RateLimitLayer::new(limiter.client.clone(), Protocol::Http, by_user);
     let answers = get_through(keyless.clone().fail_open(false), &["cy".into()]).await?;
     assert!(answers[0].starts_with("http/1.1 503"), "{}", answers[0]);
+    // It is the credentials that were refused: the limiter answers UNAUTHENTICATED.
+    let refused = limiter
+        .client
+        .clone()
+        .check_limit(sluice::proto::sluice::limiter::v1::CheckLimitRequest {
+            checks: vec![Check {
+                scope: "user".into(),
+                subject: "cy".into(),
+                limit: Some(check::Limit::Policy("two".into())),
+            }],
+            cost: 1,
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("no credentials");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let answers = get_through(keyless, &["cy".into()]).await?;
     assert!(answers[0].starts_with("http/1.1 200"), "{}", answers[0]);
     limiter.service.stop().await
