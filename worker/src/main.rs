@@ -126,6 +126,23 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `host-pid`: the machine's (or the pod's) host name and this process's id, so replicas that
+/// all run as pid 1 in their containers still differ; `worker-pid` where no name is found.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        // A worker id is at most 128 bytes of A-Z a-z 0-9 _ . -.
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 100
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        })
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 /// How to reach queue-svc, from the options every subcommand shares.
 fn transport(cli: &Cli) -> anyhow::Result<Transport> {
     let identity = match (&cli.tls_cert, &cli.tls_key) {
@@ -182,9 +199,7 @@ async fn run(urls: Vec<String>, transport: Transport, args: RunArgs) -> anyhow::
             urls,
             project: args.project,
             queues: args.queues,
-            worker_id: args
-                .worker_id
-                .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            worker_id: args.worker_id.unwrap_or_else(default_worker_id),
             concurrency: args.concurrency,
             lease: args.lease,
             task_timeout: args.task_timeout,
