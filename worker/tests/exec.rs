@@ -125,6 +125,23 @@ async fn a_python_one_liner_processes_tasks() -> anyhow::Result<()> {
         assert_eq!(done.result, word.as_bytes());
         assert_eq!(done.attempts, 1);
     }
+    // Without --worker-id the worker shows as host-pid.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let expected = format!("{}-{}", host.trim(), child.id().unwrap_or_default());
+    let workers = q
+        .client
+        .clone()
+        .list_workers(pb::ListWorkersRequest {
+            project: "p".into(),
+            queue: String::new(),
+        })
+        .await?
+        .into_inner()
+        .workers;
+    assert!(
+        workers.iter().any(|w| w.worker_id == expected),
+        "{expected} in {workers:?}"
+    );
     stop(child).await?;
     q.service.stop().await
 }
