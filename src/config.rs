@@ -322,6 +322,79 @@ pub enum LogFormat {
     Compact,
 }
 
+/// How Sluice's own clients (`sluice-worker`, `sluice`) present themselves to the services:
+/// credentials and, for `https://` URLs, TLS. Flatten into a client's top-level options.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// API key or JWT sent as `authorization: Bearer` on every call (with the roles and
+    /// projects the calls need). Prefer the environment variable: flags show in process lists.
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<crate::auth::Token>,
+
+    /// PEM CA that signs the services' certificates, for https:// URLs; unset: the system's
+    /// trusted roots.
+    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM certificate presented to services that require client certificates (mutual TLS);
+    /// with --tls-key.
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_CERT",
+        value_name = "FILE",
+        global = true
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        global = true
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The `authorization` value to send, if a token was given.
+    pub fn credentials(&self) -> Result<Option<http::HeaderValue>, crate::Error> {
+        self.api_key
+            .as_ref()
+            .map(crate::auth::Token::bearer)
+            .transpose()
+    }
+
+    /// TLS for `urls` when a TLS option was given (`None`: the system's roots for https://).
+    /// TLS options with an http:// URL are refused rather than ignored: the token would go
+    /// out in the clear.
+    pub fn tls<'a>(
+        &self,
+        urls: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<tonic::transport::ClientTlsConfig>, crate::Error> {
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(crate::Error::invalid(
+                    "tls-cert",
+                    "--tls-cert and --tls-key go together",
+                ));
+            }
+        };
+        if self.tls_ca.is_none() && identity.is_none() {
+            return Ok(None);
+        }
+        if let Some(plain) = urls.into_iter().find(|u| !u.starts_with("https://")) {
+            return Err(crate::Error::invalid(
+                "tls-ca",
+                format!("--tls-ca/--tls-cert/--tls-key apply to https:// URLs; {plain} is not one"),
+            ));
+        }
+        crate::tls::client_config(self.tls_ca.as_deref(), identity).map(Some)
+    }
+}
+
 /// Logging and tracing options. OTLP export is configured by the standard `OTEL_*` variables.
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {

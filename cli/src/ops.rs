@@ -10,7 +10,7 @@ use sluice::auth::{Bearer, BearerLayer};
 use sluice::config::parse_duration;
 use sluice::proto::sluice::limiter::v1 as lim;
 use sluice::proto::sluice::queue::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Exit status of `sluice limit check` when the request is denied (errors exit 1).
 pub const DENIED_EXIT: u8 = 4;
@@ -34,29 +34,8 @@ pub struct Remote {
         global = true
     )]
     queue_url: String,
-    /// API key or JWT, sent as `authorization: Bearer`; prefer the environment variable, as
-    /// flags show in process lists.
-    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<sluice::auth::Token>,
-    /// PEM CA of the services' certificates (https://); unset: the system's roots.
-    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
-    tls_ca: Option<PathBuf>,
-    /// PEM client certificate, for services that require one (mutual TLS); with --tls-key.
-    #[arg(
-        long,
-        env = "SLUICE_CLIENT_TLS_CERT",
-        value_name = "FILE",
-        global = true
-    )]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        env = "SLUICE_CLIENT_TLS_KEY",
-        value_name = "FILE",
-        global = true
-    )]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    client: sluice::config::ClientArgs,
     /// Bound on connecting and on each call.
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
     timeout: Duration,
@@ -67,27 +46,19 @@ impl Remote {
         let mut endpoint = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(self.timeout)
             .timeout(self.timeout);
-        let identity = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
-            (None, None) => None,
-            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
-        };
         if url.starts_with("https://") {
-            let tls = sluice::tls::client_config(self.tls_ca.as_deref(), identity)?;
-            endpoint = endpoint.tls_config(tls)?;
-        } else if self.tls_ca.is_some() || identity.is_some() {
-            // Refused rather than ignored: the token would go out in the clear.
-            anyhow::bail!("--tls-ca/--tls-cert/--tls-key apply to https:// URLs; {url} is not one");
+            let tls = self.client.tls([url])?;
+            endpoint = endpoint
+                .tls_config(tls.unwrap_or_else(|| ClientTlsConfig::new().with_native_roots()))?;
+        } else {
+            // Refuses TLS options with an http:// URL.
+            self.client.tls([url])?;
         }
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-        let credentials = self
-            .api_key
-            .as_ref()
-            .map(sluice::auth::Token::bearer)
-            .transpose()?;
+        let credentials = self.client.credentials()?;
         Ok(tower::Layer::layer(&BearerLayer::new(credentials), channel))
     }
 

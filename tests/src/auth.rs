@@ -100,6 +100,14 @@ pub fn key_pair(dir: &Path, name: &str, rsa: bool) -> anyhow::Result<()> {
             public.as_str(),
         ],
     ];
+    openssl(dir, steps)
+}
+
+/// Runs `openssl` with each of `steps` in `dir`, stopping at the first that fails.
+fn openssl<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    dir: &Path,
+    steps: impl IntoIterator<Item = Vec<S>>,
+) -> anyhow::Result<()> {
     for args in steps {
         let out = Command::new("openssl")
             .args(&args)
@@ -252,19 +260,7 @@ pub fn issue_certificates(dir: &Path, ca: &str, leaves: &[&str]) -> anyhow::Resu
             ext.clone(),
         ]);
     }
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(&args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl (.ci/run installs it)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    openssl(dir, steps)
 }
 
 /// A directory of certificates; `file("server.crt")` names one.

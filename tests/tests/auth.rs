@@ -33,6 +33,32 @@ fn enqueue(project: &str, queue: &str) -> pb::EnqueueRequest {
     }
 }
 
+/// Opens a Lease stream on `project`'s queue "q": the sender for further messages, and the
+/// stream of answers.
+async fn subscribe(
+    worker: &mut QueueClient,
+    project: &str,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<pb::LeaseRequest>,
+    tonic::Streaming<pb::LeaseResponse>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::LeaseRequest {
+        kind: Some(pb::lease_request::Kind::Subscribe(pb::Subscribe {
+            project: project.into(),
+            queues: vec!["q".into()],
+            worker_id: "w1".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let stream = worker
+        .lease(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, stream))
+}
+
 /// The status of a refused call, with its message checked for `words`.
 fn refused<T: std::fmt::Debug>(
     result: Result<tonic::Response<T>, tonic::Status>,
@@ -146,20 +172,7 @@ async fn queue_calls_need_their_role_and_project() -> anyhow::Result<()> {
         Code::PermissionDenied,
         &["also_projects[0]"],
     )?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::LeaseRequest {
-        kind: Some(pb::lease_request::Kind::Subscribe(pb::Subscribe {
-            project: "other".into(),
-            queues: vec!["q".into()],
-            worker_id: "w1".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut stream = worker
-        .lease(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (_tx, mut stream) = subscribe(&mut worker, "other").await?;
     let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?;
     match first {
         Err(status) => anyhow::ensure!(
@@ -290,7 +303,8 @@ async fn jwts_are_honoured_and_rotated_keys_take_effect_without_a_restart() -> a
         }
     })
     .await?;
-    // A broken edit is refused and the keys in force stay.
+    // A broken edit is refused and the keys in force stay. Nothing a client sees changes, so
+    // there is no condition to await: the test lets two rereads pass.
     std::fs::write(creds.keys(), "[[keys]]\nname = \"half")?;
     tokio::time::sleep(sluice::auth::RELOAD_EVERY * 2).await;
     new.enqueue(enqueue("shop", "q")).await?;
@@ -386,20 +400,7 @@ async fn an_open_lease_stream_ends_once_its_key_is_revoked() -> anyhow::Result<(
     let creds = Credentials::new(&[("fleet", "sk_fleet", &["worker"], &["shop"])])?;
     let q = Queue::start(Some(&redis.url()), "", &["--auth-keys", &creds.keys_arg()]).await?;
     let mut worker = queue_as(&q.service.url(), "sk_fleet").await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(pb::LeaseRequest {
-        kind: Some(pb::lease_request::Kind::Subscribe(pb::Subscribe {
-            project: "shop".into(),
-            queues: vec!["q".into()],
-            worker_id: "w1".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut stream = worker
-        .lease(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (tx, mut stream) = subscribe(&mut worker, "shop").await?;
     let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??;
     anyhow::ensure!(
         matches!(

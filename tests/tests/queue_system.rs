@@ -2239,6 +2239,7 @@ async fn a_long_poll_waits_on_wake_ups_from_every_instance() -> anyhow::Result<(
     let a = Queue::start(Some(&redis.url()), "", &[]).await?;
     let b = Queue::start(Some(&redis.url()), "", &[]).await?;
     let mut client = a.client.clone();
+    let idle = sluice_testkit::redis_server::script_calls(&mut conn).await?;
     let waiting = tokio::spawn(async move {
         client
             .dequeue(pb::DequeueRequest {
@@ -2250,9 +2251,17 @@ async fn a_long_poll_waits_on_wake_ups_from_every_instance() -> anyhow::Result<(
             })
             .await
     });
-    // Two seconds of waiting, counted once the poll has begun.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = sluice_testkit::redis_server::script_calls(&mut conn).await?;
+    // Two seconds of waiting, counted once the poll has made its first look.
+    let before = eventually(Duration::from_secs(10), "the poll's first look", || {
+        let mut conn = conn.clone();
+        async move {
+            let calls = sluice_testkit::redis_server::script_calls(&mut conn)
+                .await
+                .ok()?;
+            (calls > idle).then_some(calls)
+        }
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let looks = sluice_testkit::redis_server::script_calls(&mut conn).await? - before;
     assert!(!waiting.is_finished(), "still waiting");

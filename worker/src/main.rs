@@ -27,31 +27,8 @@ struct Cli {
     /// Bound on connecting to queue-svc.
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     connect_timeout: Duration,
-    /// API key or JWT holding the worker role on the project, sent as `authorization: Bearer`
-    /// on every call. Prefer the environment variable: flags show in process lists.
-    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<sluice::auth::Token>,
-    /// PEM CA that signs queue-svc's certificate, for https:// URLs; unset: the system's
-    /// trusted roots.
-    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE", global = true)]
-    tls_ca: Option<std::path::PathBuf>,
-    /// PEM certificate the worker presents to a queue-svc that requires client certificates
-    /// (mutual TLS); with --tls-key.
-    #[arg(
-        long,
-        env = "SLUICE_CLIENT_TLS_CERT",
-        value_name = "FILE",
-        global = true
-    )]
-    tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        env = "SLUICE_CLIENT_TLS_KEY",
-        value_name = "FILE",
-        global = true
-    )]
-    tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    client: sluice::config::ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -145,27 +122,10 @@ fn default_worker_id() -> String {
 
 /// How to reach queue-svc, from the options every subcommand shares.
 fn transport(cli: &Cli) -> anyhow::Result<Transport> {
-    let identity = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
-        (None, None) => None,
-        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
-    };
-    let tls = (cli.tls_ca.is_some() || identity.is_some())
-        .then(|| sluice::tls::client_config(cli.tls_ca.as_deref(), identity))
-        .transpose()?;
-    if tls.is_some()
-        && let Some(plain) = cli.queue_url.iter().find(|u| !u.starts_with("https://"))
-    {
-        anyhow::bail!("--tls-ca/--tls-cert/--tls-key apply to https:// URLs; {plain} is not one");
-    }
     Ok(Transport {
         connect_timeout: cli.connect_timeout,
-        credentials: cli
-            .api_key
-            .as_ref()
-            .map(sluice::auth::Token::bearer)
-            .transpose()?,
-        tls,
+        credentials: cli.client.credentials()?,
+        tls: cli.client.tls(cli.queue_url.iter().map(String::as_str))?,
     })
 }
 
