@@ -123,13 +123,14 @@ impl Engine {
                     source: Source::Store,
                 })
             }
-            Err(err) if err.is_transient() => {
+            Err(Error::Unavailable(why)) => {
                 metrics::counter!("sluice_limiter_store_errors_total").increment(1);
                 if let Some(breaker) = &self.breaker {
                     breaker.failure();
                 }
-                tracing::debug!(error = %err, "store unavailable; answering by failure mode");
-                self.failure_mode(checks, mode, &err.to_string())
+                tracing::debug!(error = %why, "store unavailable; answering by failure mode");
+                // The reason alone: the answer's status says "store unavailable" once.
+                self.failure_mode(checks, mode, &why)
             }
             Err(err) => Err(err),
         }

@@ -202,6 +202,19 @@ async fn redis_killed_mid_load_answers_by_failure_mode_then_recovers() -> anyhow
     }
 
     redis.kill()?;
+    // The first call meets the dead connection itself (the breaker needs three failures) and
+    // its answer names the cause once.
+    let status = client
+        .check_limit(check("closed"))
+        .await
+        .expect_err("a fail-closed policy without Redis");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("store unavailable: ")
+            && status.message().matches("store unavailable").count() == 1
+            && status.message().ends_with("is fail-closed"),
+        "{status:?}"
+    );
     // Load goes on: the first calls wait for Redis (bounded by the timeouts) and trip the
     // breaker, which health then reports.
     let url = limiter.service.url();
