@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hdrhistogram::Histogram;
 use sluice::config::parse_duration;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -344,17 +345,7 @@ impl<W: Workload> Shared<W> {
                 )))
             });
         let finished = Instant::now();
-        self.progress.done.fetch_add(1, Ordering::Relaxed);
-        match &result {
-            Ok(outcome) => {
-                self.progress
-                    .tasks
-                    .fetch_add(outcome.tasks, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.progress.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.progress.record(started, finished, &result);
         if started >= self.measure_start {
             self.recorder().record(started, finished, &result);
         }
@@ -511,8 +502,61 @@ struct Progress {
     done: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    /// Calls that answered OK with an allowing or a denying verdict.
+    allowed: AtomicU64,
+    denied: AtomicU64,
     /// Tasks carried by the calls that answered OK.
     tasks: AtomicU64,
+    /// Latency of every call answered since the last progress line, failed ones included
+    /// (a fail-closed limiter's UNAVAILABLE is an answer too), so that a line shows how a
+    /// second went: Redis killed, a breaker opening, a stall. Taken and reset by each line.
+    second: Mutex<Option<Histogram<u64>>>,
+}
+
+impl Progress {
+    fn record(&self, started: Instant, finished: Instant, result: &Result<Outcome, tonic::Status>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(outcome) => {
+                self.tasks.fetch_add(outcome.tasks, Ordering::Relaxed);
+                match outcome.verdict {
+                    Verdict::Allowed => self.allowed.fetch_add(1, Ordering::Relaxed),
+                    Verdict::Denied => self.denied.fetch_add(1, Ordering::Relaxed),
+                    Verdict::Unknown => 0,
+                };
+            }
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let micros = finished.saturating_duration_since(started).as_micros();
+        let mut second = self.second.lock().unwrap_or_else(PoisonError::into_inner);
+        if second.is_none() {
+            // Bounds valid by construction (1 µs to an hour, 2 figures): never an error.
+            *second = Histogram::new_with_bounds(1, 3_600_000_000, 2).ok();
+        }
+        if let Some(histogram) = second.as_mut() {
+            histogram.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// `p50 … p99 … max …` of the calls answered since the last call, in milliseconds, and
+    /// starts a new second.
+    fn take_second(&self) -> String {
+        let mut second = self.second.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(histogram) = second.as_mut().filter(|h| !h.is_empty()) else {
+            return String::new();
+        };
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        let line = format!(
+            "  p50 {:.2} p99 {:.2} max {:.2} ms",
+            ms(histogram.value_at_quantile(0.5)),
+            ms(histogram.value_at_quantile(0.99)),
+            ms(histogram.max()),
+        );
+        histogram.reset();
+        line
+    }
 }
 
 /// Prints, every second, what completed during that second. Runs until aborted.
@@ -521,31 +565,39 @@ async fn print_progress<W: Workload>(shared: Arc<Shared<W>>) {
     let second = Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at(start + second, second);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut before = (0, 0, 0, 0);
+    let mut before = [0; 6];
     loop {
         let now = ticker.tick().await;
         let progress = &shared.progress;
-        let totals = (
-            progress.done.load(Ordering::Relaxed),
-            progress.errors.load(Ordering::Relaxed),
-            progress.dropped.load(Ordering::Relaxed),
-            progress.tasks.load(Ordering::Relaxed),
-        );
+        let totals = [
+            &progress.done,
+            &progress.errors,
+            &progress.dropped,
+            &progress.tasks,
+            &progress.allowed,
+            &progress.denied,
+        ]
+        .map(|count| count.load(Ordering::Relaxed));
+        let [done, errors, dropped, tasks, allowed, denied] =
+            std::array::from_fn(|i| totals[i].saturating_sub(before[i]));
         let phase = if now <= shared.measure_start {
             " (warm-up)"
         } else {
             ""
         };
         let tasks = match W::TASKS {
-            Some(_) => format!("  {:>8} tasks/s", totals.3 - before.3),
+            Some(_) => format!("  {tasks:>8} tasks/s"),
             None => String::new(),
         };
+        // The limiter's workloads: how many the service let through. The queue's show tasks.
+        let verdicts = match W::TASKS {
+            None => format!("  {allowed} allowed  {denied} denied"),
+            Some(_) => String::new(),
+        };
         eprintln!(
-            "[{:>6.1}s] {:>8} req/s{tasks}  {} errors  {} dropped{phase}",
+            "[{:>6.1}s] {done:>8} req/s{tasks}{verdicts}  {errors} errors  {dropped} dropped{}{phase}",
             now.saturating_duration_since(start).as_secs_f64(),
-            totals.0 - before.0,
-            totals.1 - before.1,
-            totals.2 - before.2,
+            progress.take_second(),
         );
         before = totals;
     }

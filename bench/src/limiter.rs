@@ -1,4 +1,5 @@
-//! The `check-limit` workload: `sluice.limiter.v1.Limiter/CheckLimit` with an inline limit.
+//! The `check-limit` workload: `sluice.limiter.v1.Limiter/CheckLimit` with an inline limit, or
+//! with the named policies of the service's limits file (`--policy`).
 
 use std::time::Duration;
 
@@ -22,6 +23,12 @@ pub struct CheckLimitArgs {
     /// Distinct subjects: request i is about subject `bench-<i % N>`.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub subjects: u64,
+
+    /// Check against this named policy of the service's limits file instead of an inline
+    /// limit. Repeat it to spread requests over several policies in turn (request i uses the
+    /// (i mod n)-th), e.g. one per failure mode to watch Redis go away and come back.
+    #[arg(long = "policy", value_name = "NAME", conflicts_with_all = ["algorithm", "limit", "window"])]
+    pub policies: Vec<String>,
 
     /// Algorithm of the inline limit.
     #[arg(long, value_enum, default_value_t = AlgorithmArg::Gcra)]
@@ -78,7 +85,9 @@ impl From<AlgorithmArg> for Algorithm {
 pub struct CheckLimit {
     subjects: u64,
     scopes: &'static [&'static str],
-    inline: InlineLimit,
+    /// What each request checks against, taken in turn: the one inline limit, or the
+    /// `--policy` names.
+    limits: Vec<check::Limit>,
     cost: u64,
 }
 
@@ -97,21 +106,36 @@ impl CheckLimit {
         );
         let window = prost_types::Duration::try_from(args.window)
             .map_err(|e| anyhow::anyhow!("--window: {e}"))?;
-        Ok(Self {
-            subjects: args.subjects,
-            scopes: &SCOPES[..usize::from(args.checks)],
-            inline: InlineLimit {
+        anyhow::ensure!(
+            args.policies.len() <= 16,
+            "--policy is given {} times; at most 16 are taken in turn",
+            args.policies.len()
+        );
+        let limits = if args.policies.is_empty() {
+            vec![check::Limit::Inline(InlineLimit {
                 algorithm: Algorithm::from(args.algorithm) as i32,
                 limit: args.limit,
                 window: Some(window),
                 burst: 0,
-            },
+            })]
+        } else {
+            args.policies
+                .iter()
+                .map(|name| check::Limit::Policy(name.clone()))
+                .collect()
+        };
+        Ok(Self {
+            subjects: args.subjects,
+            scopes: &SCOPES[..usize::from(args.checks)],
+            limits,
             cost: args.cost,
         })
     }
 
     fn request(&self, seq: u64) -> CheckLimitRequest {
         let subject = format!("bench-{}", seq % self.subjects);
+        // Never empty: `new` puts in the inline limit or at least one policy.
+        let limit = &self.limits[(seq % self.limits.len() as u64) as usize];
         CheckLimitRequest {
             checks: self
                 .scopes
@@ -119,7 +143,7 @@ impl CheckLimit {
                 .map(|scope| Check {
                     scope: (*scope).to_owned(),
                     subject: subject.clone(),
-                    limit: Some(check::Limit::Inline(self.inline)),
+                    limit: Some(limit.clone()),
                 })
                 .collect(),
             cost: self.cost,
@@ -161,6 +185,7 @@ mod tests {
             window: Duration::from_millis(1500),
             checks,
             cost: 2,
+            policies: Vec::new(),
         }
     }
 
@@ -184,6 +209,25 @@ mod tests {
                 nanos: 500_000_000
             })
         );
+        Ok(())
+    }
+
+    #[test]
+    fn policies_are_taken_in_turn() -> anyhow::Result<()> {
+        let workload = CheckLimit::new(&CheckLimitArgs {
+            policies: vec!["a".to_owned(), "b".to_owned()],
+            ..args(2)
+        })?;
+        for (seq, expected) in [(0, "a"), (1, "b"), (2, "a"), (5, "b")] {
+            let request = workload.request(seq);
+            for check in &request.checks {
+                assert_eq!(
+                    check.limit,
+                    Some(check::Limit::Policy(expected.to_owned())),
+                    "request {seq}"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Redis killed and restarted under load: limiter-svc (release build) on a fresh redis-server,
+# `sluice-bench check-limit` at a fixed rate over three policies that differ only in their
+# failure mode (bench/failover.toml), Redis killed with SIGKILL after DOWN_AT seconds and
+# started again DOWN_FOR seconds later on the same port. The load generator's per-second lines
+# show how each second went: answers, denials, errors (fail_closed answers UNAVAILABLE while
+# Redis is away) and the latency of every answer, errors included.
+#
+#   cargo build --release -p limiter-svc -p sluice-bench && bench/failover.sh
+#
+# Settings from the environment: BIN (target/release), RATE (5000 requests/s), DURATION (20 s
+# of load after 1 s of warm-up), DOWN_AT (6 s), DOWN_FOR (6 s), REDIS_PORT (6392), LISTEN
+# (127.0.0.1:50071). Everything runs on loopback and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-target/release}
+RATE=${RATE:-5000}
+DURATION=${DURATION:-20}
+DOWN_AT=${DOWN_AT:-6}
+DOWN_FOR=${DOWN_FOR:-6}
+REDIS_PORT=${REDIS_PORT:-6392}
+LISTEN=${LISTEN:-127.0.0.1:50071}
+
+for binary in limiter-svc sluice-bench; do
+    [ -x "$BIN/$binary" ] || { echo "no $BIN/$binary: cargo build --release -p limiter-svc -p sluice-bench" >&2; exit 1; }
+done
+command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
+if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    echo "something already answers on port $REDIS_PORT; set REDIS_PORT" >&2
+    exit 1
+fi
+
+work=$(mktemp -d)
+redis_pid= limiter_pid= bench_pid=
+cleanup() {
+    for pid in $bench_pid $limiter_pid $redis_pid; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Starts redis-server on REDIS_PORT and waits (at most 5 s) until it answers.
+start_redis() {
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        >>"$work/redis.log" 2>&1 &
+    redis_pid=$!
+    for _ in $(seq 50); do
+        redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "redis-server did not answer on port $REDIS_PORT; its log:" >&2
+    cat "$work/redis.log" >&2
+    exit 1
+}
+
+# Seconds since the load started, to a tenth.
+since() {
+    local ms=$((($(date +%s%N) - $1) / 1000000))
+    echo "$((ms / 1000)).$((ms % 1000 / 100))"
+}
+
+start_redis
+"$BIN/limiter-svc" --no-auth --listen "$LISTEN" --metrics-listen 127.0.0.1:0 --log warn \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" --limits bench/failover.toml \
+    >"$work/limiter.log" 2>&1 &
+limiter_pid=$!
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN##*:}") 2>/dev/null && break
+    sleep 0.1
+done
+
+started=$(date +%s%N)
+"$BIN/sluice-bench" check-limit --target "http://$LISTEN" --rate "$RATE" --warmup 1s \
+    --duration "${DURATION}s" --policy fo-open --policy fo-closed --policy fo-local &
+bench_pid=$!
+
+sleep "$DOWN_AT"
+kill -9 "$redis_pid"
+wait "$redis_pid" 2>/dev/null || true
+echo "--- redis-server killed (SIGKILL) at $(since "$started") s" >&2
+sleep "$DOWN_FOR"
+start_redis
+echo "--- redis-server answering again at $(since "$started") s" >&2
+
+wait "$bench_pid"
+bench_pid=
+echo "--- limiter-svc's log (warnings and errors):" >&2
+cat "$work/limiter.log" >&2
