@@ -2,29 +2,33 @@
 # Redis killed and restarted under load: limiter-svc (release build) on a fresh redis-server,
 # `sluice-bench check-limit` at a fixed rate over three policies that differ only in their
 # failure mode (bench/failover.toml), Redis killed with SIGKILL after DOWN_AT seconds and
-# started again DOWN_FOR seconds later on the same port. The load generator's per-second lines
-# show how each second went: answers, denials, errors (fail_closed answers UNAVAILABLE while
-# Redis is away) and the latency of every answer, errors included.
+# started again DOWN_FOR seconds later on the same port, then AFTER seconds more of load.
+# The load generator's per-second lines show how each second went: answers, denials, errors
+# (fail_closed answers UNAVAILABLE while Redis is away) and the latency of every answer,
+# errors included. Its report covers the time Redis was away but for a second at each end:
+# the breaker's open period, with the latency of the answers (fail_open, local) and of the
+# UNAVAILABLE errors (fail_closed) apart.
 #
 #   cargo build --release -p limiter-svc -p sluice-bench && bench/failover.sh
 #
-# Settings from the environment: BIN (target/release), RATE (5000 requests/s), DURATION (20 s
-# of load after 1 s of warm-up), DOWN_AT (6 s), DOWN_FOR (6 s), REDIS_PORT (6392), LISTEN
-# (127.0.0.1:50071). Everything runs on loopback and stops by itself.
+# Settings from the environment: BIN (target/release), RATE (5000 requests/s), DOWN_AT (6 s),
+# DOWN_FOR (6 s, at least 3), AFTER (6 s), REDIS_PORT (6392), LISTEN (127.0.0.1:50071).
+# Everything runs on loopback and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${BIN:-target/release}
 RATE=${RATE:-5000}
-DURATION=${DURATION:-20}
 DOWN_AT=${DOWN_AT:-6}
 DOWN_FOR=${DOWN_FOR:-6}
+AFTER=${AFTER:-6}
 REDIS_PORT=${REDIS_PORT:-6392}
 LISTEN=${LISTEN:-127.0.0.1:50071}
 
 for binary in limiter-svc sluice-bench; do
     [ -x "$BIN/$binary" ] || { echo "no $BIN/$binary: cargo build --release -p limiter-svc -p sluice-bench" >&2; exit 1; }
 done
+[ "$DOWN_FOR" -ge 3 ] || { echo "DOWN_FOR must be at least 3 (seconds)" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
 if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
     echo "something already answers on port $REDIS_PORT; set REDIS_PORT" >&2
@@ -71,8 +75,10 @@ for _ in $(seq 100); do
 done
 
 started=$(date +%s%N)
-"$BIN/sluice-bench" check-limit --target "http://$LISTEN" --rate "$RATE" --warmup 1s \
-    --duration "${DURATION}s" --policy fo-open --policy fo-closed --policy fo-local &
+# Measured: from a second after the kill to a second before the restart.
+"$BIN/sluice-bench" check-limit --target "http://$LISTEN" --rate "$RATE" \
+    --warmup "$((DOWN_AT + 1))s" --duration "$((DOWN_FOR - 2))s" --cooldown "$((AFTER + 1))s" \
+    --policy fo-open --policy fo-closed --policy fo-local &
 bench_pid=$!
 
 sleep "$DOWN_AT"

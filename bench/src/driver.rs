@@ -48,6 +48,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// Keep sending load this long after the measured period, without recording it: to
+    /// watch a system recover while the report covers only the period of interest (e.g.
+    /// `bench/failover.sh`, whose report is the time Redis was away). Redis figures
+    /// (`--redis-url`) then end with the measured period too.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub cooldown: Duration,
+
     #[command(flatten)]
     pub mode: ModeArgs,
 
@@ -195,6 +202,7 @@ pub async fn run_probed<W: Workload>(
     let conns = connect(args).await?;
     let start = Instant::now();
     let measure_start = start + args.warmup;
+    let measure_end = measure_start + args.duration;
     let shared = Arc::new(Shared {
         workload,
         conns,
@@ -203,18 +211,21 @@ pub async fn run_probed<W: Workload>(
         progress: Progress::default(),
         start,
         measure_start,
-        end: measure_start + args.duration,
+        measure_end,
+        end: measure_end + args.cooldown,
         max_requests: args.requests,
         stopped: AtomicBool::new(false),
     });
 
-    // The first Redis sample is taken when the warm-up ends, while the load runs.
-    let redis_before = redis.clone().map(|probe| {
-        tokio::spawn(async move {
-            tokio::time::sleep_until(measure_start).await;
-            probe.sample().await
-        })
-    });
+    // The first Redis sample is taken when the warm-up ends, while the load runs; with a
+    // cool-down, the second when the measured period ends, otherwise once the run is over.
+    let redis_before = redis
+        .clone()
+        .map(|probe| redis_info::sample_at(probe, measure_start));
+    let redis_after = redis
+        .clone()
+        .filter(|_| !args.cooldown.is_zero())
+        .map(|probe| redis_info::sample_at(probe, measure_end));
     let ticker = tokio::spawn(print_progress(Arc::clone(&shared)));
     let outcome = match mode {
         Mode::Closed { concurrency } => closed_loop(&shared, concurrency)
@@ -235,9 +246,15 @@ pub async fn run_probed<W: Workload>(
     let (dropped, early) = outcome?;
     let ended_early = early.then_some(finished);
     let redis = match (redis, redis_before) {
-        (Some(probe), Some(before)) => {
-            Some(redis_usage(&probe, before, finished >= measure_start).await)
-        }
+        (Some(probe), Some(before)) => Some(
+            redis_usage(
+                &probe,
+                before,
+                redis_after.filter(|_| finished >= measure_end),
+                finished >= measure_start,
+            )
+            .await,
+        ),
         _ => None,
     };
 
@@ -259,11 +276,13 @@ pub async fn run_probed<W: Workload>(
     })
 }
 
-/// What Redis spent between the sample `before` (taken when the warm-up ended) and now.
+/// What Redis spent between the sample `before` (taken when the warm-up ended) and `after`
+/// (taken when the measured period ended), or now when there is no `after`.
 /// `reached_measure` is false when the run ended during the warm-up: nothing was measured.
 async fn redis_usage(
     probe: &redis_info::Probe,
     before: tokio::task::JoinHandle<anyhow::Result<redis_info::Sample>>,
+    after: Option<tokio::task::JoinHandle<anyhow::Result<redis_info::Sample>>>,
     reached_measure: bool,
 ) -> Result<redis_info::Usage, String> {
     if !reached_measure {
@@ -274,10 +293,13 @@ async fn redis_usage(
         .await
         .map_err(|e| format!("sampling Redis at the start: {e}"))?
         .map_err(|e| format!("sampling Redis at the start: {e:#}"))?;
-    let after = probe
-        .sample()
-        .await
-        .map_err(|e| format!("sampling Redis at the end: {e:#}"))?;
+    let after = match after {
+        Some(after) => after
+            .await
+            .map_err(|e| format!("sampling Redis at the end: {e}"))?,
+        None => probe.sample().await,
+    }
+    .map_err(|e| format!("sampling Redis at the end: {e:#}"))?;
     Ok(after.since(&before))
 }
 
@@ -314,6 +336,8 @@ struct Shared<W> {
     start: Instant,
     /// The warm-up is over: calls sent (or scheduled) from here on are recorded.
     measure_start: Instant,
+    /// Calls sent (or scheduled) from here on, in the cool-down, are not recorded.
+    measure_end: Instant,
     /// No call is sent (or scheduled) from here on.
     end: Instant,
     /// `--requests`: no request numbered this or above is sent.
@@ -346,10 +370,16 @@ impl<W: Workload> Shared<W> {
             });
         let finished = Instant::now();
         self.progress.record(started, finished, &result);
-        if started >= self.measure_start {
+        if self.measured(started) {
             self.recorder().record(started, finished, &result);
         }
         result.is_ok_and(|outcome| outcome.stop)
+    }
+
+    /// Whether a call sent (or scheduled) at `started` is recorded: after the warm-up, before
+    /// the cool-down.
+    fn measured(&self, started: Instant) -> bool {
+        started >= self.measure_start && started < self.measure_end
     }
 
     /// Whether `--requests` forbids sending request `seq`.
@@ -468,7 +498,7 @@ fn schedule<W: Workload>(
         }
         if in_flight.len() >= max_in_flight {
             shared.progress.dropped.fetch_add(1, Ordering::Relaxed);
-            if scheduled >= shared.measure_start {
+            if shared.measured(scheduled) {
                 dropped += 1;
             }
             continue;
@@ -582,6 +612,8 @@ async fn print_progress<W: Workload>(shared: Arc<Shared<W>>) {
             std::array::from_fn(|i| totals[i].saturating_sub(before[i]));
         let phase = if now <= shared.measure_start {
             " (warm-up)"
+        } else if now > shared.measure_end {
+            " (cool-down)"
         } else {
             ""
         };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
 
 /// Longest wait for one `INFO` answer (or for connecting).
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,6 +103,14 @@ impl Probe {
             .map_err(|_| anyhow::anyhow!("INFO {section}: timed out"))?
             .with_context(|| format!("INFO {section}"))
     }
+}
+
+/// Reads a sample from `probe` at `at`, on a task of its own, while the load runs.
+pub fn sample_at(probe: Probe, at: Instant) -> tokio::task::JoinHandle<anyhow::Result<Sample>> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(at).await;
+        probe.sample().await
+    })
 }
 
 /// `used_cpu_sys + used_cpu_user` from the text of `INFO cpu`.

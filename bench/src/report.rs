@@ -80,6 +80,9 @@ pub struct Recorder {
     /// times ([`Outcome::timed`]). Failed calls are left out: a refused connection fails in
     /// microseconds and would flatter every percentile.
     latency: Histogram<u64>,
+    /// Microseconds of the calls that failed, apart: a fail-closed limiter's UNAVAILABLE is
+    /// an answer whose speed matters (`bench/failover.sh`); a refused connection is not.
+    error_latency: Histogram<u64>,
     /// Calls completed, OK or not.
     requests: u64,
     errors: u64,
@@ -95,10 +98,13 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new() -> anyhow::Result<Self> {
-        let latency = Histogram::new_with_bounds(1, HIGHEST_MICROS, 3)
-            .map_err(|e| anyhow::anyhow!("creating the latency histogram: {e:?}"))?;
+        let histogram = || {
+            Histogram::new_with_bounds(1, HIGHEST_MICROS, 3)
+                .map_err(|e| anyhow::anyhow!("creating a latency histogram: {e:?}"))
+        };
         Ok(Self {
-            latency,
+            latency: histogram()?,
+            error_latency: histogram()?,
             requests: 0,
             errors: 0,
             allowed: 0,
@@ -119,6 +125,8 @@ impl Recorder {
     ) {
         self.requests += 1;
         self.last_finished = Some(self.last_finished.map_or(finished, |t| t.max(finished)));
+        let micros = finished.saturating_duration_since(started).as_micros();
+        let micros = u64::try_from(micros).unwrap_or(HIGHEST_MICROS);
         match result {
             Ok(outcome) => {
                 match outcome.verdict {
@@ -128,13 +136,12 @@ impl Recorder {
                 }
                 self.tasks += outcome.tasks;
                 if outcome.timed {
-                    let micros = finished.saturating_duration_since(started).as_micros();
-                    self.latency
-                        .saturating_record(u64::try_from(micros).unwrap_or(HIGHEST_MICROS));
+                    self.latency.saturating_record(micros);
                 }
             }
             Err(status) => {
                 self.errors += 1;
+                self.error_latency.saturating_record(micros);
                 if self.first_error.is_none() {
                     self.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
                 }
@@ -170,7 +177,8 @@ pub struct Report {
     pub idle_redis: Option<Result<IdleRedis, String>>,
 }
 
-/// Latency percentiles of the calls that answered OK, in milliseconds.
+/// Latency percentiles of the calls that answered OK (or of those that failed), in
+/// milliseconds.
 struct Percentiles {
     p50: f64,
     p90: f64,
@@ -178,6 +186,41 @@ struct Percentiles {
     p99: f64,
     p999: f64,
     max: f64,
+}
+
+impl Percentiles {
+    /// `None` for an empty histogram.
+    fn of(h: &Histogram<u64>) -> Option<Self> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Some(Self {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        })
+    }
+
+    fn json(&self) -> String {
+        format!(
+            r#"{{"p50":{:.3},"p90":{:.3},"p95":{:.3},"p99":{:.3},"p999":{:.3},"max":{:.3}}}"#,
+            self.p50, self.p90, self.p95, self.p99, self.p999, self.max
+        )
+    }
+}
+
+impl fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {:.3}  p90 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            self.p50, self.p90, self.p95, self.p99, self.p999, self.max
+        )
+    }
 }
 
 impl Report {
@@ -262,19 +305,7 @@ impl Report {
 
     /// `None` when no measured call answered OK.
     fn percentiles(&self) -> Option<Percentiles> {
-        let h = &self.recorder.latency;
-        if h.is_empty() {
-            return None;
-        }
-        let ms = |micros: u64| micros as f64 / 1000.0;
-        Some(Percentiles {
-            p50: ms(h.value_at_quantile(0.50)),
-            p90: ms(h.value_at_quantile(0.90)),
-            p95: ms(h.value_at_quantile(0.95)),
-            p99: ms(h.value_at_quantile(0.99)),
-            p999: ms(h.value_at_quantile(0.999)),
-            max: ms(h.max()),
-        })
+        Percentiles::of(&self.recorder.latency)
     }
 
     /// The report as one line of JSON, without a trailing newline.
@@ -307,13 +338,11 @@ impl Report {
             .first_error
             .as_deref()
             .map_or_else(|| "null".to_owned(), json_string);
-        let latency = match self.percentiles() {
-            Some(p) => format!(
-                r#"{{"p50":{:.3},"p90":{:.3},"p95":{:.3},"p99":{:.3},"p999":{:.3},"max":{:.3}}}"#,
-                p.p50, p.p90, p.p95, p.p99, p.p999, p.max
-            ),
-            None => "null".to_owned(),
-        };
+        let latency = self
+            .percentiles()
+            .map_or_else(|| "null".to_owned(), |p| p.json());
+        let error_latency =
+            Percentiles::of(&r.error_latency).map_or_else(|| "null".to_owned(), |p| p.json());
         // Workloads without tasks keep exactly the fields they always had.
         let tasks = self
             .tasks
@@ -328,7 +357,7 @@ impl Report {
                 r#""warmup_s":{:.3},"duration_s":{:.3},"measured_s":{:.3},"#,
                 r#""requests":{},"errors":{},"first_error":{},"dropped":{},"#,
                 r#""allowed":{},"denied":{},"unknown":{},"#,
-                r#""throughput_rps":{:.1},"latency_ms":{}{}{}}}"#,
+                r#""throughput_rps":{:.1},"latency_ms":{},"error_latency_ms":{}{}{}}}"#,
             ),
             json_string(self.workload),
             json_string(&self.target),
@@ -349,6 +378,7 @@ impl Report {
             r.unknown,
             self.throughput(),
             latency,
+            error_latency,
             tasks,
             stream,
         )
@@ -470,13 +500,12 @@ impl fmt::Display for Report {
             writeln!(f, "  latency of   {} {}", r.latency.len(), counting.timed)?;
         }
         match self.percentiles() {
-            Some(p) => writeln!(
-                f,
-                "  latency ms   p50 {:.3}  p90 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-                p.p50, p.p90, p.p95, p.p99, p.p999, p.max
-            )?,
+            Some(p) => writeln!(f, "  latency ms   {p}")?,
             None if self.tasks.is_some() => writeln!(f, "  latency ms   n/a (no timed call)")?,
             None => writeln!(f, "  latency ms   n/a (no call answered OK)")?,
+        }
+        if let Some(p) = Percentiles::of(&r.error_latency) {
+            writeln!(f, "  errors ms    {p}")?;
         }
         match &self.idle_redis {
             None => {}
@@ -556,7 +585,8 @@ mod tests {
             }));
             recorder.record(t0, t0 + Duration::from_micros(micros), &result);
         }
-        recorder.record(t0, t0, &Err(tonic::Status::unavailable("store down")));
+        let failed = Err(tonic::Status::unavailable("store down"));
+        recorder.record(t0, t0 + Duration::from_millis(3), &failed);
         let report = Report {
             workload: "check-limit",
             target: "http://127.0.0.1:1".into(),
@@ -586,8 +616,15 @@ mod tests {
             "{json}"
         );
         assert!(json.contains(r#""throughput_rps":1001.0,"#), "{json}");
+        // The failed call's latency is kept apart from the answers'.
+        assert!(
+            json.contains(r#""max":1.000},"error_latency_ms":{"p50":3.00"#),
+            "{json}"
+        );
         assert!(!json.contains(r#""tasks""#), "{json}");
-        assert!(!report.to_string().contains("tasks"));
+        let text = report.to_string();
+        assert!(!text.contains("tasks"), "{text}");
+        assert!(text.contains("  errors ms    p50 3.00"), "{text}");
         Ok(())
     }
 
