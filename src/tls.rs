@@ -105,17 +105,8 @@ fn read_files(files: &ServerFiles) -> Result<Read, Error> {
 
 fn acceptor(files: &ServerFiles, read: &Read) -> Result<tokio_rustls::TlsAcceptor, Error> {
     let [cert, key, client_ca] = read;
-    let invalid = |option: &str, path: &Path, reason: String| {
-        Error::invalid(option, format!("{}: {reason}", path.display()))
-    };
     let chain = certificates(cert).map_err(|e| invalid("tls-cert", &files.cert, e))?;
-    let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
-        invalid(
-            "tls-key",
-            &files.key,
-            format!("no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
-        )
-    })?;
+    let private = private_key(key).map_err(|e| invalid("tls-key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -149,6 +140,16 @@ fn acceptor(files: &ServerFiles, read: &Read) -> Result<tokio_rustls::TlsAccepto
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A file given to `option` that is not what it should be.
+fn invalid(option: &str, path: &Path, reason: String) -> Error {
+    Error::invalid(option, format!("{}: {reason}", path.display()))
+}
+
+fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"))
+}
+
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
@@ -157,6 +158,46 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("holds no PEM certificate".into());
     }
     Ok(chain)
+}
+
+/// TLS for a client that speaks HTTP/2 over rustls itself (the load generator): trust only
+/// `ca` and, for mutual TLS, present `identity` (certificate chain, private key). ALPN offers
+/// `h2`. Errors name the option whose file is at fault.
+pub fn rustls_client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = crate::config::read_pem(ca, "tls-ca")?;
+    for cert in certificates(&pem).map_err(|e| invalid("tls-ca", ca, e))? {
+        roots
+            .add(cert)
+            .map_err(|e| invalid("tls-ca", ca, e.to_string()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Internal(format!("TLS protocol versions: {e}")))?
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certificates(&crate::config::read_pem(cert, "tls-cert")?)
+                .map_err(|e| invalid("tls-cert", cert, e))?;
+            let private = private_key(&crate::config::read_pem(key, "tls-key")?)
+                .map_err(|e| invalid("tls-key", key, e))?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| {
+                invalid(
+                    "tls-key",
+                    key,
+                    format!("does not go with the certificate in --tls-cert: {e}"),
+                )
+            })?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 /// TLS for a Sluice client (`https://` URLs): trust `ca` (absent: the system's roots) and, for

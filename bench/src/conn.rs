@@ -15,6 +15,10 @@
 //! (tonic's): 2 MiB stream and 5 MiB connection windows, 16 KiB of headers, 1 MiB send
 //! buffer per stream, 100 streams assumed before the server's settings arrive, no server push.
 //!
+//! `https://` targets are reached over TLS (rustls, ALPN `h2`), trusting only the CA given
+//! with `--tls-ca` and presenting `--tls-cert` for mutual TLS: what TLS costs the service can
+//! be measured with the same load generator.
+//!
 //! A connection is dialled once: if it fails (the service restarts, say), every later call on
 //! it fails and counts as an error; nothing reconnects in the middle of a measurement.
 //!
@@ -41,6 +45,8 @@ const USER_AGENT: http::HeaderValue =
 #[derive(Clone)]
 pub struct Conn {
     send: h2::client::SendRequest<Bytes>,
+    /// `http` or `https`, as the target said.
+    scheme: Scheme,
     authority: Authority,
     /// Sent as `authorization` on every call, for services with auth on.
     credentials: Option<http::HeaderValue>,
@@ -55,45 +61,57 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// Dials `target` (`http://host:port`), within `timeout`, and starts the connection's task
-    /// on the current runtime. The connection lives as long as a clone of the returned value.
-    pub async fn connect(target: &str, timeout: Duration) -> anyhow::Result<Self> {
+    /// Dials `target` (`http://host:port`, or `https://host:port` with `tls`), within
+    /// `timeout`, and starts the connection's task on the current runtime. The connection
+    /// lives as long as a clone of the returned value.
+    pub async fn connect(
+        target: &str,
+        timeout: Duration,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> anyhow::Result<Self> {
         let uri: Uri = target
             .parse()
             .with_context(|| format!("--target `{target}` is not a valid URL"))?;
-        anyhow::ensure!(
-            uri.scheme() == Some(&Scheme::HTTP),
-            "--target `{target}`: only http:// endpoints (gRPC without TLS) are supported"
-        );
+        let scheme = uri.scheme().cloned();
+        let tls = match (&scheme, tls) {
+            (Some(s), None) if *s == Scheme::HTTP => None,
+            (Some(s), Some(tls)) if *s == Scheme::HTTPS => Some(tls),
+            (Some(s), Some(_)) if *s == Scheme::HTTP => {
+                anyhow::bail!("--target `{target}`: the TLS options apply to https:// targets")
+            }
+            (Some(s), None) if *s == Scheme::HTTPS => anyhow::bail!(
+                "--target `{target}`: an https:// target needs --tls-ca (the CA that signs the service's certificate)"
+            ),
+            _ => anyhow::bail!("--target `{target}`: give an http:// or https:// URL"),
+        };
         let authority = uri
             .authority()
             .cloned()
             .with_context(|| format!("--target `{target}` names no host"))?;
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if tls.is_some() { 443 } else { 80 });
         let dial = async {
             let tcp = tokio::net::TcpStream::connect((authority.host(), port)).await?;
             tcp.set_nodelay(true)?;
-            let (send, connection) = h2::client::Builder::new()
-                .initial_window_size(2 << 20)
-                .initial_connection_window_size(5 << 20)
-                .max_header_list_size(16 << 10)
-                .max_send_buffer_size(1 << 20)
-                .initial_max_send_streams(100)
-                .enable_push(false)
-                .handshake::<_, Bytes>(tcp)
-                .await?;
-            anyhow::Ok((send, connection))
+            match tls {
+                None => handshake(tcp).await,
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(authority.host().to_owned())
+                        .with_context(|| {
+                            format!("`{}` is not a host name for TLS", authority.host())
+                        })?;
+                    handshake(tls.connect(name, tcp).await?).await
+                }
+            }
         };
-        let (send, connection) = tokio::time::timeout(timeout, dial)
+        let send = tokio::time::timeout(timeout, dial)
             .await
             .map_err(|_| anyhow::anyhow!("no connection within {timeout:?}"))?
             .with_context(|| format!("connecting to {target}"))?;
-        // When the connection fails, this task ends and every call on it fails with the cause.
-        tokio::spawn(async move {
-            let _closed = connection.await;
-        });
         Ok(Self {
             send,
+            scheme: scheme.unwrap_or(Scheme::HTTP),
             authority,
             credentials: None,
         })
@@ -107,6 +125,28 @@ impl Conn {
             ..self
         }
     }
+}
+
+/// The HTTP/2 handshake over `io`, with hyper's client settings (see the module's text); the
+/// connection's task is spawned: when the connection fails, it ends and every call on it
+/// fails with the cause.
+async fn handshake<T>(io: T) -> anyhow::Result<h2::client::SendRequest<Bytes>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        .initial_max_send_streams(100)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    tokio::spawn(async move {
+        let _closed = connection.await;
+    });
+    Ok(send)
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for Conn {
@@ -127,7 +167,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Conn {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(path)
             .build();
@@ -234,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn tonic_clients_call_a_real_server_over_it() -> anyhow::Result<()> {
         let target = health_server().await?;
-        let conn = Conn::connect(&target, Duration::from_secs(5)).await?;
+        let conn = Conn::connect(&target, Duration::from_secs(5), None).await?;
         let mut client = HealthClient::new(conn.clone());
         // The request's message reaches the server: the answer depends on the name it carries.
         for _ in 0..3 {
@@ -259,7 +299,7 @@ mod tests {
     #[tokio::test]
     async fn many_calls_in_flight_share_one_connection() -> anyhow::Result<()> {
         let target = health_server().await?;
-        let conn = Conn::connect(&target, Duration::from_secs(5)).await?;
+        let conn = Conn::connect(&target, Duration::from_secs(5), None).await?;
         let calls = (0..500).map(|_| {
             let mut client = HealthClient::new(conn.clone());
             async move {
@@ -280,10 +320,118 @@ mod tests {
         Ok(())
     }
 
+    /// limiter-svc over TLS (mutual TLS when `client_ca`), with a CA and leaves made by
+    /// openssl: the service, a client the CA signed, and one signed by another CA.
+    async fn tls_limiter(
+        pki: &sluice_testkit::auth::Pki,
+        mutual: bool,
+    ) -> anyhow::Result<(sluice_testkit::Service, String)> {
+        pki.issue("ca", &["server", "client"])?;
+        pki.issue("other", &["stranger"])?;
+        let mut args = vec![
+            "limiter-svc".to_owned(),
+            "--no-auth".to_owned(),
+            "--tls-cert".to_owned(),
+            pki.arg("server.crt"),
+            "--tls-key".to_owned(),
+            pki.arg("server.key"),
+        ];
+        if mutual {
+            args.extend(["--tls-client-ca".to_owned(), pki.arg("ca.crt")]);
+        }
+        let config = limiter_svc::Config::from_args(args)?;
+        let service = sluice_testkit::Service::start(|l, s| limiter_svc::run(l, config, s)).await?;
+        let url = format!("https://127.0.0.1:{}", service.grpc.port());
+        Ok((service, url))
+    }
+
+    /// One CheckLimit over `conn`: allowed, or the failure.
+    async fn check(conn: Conn) -> anyhow::Result<()> {
+        use sluice::proto::sluice::limiter::v1 as pb;
+        let request = pb::CheckLimitRequest {
+            checks: vec![pb::Check {
+                scope: "user".to_owned(),
+                subject: "tls".to_owned(),
+                limit: Some(pb::check::Limit::Inline(pb::InlineLimit {
+                    algorithm: pb::Algorithm::Gcra as i32,
+                    limit: 10,
+                    window: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    burst: 0,
+                })),
+            }],
+            cost: 1,
+            request_id: String::new(),
+        };
+        let answer = pb::limiter_client::LimiterClient::new(conn)
+            .check_limit(request)
+            .await?;
+        anyhow::ensure!(answer.get_ref().allowed, "{answer:?}");
+        Ok(())
+    }
+
+    fn connector(
+        pki: &sluice_testkit::auth::Pki,
+        ca: &str,
+        identity: Option<&str>,
+    ) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let (cert, key) = identity.map_or((None, None), |name| {
+            (
+                Some(pki.file(&format!("{name}.crt"))),
+                Some(pki.file(&format!("{name}.key"))),
+            )
+        });
+        let config =
+            sluice::tls::rustls_client_config(&pki.file(ca), cert.as_deref().zip(key.as_deref()))?;
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            config,
+        )))
+    }
+
+    #[tokio::test]
+    async fn https_targets_are_reached_over_tls_trusting_only_the_given_ca() -> anyhow::Result<()> {
+        let pki = sluice_testkit::auth::Pki::new()?;
+        let (service, url) = tls_limiter(&pki, false).await?;
+        let timeout = Duration::from_secs(5);
+        let trusted = connector(&pki, "ca.crt", None)?;
+        check(Conn::connect(&url, timeout, Some(&trusted)).await?).await?;
+        // A CA that did not sign the service's certificate: the handshake fails.
+        let other = connector(&pki, "other.crt", None)?;
+        let refused = Conn::connect(&url, timeout, Some(&other)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        // TLS options with an http:// target are refused, not ignored.
+        let plain = url.replace("https://", "http://");
+        let err = Conn::connect(&plain, timeout, Some(&trusted)).await.err();
+        assert!(
+            format!("{err:?}").contains("apply to https:// targets"),
+            "{err:?}"
+        );
+        service.stop().await
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_presents_the_client_certificate() -> anyhow::Result<()> {
+        let pki = sluice_testkit::auth::Pki::new()?;
+        let (service, url) = tls_limiter(&pki, true).await?;
+        let timeout = Duration::from_secs(5);
+        let client = connector(&pki, "ca.crt", Some("client"))?;
+        check(Conn::connect(&url, timeout, Some(&client)).await?).await?;
+        // Without a certificate, or with one the service's CA did not sign, no call is served
+        // (TLS 1.3 may finish the client's side of the handshake before the server refuses).
+        for identity in [None, Some("stranger")] {
+            let tls = connector(&pki, "ca.crt", identity)?;
+            let outcome = async { check(Conn::connect(&url, timeout, Some(&tls)).await?).await };
+            assert!(outcome.await.is_err(), "{identity:?} was served");
+        }
+        service.stop().await
+    }
+
     #[tokio::test]
     async fn targets_it_cannot_reach_are_refused_with_the_reason() {
         let refused = |target: &'static str| async move {
-            Conn::connect(target, Duration::from_secs(5))
+            Conn::connect(target, Duration::from_secs(5), None)
                 .await
                 .err()
                 .map(|err| format!("{err:#}"))
@@ -292,7 +440,7 @@ mod tests {
         assert!(
             refused("https://127.0.0.1:1")
                 .await
-                .contains("only http://")
+                .contains("needs --tls-ca")
         );
         assert!(refused("not a url").await.contains("not a valid URL"));
         // A port nothing listens on: bind one, then close it.
@@ -300,7 +448,9 @@ mod tests {
             .and_then(|listener| listener.local_addr())
             .map(|address| format!("http://{address}"))
             .unwrap_or_default();
-        let err = Conn::connect(&closed, Duration::from_secs(5)).await.err();
+        let err = Conn::connect(&closed, Duration::from_secs(5), None)
+            .await
+            .err();
         assert!(
             err.is_some_and(|err| format!("{err:#}").contains("connecting to")),
             "a closed port fails to connect"

@@ -10,6 +10,7 @@
 //! --stop-when-empty`); in the open loop one such answer ends the schedule. The measured
 //! period then ends when the last call is answered.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -72,6 +73,25 @@ pub struct RunArgs {
         value_name = "TOKEN"
     )]
     pub api_key: Option<sluice::auth::Token>,
+
+    /// PEM CA that signs the service's certificate: reach an https:// --target over TLS
+    /// (only this CA is trusted).
+    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM certificate presented to a service that requires client certificates (mutual TLS);
+    /// with --tls-key and --tls-ca.
+    #[arg(long, env = "SLUICE_CLIENT_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "SLUICE_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 
     /// Also print the report as one JSON line on stdout (the text block then goes to stderr).
     #[arg(long)]
@@ -310,10 +330,18 @@ async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Conn>> {
         .as_ref()
         .map(sluice::auth::Token::bearer)
         .transpose()?;
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            let config = sluice::tls::rustls_client_config(ca, identity)?;
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        }
+    };
     let mut conns = Vec::new();
     for _ in 0..args.connections {
         conns.push(
-            Conn::connect(&args.target, args.timeout)
+            Conn::connect(&args.target, args.timeout, tls.as_ref())
                 .await?
                 .with_credentials(credentials.clone()),
         );
