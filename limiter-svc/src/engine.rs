@@ -10,7 +10,7 @@ use sluice::error::{Error, Result};
 use crate::breaker::Breaker;
 use crate::hotkeys::HotKeys;
 use crate::policy::{FailureMode, Policy};
-use crate::store::{Counter, EmbeddedStore, Evaluation, Mode, Store, Verdict};
+use crate::store::{BREAKER_OPEN, Counter, EmbeddedStore, Evaluation, Mode, Store, Verdict};
 
 /// A check with its counter and the policy it follows.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ impl Engine {
             return Ok(outcome);
         }
         if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
-            return self.failure_mode(checks, mode, "breaker open");
+            return self.failure_mode(checks, mode, BREAKER_OPEN);
         }
         let counters: Vec<Counter> = checks.iter().map(|c| c.counter.clone()).collect();
         match self.store.evaluate(&counters, mode).await {
@@ -122,6 +122,10 @@ impl Engine {
                         .collect(),
                     source: Source::Store,
                 })
+            }
+            // Queued while the breaker opened: it never reached Redis.
+            Err(Error::Unavailable(why)) if why == BREAKER_OPEN => {
+                self.failure_mode(checks, mode, &why)
             }
             Err(Error::Unavailable(why)) => {
                 metrics::counter!("sluice_limiter_store_errors_total").increment(1);

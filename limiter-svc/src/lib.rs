@@ -96,7 +96,11 @@ pub async fn run(
                 shutdown.clone(),
             ));
             (
-                Store::Redis(RedisStore::new(pool, config.batch_checks)),
+                Store::Redis(RedisStore::new(
+                    pool,
+                    config.batch_checks,
+                    Some(breaker.clone()),
+                )),
                 Some(breaker),
             )
         }

@@ -13,6 +13,7 @@ use sluice::pool::RedisPool;
 use sluice::script::{PackedNumbers, Script};
 
 use crate::algorithm::{self, Algorithm, Params, State};
+use crate::breaker::Breaker;
 use crate::keys;
 
 /// One counter a request touches.
@@ -103,6 +104,10 @@ pub struct RedisStore {
     /// Standalone Redis: concurrent requests share check calls. (On a cluster each call's keys
     /// must share a slot, so requests go one by one.)
     batcher: Option<Batcher<Checks, SlotReply>>,
+    /// The circuit breaker, checked again when a call is about to go out: requests that
+    /// queued behind calls waiting out Redis's timeouts fail at once when their turn comes
+    /// after it opened, instead of each waiting out the timeouts in turn.
+    breaker: Option<Arc<Breaker>>,
 }
 
 /// Most requests in one check call, and check calls in flight at once, of the batcher.
@@ -127,17 +132,23 @@ struct SlotReply {
 
 impl RedisStore {
     /// A store on `pool`; on standalone Redis with `batch` it starts the batcher (needs a
-    /// tokio runtime), so concurrent requests share check calls.
-    pub fn new(pool: RedisPool, batch: bool) -> Self {
+    /// tokio runtime), so concurrent requests share check calls. While `breaker` is open no
+    /// check call goes out (each fails at once with UNAVAILABLE).
+    pub fn new(pool: RedisPool, batch: bool, breaker: Option<Arc<Breaker>>) -> Self {
         let check = Arc::new(Script::new("limiter.check", algorithm::CHECK_LUA));
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let batcher = (batch && !pool.is_cluster()).then(|| {
             let (pool, check) = (pool.clone(), Arc::clone(&check));
             let instance: Arc<str> = instance.clone().into();
+            let breaker = breaker.clone();
             Batcher::spawn(BATCH_REQUESTS, BATCH_CALLS, move |requests: Vec<Checks>| {
                 let (pool, check) = (pool.clone(), Arc::clone(&check));
                 let instance = Arc::clone(&instance);
-                async move { run_checks(&pool, &check, &instance, &requests).await }
+                let closed = breaker_closed(breaker.as_deref());
+                async move {
+                    closed?;
+                    run_checks(&pool, &check, &instance, &requests).await
+                }
             })
         });
         Self {
@@ -147,6 +158,7 @@ impl RedisStore {
             instance,
             sequence: AtomicU64::new(0),
             batcher,
+            breaker,
         }
     }
 
@@ -232,6 +244,7 @@ impl RedisStore {
     }
 
     async fn run_check(&self, counters: &[Counter], mode: Mode, seq: u64) -> Result<SlotReply> {
+        breaker_closed(self.breaker.as_deref())?;
         let request = Checks {
             counters: counters.to_vec(),
             mode,
@@ -282,6 +295,17 @@ type LimitArgs = (u8, u64, u64, u64, bool);
 
 /// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
 /// nothing in order.
+/// Why a call that never went to Redis failed: the breaker was open.
+pub const BREAKER_OPEN: &str = "breaker open";
+
+/// UNAVAILABLE while `breaker` is open: the call must not go to Redis.
+fn breaker_closed(breaker: Option<&Breaker>) -> Result<()> {
+    match breaker {
+        Some(breaker) if breaker.is_open() => Err(Error::Unavailable(BREAKER_OPEN.into())),
+        _ => Ok(()),
+    }
+}
+
 async fn run_checks(
     pool: &RedisPool,
     check: &Script,

@@ -327,6 +327,85 @@ async fn redis_killed_mid_load_answers_by_failure_mode_then_recovers() -> anyhow
     limiter.service.stop().await
 }
 
+/// Calls that queued for Redis while it died (behind calls waiting out its timeouts) are
+/// answered by failure mode once the breaker opens: each waits out the timeouts at most once,
+/// not once per batch ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_queued_when_redis_dies_waits_out_the_timeouts_once() -> anyhow::Result<()> {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    const CALLS: usize = 3000;
+    let mut redis = RedisServer::start().await?;
+    let timeout = format!("{}ms", TIMEOUT.as_millis());
+    let mut limiter = Limiter::start(
+        &StoreKind::Redis(redis.url()),
+        LIMITS,
+        &[
+            "--redis-connect-timeout",
+            &timeout,
+            "--redis-command-timeout",
+            &timeout,
+        ],
+    )
+    .await?;
+    let run = run_id();
+    let check = |i: usize| {
+        request(
+            vec![policy_check("user", &format!("open-{run}-{i}"), "open")],
+            1,
+        )
+    };
+    let first = limiter.client.check_limit(check(0)).await?.into_inner();
+    assert_eq!(first.source, i32::from(pb::Source::Store), "{first:?}");
+    // Three connections: the calls exceed one connection's stream limit.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(pb::limiter_client::LimiterClient::new(
+            limiter.service.channel().await?,
+        ));
+    }
+
+    redis.kill()?;
+    let calls = (0..CALLS).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        let req = check(i);
+        async move {
+            let sent = tokio::time::Instant::now();
+            let answer = client.check_limit(req).await;
+            (sent.elapsed(), answer)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let slowest = answers
+        .iter()
+        .map(|(took, _)| *took)
+        .max()
+        .unwrap_or_default();
+    for (_, answer) in &answers {
+        let r = answer
+            .as_ref()
+            .map_err(|s| anyhow::anyhow!("{s:?}"))?
+            .get_ref();
+        assert!(r.allowed, "fail_open allows: {r:?}");
+    }
+    let by_failure_mode = answers
+        .iter()
+        .filter(|(_, a)| {
+            a.as_ref()
+                .is_ok_and(|r| r.get_ref().source == i32::from(pb::Source::FailureMode))
+        })
+        .count();
+    println!("{CALLS} calls as Redis died: slowest {slowest:?}, {by_failure_mode} by failure mode");
+    assert_eq!(by_failure_mode, CALLS, "none reached the dead Redis");
+    // A call waits for a call slot held by calls waiting out the timeouts, then for its own
+    // connection at most: a behavioural bound (with the queue drained 256 requests per
+    // round of timeouts, it would be about 3,000 / 256 rounds of 0.3 s), not a benchmark.
+    assert!(
+        slowest < 6 * TIMEOUT,
+        "the slowest call took {slowest:?}, more than the timeouts' worth"
+    );
+    limiter.service.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_file_reloads_without_failing_a_request() -> anyhow::Result<()> {
     let limiter = Limiter::start(
