@@ -320,7 +320,7 @@ mod tests {
         Ok(())
     }
 
-    /// limiter-svc over TLS (mutual TLS when `client_ca`), with a CA and leaves made by
+    /// limiter-svc over TLS (mutual TLS when `mutual`), with a CA and leaves made by
     /// openssl: the service, a client the CA signed, and one signed by another CA.
     async fn tls_limiter(
         pki: &sluice_testkit::auth::Pki,

@@ -1,9 +1,10 @@
 //! The load driver shared by every workload: connections, closed and open loop, warm-up, progress.
 //!
 //! Timeline of a run: connect every connection, then `start`; requests sent before
-//! `start + warmup` are made but not recorded; nothing new is sent from
-//! `start + warmup + duration` on, and the calls still in flight then are awaited (each is
-//! bounded by `--timeout`) and recorded.
+//! `start + warmup` are made but not recorded; those sent from `start + warmup + duration` on,
+//! in the `--cooldown`, are made but not recorded either; nothing new is sent after the
+//! cool-down, and the calls still in flight then are awaited (each is bounded by
+//! `--timeout`); those sent in the measured period are recorded.
 //!
 //! A run may end earlier: when `--requests` have all been sent and answered, or when every
 //! closed-loop worker was told to stop by its workload ([`Outcome::stop`], e.g. `drain
@@ -265,16 +266,18 @@ pub async fn run_probed<W: Workload>(
     let _cancelled = ticker.await;
     let (dropped, early) = outcome?;
     let ended_early = early.then_some(finished);
+    // A run that ended before its measured period did reads Redis now instead.
+    let redis_after = match redis_after {
+        Some(after) if finished < measure_end => {
+            after.abort();
+            None
+        }
+        after => after,
+    };
     let redis = match (redis, redis_before) {
-        (Some(probe), Some(before)) => Some(
-            redis_usage(
-                &probe,
-                before,
-                redis_after.filter(|_| finished >= measure_end),
-                finished >= measure_start,
-            )
-            .await,
-        ),
+        (Some(probe), Some(before)) => {
+            Some(redis_usage(&probe, before, redis_after, finished >= measure_start).await)
+        }
         _ => None,
     };
 
