@@ -266,6 +266,21 @@ pub struct RedisArgs {
     /// system's trusted roots. Passwords go in the URL: rediss://user:pass@host:port.
     #[arg(long, env = "SLUICE_REDIS_TLS_CA", value_name = "FILE")]
     pub redis_tls_ca: Option<PathBuf>,
+
+    /// Consecutive Redis failures (connection errors, timeouts) that open the circuit
+    /// breaker; while open no call goes to Redis: the limiter answers by each policy's
+    /// failure mode, the queue with UNAVAILABLE, at once.
+    #[arg(
+        long,
+        env = "SLUICE_BREAKER_THRESHOLD",
+        value_name = "N",
+        default_value_t = 3
+    )]
+    pub breaker_threshold: u32,
+
+    /// While the breaker is open, how often Redis is pinged to close it again.
+    #[arg(long, env = "SLUICE_BREAKER_PROBE_INTERVAL", value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub breaker_probe_interval: Duration,
 }
 
 /// Reads a PEM file named by an option, with an error naming the option.
@@ -285,6 +300,8 @@ impl std::fmt::Debug for RedisArgs {
             .field("redis_connect_timeout", &self.redis_connect_timeout)
             .field("redis_command_timeout", &self.redis_command_timeout)
             .field("redis_tls_ca", &self.redis_tls_ca)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_probe_interval", &self.breaker_probe_interval)
             .finish()
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod breaker;
 pub mod config;
 pub mod error;
 pub mod limit_layer;

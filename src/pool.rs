@@ -11,7 +11,7 @@
 //! cluster, naming any subset of its nodes as seeds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -19,6 +19,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
+use crate::breaker::{BREAKER_OPEN, Breaker};
 use crate::error::{Error, Result};
 
 /// How to reach Redis and how long to wait for it.
@@ -121,6 +122,8 @@ enum Backend {
 /// bb8's view of a Redis deployment: how to dial it and how to tell a dead connection.
 struct Manager {
     backend: Backend,
+    /// Connections made before the current generation are discarded (see `RedisPool::renew`).
+    generation: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -134,9 +137,17 @@ enum Raw {
 pub struct Connection {
     raw: Raw,
     broken: Arc<AtomicBool>,
+    /// The pool's generation when it was made.
+    born: u64,
+    generation: Arc<AtomicU64>,
 }
 
 impl Connection {
+    /// Failed in a way that leaves it unusable, or made before the pool was renewed.
+    fn dead(&self) -> bool {
+        self.broken.load(Ordering::Relaxed) || self.born < self.generation.load(Ordering::Relaxed)
+    }
+
     fn note<T>(&self, result: &std::result::Result<T, RedisError>) {
         if let Err(err) = result
             && (err.is_unrecoverable_error() || err.is_connection_dropped() || err.is_io_error())
@@ -198,6 +209,8 @@ impl bb8::ManageConnection for Manager {
         Ok(Connection {
             raw,
             broken: Arc::new(AtomicBool::new(false)),
+            born: self.generation.load(Ordering::Relaxed),
+            generation: Arc::clone(&self.generation),
         })
     }
 
@@ -206,7 +219,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
-        conn.broken.load(Ordering::Relaxed)
+        conn.dead()
     }
 }
 
@@ -216,6 +229,11 @@ pub struct RedisPool {
     pool: bb8::Pool<Manager>,
     command_timeout: Duration,
     cluster: bool,
+    /// Shared with the manager: see [`RedisPool::renew`].
+    generation: Arc<AtomicU64>,
+    /// [`RedisPool::guarded`]: the breaker this pool's calls report to, and that stops them
+    /// while open.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -223,6 +241,7 @@ impl std::fmt::Debug for RedisPool {
         f.debug_struct("RedisPool")
             .field("cluster", &self.cluster)
             .field("state", &self.pool.state())
+            .field("guarded", &self.breaker.is_some())
             .finish()
     }
 }
@@ -292,18 +311,44 @@ impl RedisPool {
                 (Backend::Cluster(client), true)
             }
         };
+        let generation = Arc::new(AtomicU64::new(0));
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size.max(1))
             .connection_timeout(config.connect_timeout)
             // A PING per checkout would double the round trips; broken connections are
             // flagged by the errors they return instead.
             .test_on_check_out(false)
-            .build_unchecked(Manager { backend });
+            .build_unchecked(Manager {
+                backend,
+                generation: Arc::clone(&generation),
+            });
         Ok(Self {
             pool,
             command_timeout: config.command_timeout,
             cluster,
+            generation,
+            breaker: None,
         })
+    }
+
+    /// The same pool, its calls guarded by `breaker`: each call's outcome counts towards
+    /// opening it (a connection failure or a timeout) or resets it (any answer), and while it
+    /// is open every call fails at once with UNAVAILABLE instead of waiting out the timeouts.
+    /// The breaker's prober must ping through an unguarded pool.
+    #[must_use]
+    pub fn guarded(&self, breaker: Arc<Breaker>) -> Self {
+        Self {
+            breaker: Some(breaker),
+            ..self.clone()
+        }
+    }
+
+    /// Retires every connection made so far: each is discarded when next checked out or
+    /// returned, and new ones are dialled. For when Redis comes back after an outage: the
+    /// connections that sat idle through it are dead, and would fail the first calls that
+    /// take them.
+    pub fn renew(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// True when the URL named a Redis Cluster.
@@ -317,7 +362,11 @@ impl RedisPool {
     }
 
     /// A connection handle; concurrent holders share (and pipeline over) the same socket.
+    /// Fails at once while the pool's breaker is open.
     pub async fn get(&self) -> Result<Connection> {
+        if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
+            return Err(Error::Unavailable(BREAKER_OPEN.into()));
+        }
         // Bounded: every broken connection we meet is discarded, so at most max_size skips.
         for _ in 0..=self.pool.state().connections {
             let pooled = self.pool.get().await.map_err(|e| match e {
@@ -326,7 +375,7 @@ impl RedisPool {
                     Error::Unavailable("timed out waiting for a Redis connection".into())
                 }
             })?;
-            if !pooled.broken.load(Ordering::Relaxed) {
+            if !pooled.dead() {
                 return Ok(pooled.clone());
             }
         }
@@ -335,7 +384,7 @@ impl RedisPool {
 
     /// Runs one command with the configured timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        counted(
+        self.settle(
             async {
                 let mut conn = self.get().await?;
                 match tokio::time::timeout(self.command_timeout, cmd.query_async::<T>(&mut conn))
@@ -350,6 +399,24 @@ impl RedisPool {
             }
             .await,
         )
+    }
+}
+
+impl RedisPool {
+    /// Takes note of a call's outcome: counted if it failed (see [`counted`]) and, on a guarded
+    /// pool, reported to the breaker. A call the open breaker stopped touched no Redis: it is
+    /// neither.
+    pub fn settle<T>(&self, result: Result<T>) -> Result<T> {
+        if matches!(&result, Err(Error::Unavailable(why)) if why == BREAKER_OPEN) {
+            return result;
+        }
+        if let Some(breaker) = &self.breaker {
+            match &result {
+                Err(Error::Unavailable(_)) => breaker.failure(),
+                _ => breaker.success(),
+            }
+        }
+        counted(result)
     }
 }
 

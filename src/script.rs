@@ -164,7 +164,7 @@ impl Call<'_> {
                 other => other.map_err(|err| script_error(self.script.name, err)),
             }
         };
-        crate::pool::counted(call.instrument(span).await)
+        pool.settle(call.instrument(span).await)
     }
 }
 

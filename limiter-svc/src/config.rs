@@ -42,20 +42,6 @@ pub struct Config {
     )]
     pub hot_keys_capacity: usize,
 
-    /// Consecutive Redis failures (connection errors, timeouts) that open the circuit breaker;
-    /// while open, answers come from each policy's failure mode without touching Redis.
-    #[arg(
-        long,
-        env = "SLUICE_BREAKER_THRESHOLD",
-        value_name = "N",
-        default_value_t = 3
-    )]
-    pub breaker_threshold: u32,
-
-    /// While the breaker is open, how often Redis is pinged to close it again.
-    #[arg(long, env = "SLUICE_BREAKER_PROBE_INTERVAL", value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
-    pub breaker_probe_interval: Duration,
-
     /// Let concurrent requests share one check script call on standalone Redis (each still
     /// all or nothing). `false` behind a proxy that shards by key (twemproxy, Envoy's Redis
     /// proxy): such a proxy sends a script to the node of its first key, and a shared call

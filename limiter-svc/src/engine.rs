@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use sluice::error::{Error, Result};
 
-use crate::breaker::Breaker;
 use crate::hotkeys::HotKeys;
 use crate::policy::{FailureMode, Policy};
-use crate::store::{BREAKER_OPEN, Counter, EmbeddedStore, Evaluation, Mode, Store, Verdict};
+use crate::store::{Counter, EmbeddedStore, Evaluation, Mode, Store, Verdict};
+use sluice::breaker::{BREAKER_OPEN, Breaker};
 
 /// A check with its counter and the policy it follows.
 #[derive(Debug, Clone)]

@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 pub mod algorithm;
-pub mod breaker;
 pub mod config;
 pub mod engine;
 pub mod hotkeys;
@@ -33,12 +32,12 @@ use tonic_health::ServingStatus;
 
 pub use config::Config;
 
-use crate::breaker::Breaker;
 use crate::engine::Engine;
 use crate::policy::PolicyStore;
 use crate::service::LimiterService;
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use sluice::auth::{Access, Role};
+use sluice::breaker::Breaker;
 
 /// The name this service reports in logs and spans.
 pub const SERVICE_NAME: &str = "limiter-svc";
@@ -84,10 +83,13 @@ pub async fn run(
 
     let (store, breaker) = match sluice::pool::from_args(&common.redis)? {
         Some(pool) => {
-            let breaker = Arc::new(Breaker::new(config.breaker_threshold));
+            let breaker = Arc::new(Breaker::new(
+                common.redis.breaker_threshold,
+                "sluice_limiter_breaker_open",
+            ));
             tasks.spawn(breaker.clone().probe(
                 pool.clone(),
-                config.breaker_probe_interval,
+                common.redis.breaker_probe_interval,
                 shutdown.clone(),
             ));
             tasks.spawn(report_store_health(

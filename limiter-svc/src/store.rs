@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice::batch::Batcher;
+use sluice::breaker::{BREAKER_OPEN, Breaker};
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
 use sluice::script::{PackedNumbers, Script};
 
 use crate::algorithm::{self, Algorithm, Params, State};
-use crate::breaker::Breaker;
 use crate::keys;
 
 /// One counter a request touches.
@@ -295,9 +295,6 @@ type LimitArgs = (u8, u64, u64, u64, bool);
 
 /// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
 /// nothing in order.
-/// Why a call that never went to Redis failed: the breaker was open.
-pub const BREAKER_OPEN: &str = "breaker open";
-
 /// UNAVAILABLE while `breaker` is open: the call must not go to Redis.
 fn breaker_closed(breaker: Option<&Breaker>) -> Result<()> {
     match breaker {

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::auth::{Access, Role};
+use sluice::breaker::Breaker;
 use sluice::proto::sluice::queue::v1::queue_server::QueueServer;
 use sluice::server::Listeners;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +120,20 @@ pub async fn run(
     let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
     let tasks = TaskTracker::new();
     let store = Arc::new(match sluice::pool::from_args(&common.redis)? {
-        Some(pool) => store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool))),
+        Some(pool) => {
+            // While Redis is known to be away, calls answer UNAVAILABLE at once instead of
+            // each waiting out the timeouts (and queueing behind others that do).
+            let breaker = Arc::new(Breaker::new(
+                common.redis.breaker_threshold,
+                "sluice_queue_breaker_open",
+            ));
+            tasks.spawn(breaker.clone().probe(
+                pool.clone(),
+                common.redis.breaker_probe_interval,
+                shutdown.clone(),
+            ));
+            store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool.guarded(breaker))))
+        }
         None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),
     });
     let retire_after = (!config.retire_idle_after.is_zero()).then_some(config.retire_idle_after);

@@ -2229,6 +2229,90 @@ async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result
     q.service.stop().await
 }
 
+/// Enqueues sent as Redis dies answer UNAVAILABLE, each after waiting out the timeouts at
+/// most about once: once the breaker opens, the ones queued behind them fail at once instead
+/// of going to Redis batch after batch. Once Redis is back, enqueues succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> anyhow::Result<()> {
+    use sluice_testkit::probe;
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    const CALLS: usize = 6000;
+    let mut redis = RedisServer::start().await?;
+    let timeout = format!("{}ms", TIMEOUT.as_millis());
+    let mut q = Queue::start(
+        Some(&redis.url()),
+        "",
+        &[
+            "--redis-connect-timeout",
+            &timeout,
+            "--redis-command-timeout",
+            &timeout,
+        ],
+    )
+    .await?;
+    let task = || pb::EnqueueRequest {
+        task: Some(spec("p", "fast", b"x", pb::Priority::Normal)),
+    };
+    q.client.enqueue(task()).await?;
+    // Six connections: the calls exceed one connection's stream limit.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(pb::queue_client::QueueClient::new(
+            q.service.channel().await?,
+        ));
+    }
+
+    redis.kill()?;
+    let calls = (0..CALLS).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        let req = task();
+        async move {
+            let sent = tokio::time::Instant::now();
+            let answer = client.enqueue(req).await;
+            (sent.elapsed(), answer)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let slowest = answers
+        .iter()
+        .map(|(took, _)| *took)
+        .max()
+        .unwrap_or_default();
+    for (_, answer) in &answers {
+        let status = answer.as_ref().err().map(tonic::Status::code);
+        assert_eq!(status, Some(Code::Unavailable), "{answer:?}");
+    }
+    println!("{CALLS} enqueues as Redis died: slowest answered after {slowest:?}");
+    // A behavioural bound, not a benchmark: with the queue drained 512 enqueues per round of
+    // timeouts it would be about 6,000 / 512 rounds of 0.5 s.
+    assert!(
+        slowest < 5 * TIMEOUT,
+        "the slowest enqueue took {slowest:?}, more than the timeouts' worth"
+    );
+    let text = sluice::server::metrics_handle().render();
+    let gauge = text
+        .lines()
+        .find(|l| l.starts_with("sluice_queue_breaker_open "));
+    assert_eq!(gauge, Some("sluice_queue_breaker_open 1"));
+
+    redis.restart().await?;
+    let url = q.service.url();
+    eventually(
+        Duration::from_secs(10),
+        "health to report the store back",
+        || {
+            let url = url.clone();
+            async move {
+                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? == probe::SERVING)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    q.client.enqueue(task()).await?;
+    q.service.stop().await
+}
+
 /// A long poll waits on wake-ups, not by polling: while it waits on an empty queue Redis runs
 /// about one lease call a second for it, and a task enqueued through another instance reaches
 /// it (announced over Redis pub/sub).

@@ -1,13 +1,17 @@
 //! The circuit breaker in front of Redis: after `threshold` consecutive transient failures it
-//! opens, and while open no call touches Redis (each is answered by its policy's failure mode
-//! at once). A prober pings Redis in the background and closes the breaker when it answers.
+//! opens, and while open no call touches Redis: the limiter answers each by its policy's
+//! failure mode, the queue with UNAVAILABLE at once (a [`RedisPool::guarded`] pool). A prober
+//! pings Redis in the background and closes the breaker when it answers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use sluice::pool::RedisPool;
+use crate::pool::RedisPool;
 use tokio_util::sync::CancellationToken;
+
+/// Why a call failed without going to Redis: the breaker was open.
+pub const BREAKER_OPEN: &str = "breaker open";
 
 /// Shared breaker state.
 #[derive(Debug)]
@@ -16,16 +20,21 @@ pub struct Breaker {
     failures: AtomicU32,
     threshold: u32,
     state: tokio::sync::watch::Sender<bool>,
+    /// The gauge that shows it open (1) or closed (0).
+    gauge: &'static str,
 }
 
 impl Breaker {
-    /// A closed breaker that opens after `threshold` consecutive transient failures.
-    pub fn new(threshold: u32) -> Self {
+    /// A closed breaker that opens after `threshold` consecutive transient failures and shows
+    /// its state in the gauge named `gauge`.
+    pub fn new(threshold: u32, gauge: &'static str) -> Self {
+        metrics::gauge!(gauge).set(0.0);
         Self {
             open: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             threshold: threshold.max(1),
             state: tokio::sync::watch::Sender::new(false),
+            gauge,
         }
     }
 
@@ -45,9 +54,9 @@ impl Breaker {
         if failures >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 failures,
-                "Redis unavailable: breaker open, answering by failure mode"
+                "Redis unavailable: breaker open, no call goes to Redis until it answers a ping"
             );
-            metrics::gauge!("sluice_limiter_breaker_open").set(1.0);
+            metrics::gauge!(self.gauge).set(1.0);
             self.state.send_replace(true);
         }
     }
@@ -56,7 +65,7 @@ impl Breaker {
         self.failures.store(0, Ordering::Relaxed);
         if self.open.swap(false, Ordering::AcqRel) {
             tracing::info!("Redis answers again: breaker closed");
-            metrics::gauge!("sluice_limiter_breaker_open").set(0.0);
+            metrics::gauge!(self.gauge).set(0.0);
             self.state.send_replace(false);
         }
     }
@@ -85,6 +94,9 @@ impl Breaker {
                 () = shutdown.cancelled() => return,
             }
             if pool.query::<String>(&redis::cmd("PING")).await.is_ok() {
+                // Connections that sat idle through the outage are dead: calls must not
+                // meet them, fail and open the breaker again.
+                pool.renew();
                 self.close();
             }
         }
