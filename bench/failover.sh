@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Redis killed and restarted under load: limiter-svc (release build) on a fresh redis-server,
-# `sluice-bench check-limit` at a fixed rate over three policies that differ only in their
-# failure mode (bench/failover.toml), Redis killed with SIGKILL after DOWN_AT seconds and
-# started again DOWN_FOR seconds later on the same port, then AFTER seconds more of load.
+# Redis killed and restarted under load. `limiter` (the default): limiter-svc (release build)
+# on a fresh redis-server, `sluice-bench check-limit` at a fixed rate over three policies that
+# differ only in their failure mode (bench/failover.toml). `queue`: queue-svc, `sluice-bench
+# enqueue` at a fixed rate. Redis is killed with SIGKILL after DOWN_AT seconds and started
+# again DOWN_FOR seconds later on the same port, then AFTER seconds more of load.
 # The load generator's per-second lines show how each second went: answers, denials, errors
-# (fail_closed answers UNAVAILABLE while Redis is away) and the latency of every answer,
-# errors included. Its report covers the time Redis was away but for a second at each end:
-# the breaker's open period, with the latency of the answers (fail_open, local) and of the
-# UNAVAILABLE errors (fail_closed) apart.
+# (fail_closed checks and every enqueue answer UNAVAILABLE while Redis is away) and the
+# latency of every answer, errors included. Its report covers the time Redis was away but for
+# a second at each end: the breaker's open period, with the latency of the answers and of the
+# UNAVAILABLE errors apart.
 #
-#   cargo build --release -p limiter-svc -p sluice-bench && bench/failover.sh
+#   cargo build --release -p limiter-svc -p queue-svc -p sluice-bench
+#   bench/failover.sh            # the limiter
+#   bench/failover.sh queue      # the queue
 #
 # Settings from the environment: BIN (target/release), RATE (5000 requests/s), DOWN_AT (6 s),
 # DOWN_FOR (6 s, at least 3), AFTER (6 s), REDIS_PORT (6392), LISTEN (127.0.0.1:50071).
@@ -17,6 +20,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SERVICE=${1:-limiter}
+case $SERVICE in
+    limiter | queue) ;;
+    *) echo "usage: bench/failover.sh [limiter|queue]" >&2; exit 1 ;;
+esac
 BIN=${BIN:-target/release}
 RATE=${RATE:-5000}
 DOWN_AT=${DOWN_AT:-6}
@@ -25,8 +33,8 @@ AFTER=${AFTER:-6}
 REDIS_PORT=${REDIS_PORT:-6392}
 LISTEN=${LISTEN:-127.0.0.1:50071}
 
-for binary in limiter-svc sluice-bench; do
-    [ -x "$BIN/$binary" ] || { echo "no $BIN/$binary: cargo build --release -p limiter-svc -p sluice-bench" >&2; exit 1; }
+for binary in "$SERVICE-svc" sluice-bench; do
+    [ -x "$BIN/$binary" ] || { echo "no $BIN/$binary: cargo build --release -p $SERVICE-svc -p sluice-bench" >&2; exit 1; }
 done
 [ "$DOWN_FOR" -ge 3 ] || { echo "DOWN_FOR must be at least 3 (seconds)" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
@@ -36,9 +44,9 @@ if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
 fi
 
 work=$(mktemp -d)
-redis_pid= limiter_pid= bench_pid=
+redis_pid= service_pid= bench_pid=
 cleanup() {
-    for pid in $bench_pid $limiter_pid $redis_pid; do kill "$pid" 2>/dev/null || true; done
+    for pid in $bench_pid $service_pid $redis_pid; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -65,10 +73,17 @@ since() {
 }
 
 start_redis
-"$BIN/limiter-svc" --no-auth --listen "$LISTEN" --metrics-listen 127.0.0.1:0 --log warn \
-    --redis-url "redis://127.0.0.1:$REDIS_PORT" --limits bench/failover.toml \
-    >"$work/limiter.log" 2>&1 &
-limiter_pid=$!
+service_args=(--no-auth --listen "$LISTEN" --metrics-listen 127.0.0.1:0 --log warn
+    --redis-url "redis://127.0.0.1:$REDIS_PORT")
+load_args=(--target "http://$LISTEN" --rate "$RATE")
+if [ "$SERVICE" = limiter ]; then
+    service_args+=(--limits bench/failover.toml)
+    load_args=(check-limit "${load_args[@]}" --policy fo-open --policy fo-closed --policy fo-local)
+else
+    load_args=(enqueue "${load_args[@]}" --queue failover)
+fi
+"$BIN/$SERVICE-svc" "${service_args[@]}" >"$work/service.log" 2>&1 &
+service_pid=$!
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN##*:}") 2>/dev/null && break
     sleep 0.1
@@ -76,9 +91,8 @@ done
 
 started=$(date +%s%N)
 # Measured: from a second after the kill to a second before the restart.
-"$BIN/sluice-bench" check-limit --target "http://$LISTEN" --rate "$RATE" \
-    --warmup "$((DOWN_AT + 1))s" --duration "$((DOWN_FOR - 2))s" --cooldown "$((AFTER + 1))s" \
-    --policy fo-open --policy fo-closed --policy fo-local &
+"$BIN/sluice-bench" "${load_args[@]}" \
+    --warmup "$((DOWN_AT + 1))s" --duration "$((DOWN_FOR - 2))s" --cooldown "$((AFTER + 1))s" &
 bench_pid=$!
 
 sleep "$DOWN_AT"
@@ -91,5 +105,5 @@ echo "--- redis-server answering again at $(since "$started") s" >&2
 
 wait "$bench_pid"
 bench_pid=
-echo "--- limiter-svc's log (warnings and errors):" >&2
-cat "$work/limiter.log" >&2
+echo "--- $SERVICE-svc's log (warnings and errors):" >&2
+cat "$work/service.log" >&2
