@@ -8,6 +8,9 @@
 //! - [`telemetry`]: logs with trace ids, OTLP export, W3C trace context across gRPC hops;
 //! - [`pool`] and [`script`]: one Redis connection pool for standalone Redis and Redis Cluster,
 //!   and the Lua script runner (EVALSHA, reload on NOSCRIPT) both services use;
+//! - [`breaker`]: the circuit breaker in front of Redis, and [`batch`]: concurrent callers'
+//!   items gathered into shared Redis calls;
+//! - [`auth`] and [`tls`]: credentials and TLS, server and client side;
 //! - [`server`]: gRPC scaffolding (health, reflection, bounded graceful shutdown) and the
 //!   Prometheus `/metrics` endpoint;
 //! - [`error`]: the one error type, mapped to `tonic::Status` at the edge.

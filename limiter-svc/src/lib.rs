@@ -7,7 +7,8 @@
 //! - [`engine`]: one all-or-nothing decision: hot keys, circuit breaker, failure modes;
 //! - [`store`]: Redis (`check.lua`) or the embedded store;
 //! - [`algorithm`]: the five algorithms, each as Lua and as Rust;
-//! - [`keys`]: every Redis key name; [`breaker`], [`hotkeys`]: the engine's helpers;
+//! - [`keys`]: every Redis key name; [`hotkeys`]: the engine's helper (the circuit breaker is
+//!   [`sluice::breaker`], shared with queue-svc);
 //! - [`config`]: the binary's options.
 
 #![forbid(unsafe_code)]
