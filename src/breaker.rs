@@ -10,6 +10,9 @@ use std::time::Duration;
 use crate::pool::RedisPool;
 use tokio_util::sync::CancellationToken;
 
+/// The shortest wait between two pings while the breaker is open.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Why a call failed without going to Redis: the breaker was open.
 pub const BREAKER_OPEN: &str = "breaker open";
 
@@ -90,7 +93,8 @@ impl Breaker {
                 () = shutdown.cancelled() => return,
             }
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                // A zero interval would ping back to back.
+                () = tokio::time::sleep(interval.max(MIN_PROBE_INTERVAL)) => {}
                 () = shutdown.cancelled() => return,
             }
             if pool.query::<String>(&redis::cmd("PING")).await.is_ok() {
