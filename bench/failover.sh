@@ -37,11 +37,17 @@ for binary in "$SERVICE-svc" sluice-bench; do
     [ -x "$BIN/$binary" ] || { echo "no $BIN/$binary: cargo build --release -p $SERVICE-svc -p sluice-bench" >&2; exit 1; }
 done
 [ "$DOWN_FOR" -ge 3 ] || { echo "DOWN_FOR must be at least 3 (seconds)" >&2; exit 1; }
-command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
-if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-    echo "something already answers on port $REDIS_PORT; set REDIS_PORT" >&2
-    exit 1
-fi
+for tool in redis-server redis-cli; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 1; }
+done
+# Whether something accepts connections on 127.0.0.1-style HOST:PORT.
+listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+for address in "127.0.0.1:$REDIS_PORT" "$LISTEN"; do
+    if listening "$address"; then
+        echo "something already listens on $address; set REDIS_PORT or LISTEN" >&2
+        exit 1
+    fi
+done
 
 work=$(mktemp -d)
 redis_pid= service_pid= bench_pid=
@@ -85,9 +91,15 @@ fi
 "$BIN/$SERVICE-svc" "${service_args[@]}" >"$work/service.log" 2>&1 &
 service_pid=$!
 for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN##*:}") 2>/dev/null && break
+    listening "$LISTEN" && break
+    kill -0 "$service_pid" 2>/dev/null || break
     sleep 0.1
 done
+if ! kill -0 "$service_pid" 2>/dev/null || ! listening "$LISTEN"; then
+    echo "$SERVICE-svc did not start; its log:" >&2
+    cat "$work/service.log" >&2
+    exit 1
+fi
 
 started=$(date +%s%N)
 # Measured: from a second after the kill to a second before the restart.
@@ -98,12 +110,15 @@ bench_pid=$!
 sleep "$DOWN_AT"
 kill -9 "$redis_pid"
 wait "$redis_pid" 2>/dev/null || true
+redis_pid=
 echo "--- redis-server killed (SIGKILL) at $(since "$started") s" >&2
 sleep "$DOWN_FOR"
 start_redis
 echo "--- redis-server answering again at $(since "$started") s" >&2
 
-wait "$bench_pid"
+status=0
+wait "$bench_pid" || status=$?
 bench_pid=
 echo "--- $SERVICE-svc's log (warnings and errors):" >&2
 cat "$work/service.log" >&2
+exit "$status"

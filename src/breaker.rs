@@ -1,10 +1,11 @@
 //! The circuit breaker in front of Redis: after `threshold` consecutive transient failures it
-//! opens, and while open no call touches Redis: the limiter answers each by its policy's
-//! failure mode, the queue with UNAVAILABLE at once (a [`RedisPool::guarded`] pool). A prober
-//! pings Redis in the background and closes the breaker when it answers.
+//! opens, and while open the calls it guards do not touch Redis: the limiter answers each
+//! check by its policy's failure mode, the queue answers every call with UNAVAILABLE at once
+//! (a [`RedisPool::guarded`] pool). A prober pings Redis in the background and closes the
+//! breaker when it answers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::pool::RedisPool;
@@ -21,6 +22,9 @@ pub const BREAKER_OPEN: &str = "breaker open";
 pub struct Breaker {
     open: AtomicBool,
     failures: AtomicU32,
+    /// How many times it has closed: a call that started before the last close reports its
+    /// failure against an older epoch, and it is ignored (see [`Breaker::failure_since`]).
+    closes: AtomicU64,
     threshold: u32,
     state: tokio::sync::watch::Sender<bool>,
     /// The gauge that shows it open (1) or closed (0).
@@ -35,6 +39,7 @@ impl Breaker {
         Self {
             open: AtomicBool::new(false),
             failures: AtomicU32::new(0),
+            closes: AtomicU64::new(0),
             threshold: threshold.max(1),
             state: tokio::sync::watch::Sender::new(false),
             gauge,
@@ -51,13 +56,28 @@ impl Breaker {
         self.failures.store(0, Ordering::Relaxed);
     }
 
+    /// The current epoch, to take when a call starts and hand to
+    /// [`Breaker::failure_since`] when it fails.
+    pub fn epoch(&self) -> u64 {
+        self.closes.load(Ordering::Acquire)
+    }
+
+    /// A call that started in `epoch` failed transiently. Calls that were already waiting out
+    /// the timeouts of an outage when the breaker closed again do not count: they would open
+    /// it again while Redis answers.
+    pub fn failure_since(&self, epoch: u64) {
+        if self.epoch() == epoch {
+            self.failure();
+        }
+    }
+
     /// A call failed transiently (connection, timeout).
     pub fn failure(&self) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= self.threshold && !self.open.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 failures,
-                "Redis unavailable: breaker open, no call goes to Redis until it answers a ping"
+                "Redis unavailable: breaker open until it answers a ping"
             );
             metrics::gauge!(self.gauge).set(1.0);
             self.state.send_replace(true);
@@ -65,6 +85,7 @@ impl Breaker {
     }
 
     fn close(&self) {
+        self.closes.fetch_add(1, Ordering::AcqRel);
         self.failures.store(0, Ordering::Relaxed);
         if self.open.swap(false, Ordering::AcqRel) {
             tracing::info!("Redis answers again: breaker closed");
@@ -97,10 +118,10 @@ impl Breaker {
                 () = tokio::time::sleep(interval.max(MIN_PROBE_INTERVAL)) => {}
                 () = shutdown.cancelled() => return,
             }
+            // Connections that sat idle through the outage are dead: once Redis answers,
+            // calls must not meet them, fail and open the breaker again. The ping dials anew.
+            pool.renew();
             if pool.query::<String>(&redis::cmd("PING")).await.is_ok() {
-                // Connections that sat idle through the outage are dead: calls must not
-                // meet them, fail and open the breaker again.
-                pool.renew();
                 self.close();
             }
         }

@@ -268,8 +268,8 @@ pub struct RedisArgs {
     pub redis_tls_ca: Option<PathBuf>,
 
     /// Consecutive Redis failures (connection errors, timeouts) that open the circuit
-    /// breaker; while open no call goes to Redis: the limiter answers by each policy's
-    /// failure mode, the queue with UNAVAILABLE, at once.
+    /// breaker; while open, the limiter answers checks by each policy's failure mode and the
+    /// queue answers UNAVAILABLE, at once, without going to Redis.
     #[arg(
         long,
         env = "SLUICE_BREAKER_THRESHOLD",

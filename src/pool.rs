@@ -384,7 +384,9 @@ impl RedisPool {
 
     /// Runs one command with the configured timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let epoch = self.epoch();
         self.settle(
+            epoch,
             async {
                 let mut conn = self.get().await?;
                 match tokio::time::timeout(self.command_timeout, cmd.query_async::<T>(&mut conn))
@@ -403,16 +405,22 @@ impl RedisPool {
 }
 
 impl RedisPool {
-    /// Takes note of a call's outcome: counted if it failed (see [`counted`]) and, on a guarded
-    /// pool, reported to the breaker. A call the open breaker stopped touched no Redis: it is
-    /// neither.
-    pub fn settle<T>(&self, result: Result<T>) -> Result<T> {
+    /// The guarding breaker's epoch, to take as a call starts and give to
+    /// [`RedisPool::settle`] (0 on an unguarded pool).
+    pub fn epoch(&self) -> u64 {
+        self.breaker.as_ref().map_or(0, |b| b.epoch())
+    }
+
+    /// Takes note of the outcome of a call that started in `epoch`: counted if it failed (see
+    /// [`counted`]) and, on a guarded pool, reported to the breaker. A call the open breaker
+    /// stopped touched no Redis: it is neither.
+    pub fn settle<T>(&self, epoch: u64, result: Result<T>) -> Result<T> {
         if matches!(&result, Err(Error::Unavailable(why)) if why == BREAKER_OPEN) {
             return result;
         }
         if let Some(breaker) = &self.breaker {
             match &result {
-                Err(Error::Unavailable(_)) => breaker.failure(),
+                Err(Error::Unavailable(_)) => breaker.failure_since(epoch),
                 _ => breaker.success(),
             }
         }

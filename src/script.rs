@@ -147,6 +147,7 @@ impl Call<'_> {
             db.redis.key_count = self.keys.len(),
         );
         let timeout = pool.command_timeout();
+        let epoch = pool.epoch();
         let call = async move {
             let mut conn = pool.get().await?;
             let evalsha = self.command("EVALSHA", &self.script.sha);
@@ -164,7 +165,7 @@ impl Call<'_> {
                 other => other.map_err(|err| script_error(self.script.name, err)),
             }
         };
-        pool.settle(call.instrument(span).await)
+        pool.settle(epoch, call.instrument(span).await)
     }
 }
 

@@ -76,22 +76,18 @@ pub struct RunArgs {
     pub api_key: Option<sluice::auth::Token>,
 
     /// PEM CA that signs the service's certificate: reach an https:// --target over TLS
-    /// (only this CA is trusted).
-    #[arg(long, env = "SLUICE_TLS_CA", value_name = "FILE")]
+    /// (only this CA is trusted). The TLS options are flags only: the clients' SLUICE_TLS_*
+    /// variables, meant for `sluice` and `sluice-worker`, do not apply here.
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
 
     /// PEM certificate presented to a service that requires client certificates (mutual TLS);
     /// with --tls-key and --tls-ca.
-    #[arg(long, env = "SLUICE_CLIENT_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        env = "SLUICE_CLIENT_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// Also print the report as one JSON line on stdout (the text block then goes to stderr).
@@ -265,7 +261,8 @@ pub async fn run_probed<W: Workload>(
     // The ticker never returns on its own; its JoinError says it was cancelled as asked.
     let _cancelled = ticker.await;
     let (dropped, early) = outcome?;
-    let ended_early = early.then_some(finished);
+    // Stopping in the cool-down leaves the measured period whole.
+    let ended_early = (early && finished < measure_end).then_some(finished);
     // A run that ended before its measured period did reads Redis now instead.
     let redis_after = match redis_after {
         Some(after) if finished < measure_end => {
@@ -426,7 +423,8 @@ impl<W: Workload> Shared<W> {
 
 /// `concurrency` tasks, each sending back to back until the end of the run, until
 /// `--requests` are sent, or until its workload tells it to stop. Returns whether the run
-/// ended early: no worker was still sending when `--duration` ran out.
+/// ended early: no worker was still sending when the run's time (`--duration`, then
+/// `--cooldown`) ran out.
 async fn closed_loop<W: Workload>(
     shared: &Arc<Shared<W>>,
     concurrency: u32,

@@ -104,6 +104,7 @@ impl Engine {
             return self.failure_mode(checks, mode, BREAKER_OPEN);
         }
         let counters: Vec<Counter> = checks.iter().map(|c| c.counter.clone()).collect();
+        let epoch = self.breaker.as_ref().map_or(0, |b| b.epoch());
         match self.store.evaluate(&counters, mode).await {
             Ok(evaluation) => {
                 if let Some(breaker) = &self.breaker {
@@ -130,7 +131,7 @@ impl Engine {
             Err(Error::Unavailable(why)) => {
                 metrics::counter!("sluice_limiter_store_errors_total").increment(1);
                 if let Some(breaker) = &self.breaker {
-                    breaker.failure();
+                    breaker.failure_since(epoch);
                 }
                 tracing::debug!(error = %why, "store unavailable; answering by failure mode");
                 // The reason alone: the answer's status says "store unavailable" once.

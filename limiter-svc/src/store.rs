@@ -293,8 +293,6 @@ impl RedisStore {
 /// A limit as `check.lua` takes it: algorithm, limit, window (µs), burst, shadow.
 type LimitArgs = (u8, u64, u64, u64, bool);
 
-/// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
-/// nothing in order.
 /// UNAVAILABLE while `breaker` is open: the call must not go to Redis.
 fn breaker_closed(breaker: Option<&Breaker>) -> Result<()> {
     match breaker {
@@ -303,6 +301,8 @@ fn breaker_closed(breaker: Option<&Breaker>) -> Result<()> {
     }
 }
 
+/// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
+/// nothing in order.
 async fn run_checks(
     pool: &RedisPool,
     check: &Script,
