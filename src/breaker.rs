@@ -127,3 +127,34 @@ impl Breaker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_of_calls_from_before_the_last_close_do_not_reopen_it() {
+        let breaker = Breaker::new(3, "sluice_test_breaker_open");
+        let before = breaker.epoch();
+        breaker.failure_since(before);
+        breaker.failure_since(before);
+        assert!(!breaker.is_open(), "below the threshold");
+        breaker.failure_since(before);
+        assert!(breaker.is_open(), "three in a row open it");
+        breaker.close();
+        assert!(!breaker.is_open());
+        // Calls that were waiting out the outage's timeouts fail after the close.
+        for _ in 0..5 {
+            breaker.failure_since(before);
+        }
+        assert!(!breaker.is_open(), "stale failures are ignored");
+        let now = breaker.epoch();
+        breaker.failure_since(now);
+        breaker.success();
+        breaker.failure_since(now);
+        breaker.failure_since(now);
+        assert!(!breaker.is_open(), "an answer resets the count");
+        breaker.failure_since(now);
+        assert!(breaker.is_open(), "fresh failures count");
+    }
+}
