@@ -99,6 +99,25 @@ impl Breaker {
         self.state.subscribe()
     }
 
+    /// A breaker configured by `args` (`--breaker-threshold`, `--breaker-probe-interval`),
+    /// its state in the gauge `gauge`, with its prober running on `tasks` until `shutdown`.
+    /// `pool` must be unguarded: the prober pings through it.
+    pub fn start(
+        args: &crate::config::RedisArgs,
+        gauge: &'static str,
+        pool: &RedisPool,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Arc<Self> {
+        let breaker = Arc::new(Self::new(args.breaker_threshold, gauge));
+        tasks.spawn(Arc::clone(&breaker).probe(
+            pool.clone(),
+            args.breaker_probe_interval,
+            shutdown.clone(),
+        ));
+        breaker
+    }
+
     /// While open, PINGs Redis every `interval` (each bounded by the pool's timeouts) and
     /// closes the breaker on the first answer. Runs until `shutdown`.
     pub async fn probe(

@@ -84,15 +84,13 @@ pub async fn run(
 
     let (store, breaker) = match sluice::pool::from_args(&common.redis)? {
         Some(pool) => {
-            let breaker = Arc::new(Breaker::new(
-                common.redis.breaker_threshold,
+            let breaker = Breaker::start(
+                &common.redis,
                 "sluice_limiter_breaker_open",
-            ));
-            tasks.spawn(breaker.clone().probe(
-                pool.clone(),
-                common.redis.breaker_probe_interval,
-                shutdown.clone(),
-            ));
+                &pool,
+                &tasks,
+                &shutdown,
+            );
             tasks.spawn(report_store_health(
                 breaker.clone(),
                 health.clone(),

@@ -123,15 +123,13 @@ pub async fn run(
         Some(pool) => {
             // While Redis is known to be away, calls answer UNAVAILABLE at once instead of
             // each waiting out the timeouts (and queueing behind others that do).
-            let breaker = Arc::new(Breaker::new(
-                common.redis.breaker_threshold,
+            let breaker = Breaker::start(
+                &common.redis,
                 "sluice_queue_breaker_open",
-            ));
-            tasks.spawn(breaker.clone().probe(
-                pool.clone(),
-                common.redis.breaker_probe_interval,
-                shutdown.clone(),
-            ));
+                &pool,
+                &tasks,
+                &shutdown,
+            );
             store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool.guarded(breaker))))
         }
         None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),

@@ -31,6 +31,25 @@ pub use otlp::{CollectedSpan, OtlpReceiver};
 pub use redis_server::{RedisCluster, RedisServer};
 pub use service::Service;
 
+/// Runs `calls` all at once; answers each one's output with how long it took, in order, and
+/// the longest of those times.
+pub async fn all_timed<F: Future>(
+    calls: impl IntoIterator<Item = F>,
+) -> (Vec<(Duration, F::Output)>, Duration) {
+    let answers = futures::future::join_all(calls.into_iter().map(|call| async move {
+        let sent = tokio::time::Instant::now();
+        let output = call.await;
+        (sent.elapsed(), output)
+    }))
+    .await;
+    let slowest = answers
+        .iter()
+        .map(|(took, _)| *took)
+        .max()
+        .unwrap_or_default();
+    (answers, slowest)
+}
+
 /// Polls `condition` every 20 ms until it yields `Some`, or fails after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(
     timeout: Duration,

@@ -365,21 +365,12 @@ async fn a_backlog_queued_when_redis_dies_waits_out_the_timeouts_once() -> anyho
     }
 
     redis.kill()?;
-    let calls = (0..CALLS).map(|i| {
+    let (answers, slowest) = sluice_testkit::all_timed((0..CALLS).map(|i| {
         let mut client = clients[i % clients.len()].clone();
         let req = check(i);
-        async move {
-            let sent = tokio::time::Instant::now();
-            let answer = client.check_limit(req).await;
-            (sent.elapsed(), answer)
-        }
-    });
-    let answers = futures::future::join_all(calls).await;
-    let slowest = answers
-        .iter()
-        .map(|(took, _)| *took)
-        .max()
-        .unwrap_or_default();
+        async move { client.check_limit(req).await }
+    }))
+    .await;
     for (_, answer) in &answers {
         let r = answer
             .as_ref()

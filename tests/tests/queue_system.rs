@@ -2161,6 +2161,24 @@ async fn per_queue_metrics_stay_bounded_whatever_names_clients_use() -> anyhow::
     q.service.stop().await
 }
 
+/// Waits (at most 10 s) for queue-svc at `url` to report its store SERVING again.
+async fn store_serving_again(url: &str) -> anyhow::Result<()> {
+    use sluice_testkit::probe;
+    eventually(
+        Duration::from_secs(10),
+        "health to report the store back",
+        || {
+            let url = url.to_owned();
+            async move {
+                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? == probe::SERVING)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// While Redis is down, health reports the queue's store NOT_SERVING, calls answer
 /// UNAVAILABLE and the failures are counted; once Redis is back, health says SERVING again and
 /// calls succeed, with no restart of queue-svc.
@@ -2213,18 +2231,7 @@ async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result
         "{text}"
     );
     redis.restart().await?;
-    eventually(
-        Duration::from_secs(10),
-        "health to report the store back",
-        || {
-            let url = url.clone();
-            async move {
-                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? == probe::SERVING)
-                    .then_some(())
-            }
-        },
-    )
-    .await?;
+    store_serving_again(&url).await?;
     client.enqueue(task()).await?;
     q.service.stop().await
 }
@@ -2234,7 +2241,6 @@ async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result
 /// of going to Redis batch after batch. Once Redis is back, enqueues succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> anyhow::Result<()> {
-    use sluice_testkit::probe;
     const TIMEOUT: Duration = Duration::from_millis(500);
     const CALLS: usize = 6000;
     let mut redis = RedisServer::start().await?;
@@ -2263,21 +2269,12 @@ async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> a
     }
 
     redis.kill()?;
-    let calls = (0..CALLS).map(|i| {
+    let (answers, slowest) = sluice_testkit::all_timed((0..CALLS).map(|i| {
         let mut client = clients[i % clients.len()].clone();
         let req = task();
-        async move {
-            let sent = tokio::time::Instant::now();
-            let answer = client.enqueue(req).await;
-            (sent.elapsed(), answer)
-        }
-    });
-    let answers = futures::future::join_all(calls).await;
-    let slowest = answers
-        .iter()
-        .map(|(took, _)| *took)
-        .max()
-        .unwrap_or_default();
+        async move { client.enqueue(req).await }
+    }))
+    .await;
     for (_, answer) in &answers {
         let status = answer.as_ref().err().map(tonic::Status::code);
         assert_eq!(status, Some(Code::Unavailable), "{answer:?}");
@@ -2296,19 +2293,7 @@ async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> a
     assert_eq!(gauge, Some("sluice_queue_breaker_open 1"));
 
     redis.restart().await?;
-    let url = q.service.url();
-    eventually(
-        Duration::from_secs(10),
-        "health to report the store back",
-        || {
-            let url = url.clone();
-            async move {
-                (probe::health(&url, queue_svc::STORE_HEALTH).await.ok()? == probe::SERVING)
-                    .then_some(())
-            }
-        },
-    )
-    .await?;
+    store_serving_again(&q.service.url()).await?;
     q.client.enqueue(task()).await?;
     q.service.stop().await
 }
