@@ -120,9 +120,11 @@ pub async fn run(
     let queues = Arc::new(queues::Queues::load(config.queues.as_deref())?);
     let tasks = TaskTracker::new();
     let store = Arc::new(match sluice::pool::from_args(&common.redis)? {
-        Some(pool) => {
-            // While Redis is known to be away, calls answer UNAVAILABLE at once instead of
-            // each waiting out the timeouts (and queueing behind others that do).
+        // Standalone Redis: while it is known to be away, calls answer UNAVAILABLE at once
+        // instead of each waiting out the timeouts (and queueing behind others that do). Not
+        // on Redis Cluster: one breaker for every shard would fail the calls to the healthy
+        // shards while one fails over.
+        Some(pool) if !pool.is_cluster() => {
             let breaker = Breaker::start(
                 &common.redis,
                 "sluice_queue_breaker_open",
@@ -132,6 +134,7 @@ pub async fn run(
             );
             store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool.guarded(breaker))))
         }
+        Some(pool) => store::QueueStore::Redis(Box::new(store::RedisQueue::new(pool))),
         None => store::QueueStore::Embedded(embedded::EmbeddedQueue::new()),
     });
     let retire_after = (!config.retire_idle_after.is_zero()).then_some(config.retire_idle_after);
