@@ -2241,7 +2241,7 @@ async fn store_health_follows_redis_and_failures_are_counted() -> anyhow::Result
 /// of going to Redis batch after batch. Once Redis is back, enqueues succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> anyhow::Result<()> {
-    const TIMEOUT: Duration = Duration::from_millis(500);
+    const TIMEOUT: Duration = Duration::from_secs(1);
     const CALLS: usize = 6000;
     let mut redis = RedisServer::start().await?;
     let timeout = format!("{}ms", TIMEOUT.as_millis());
@@ -2280,10 +2280,11 @@ async fn enqueues_queued_when_redis_dies_fail_fast_once_the_breaker_opens() -> a
         assert_eq!(status, Some(Code::Unavailable), "{answer:?}");
     }
     println!("{CALLS} enqueues as Redis died: slowest answered after {slowest:?}");
-    // A behavioural bound, not a benchmark: with the queue drained 512 enqueues per round of
-    // timeouts it would be about 6,000 / 512 rounds of 0.5 s.
+    // A behavioural bound, not a benchmark: one round of timeouts, then however long a loaded
+    // machine takes to answer 6,000 calls. With the queue drained 512 enqueues per round of
+    // timeouts it would be about 6,000 / 512 rounds of 1 s.
     assert!(
-        slowest < 5 * TIMEOUT,
+        slowest < 6 * TIMEOUT,
         "the slowest enqueue took {slowest:?}, more than the timeouts' worth"
     );
     let text = sluice::server::metrics_handle().render();
