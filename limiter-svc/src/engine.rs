@@ -104,12 +104,8 @@ impl Engine {
             return self.failure_mode(checks, mode, BREAKER_OPEN);
         }
         let counters: Vec<Counter> = checks.iter().map(|c| c.counter.clone()).collect();
-        let epoch = self.breaker.as_ref().map_or(0, |b| b.epoch());
         match self.store.evaluate(&counters, mode).await {
             Ok(evaluation) => {
-                if let Some(breaker) = &self.breaker {
-                    breaker.success();
-                }
                 self.remember_denials(checks, &evaluation);
                 Ok(Outcome {
                     allowed: evaluation.allowed,
@@ -128,11 +124,9 @@ impl Engine {
             Err(Error::Unavailable(why)) if why == BREAKER_OPEN => {
                 self.failure_mode(checks, mode, &why)
             }
+            // The pool reported the failure to the breaker.
             Err(Error::Unavailable(why)) => {
                 metrics::counter!("sluice_limiter_store_errors_total").increment(1);
-                if let Some(breaker) = &self.breaker {
-                    breaker.failure_since(epoch);
-                }
                 tracing::debug!(error = %why, "store unavailable; answering by failure mode");
                 // The reason alone: the answer's status says "store unavailable" once.
                 self.failure_mode(checks, mode, &why)

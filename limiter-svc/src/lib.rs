@@ -97,10 +97,10 @@ pub async fn run(
                 shutdown.clone(),
             ));
             (
+                // Calls report to the breaker and fail at once while it is open.
                 Store::Redis(RedisStore::new(
-                    pool,
+                    pool.guarded(breaker.clone()),
                     config.batch_checks,
-                    Some(breaker.clone()),
                 )),
                 Some(breaker),
             )

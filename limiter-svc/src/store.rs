@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice::batch::Batcher;
-use sluice::breaker::{BREAKER_OPEN, Breaker};
 use sluice::error::{Error, Result};
 use sluice::pool::RedisPool;
 use sluice::script::{PackedNumbers, Script};
@@ -104,10 +103,6 @@ pub struct RedisStore {
     /// Standalone Redis: concurrent requests share check calls. (On a cluster each call's keys
     /// must share a slot, so requests go one by one.)
     batcher: Option<Batcher<Checks, SlotReply>>,
-    /// The circuit breaker, checked again when a call is about to go out: requests that
-    /// queued behind calls waiting out Redis's timeouts fail at once when their turn comes
-    /// after it opened, instead of each waiting out the timeouts in turn.
-    breaker: Option<Arc<Breaker>>,
 }
 
 /// Most requests in one check call, and check calls in flight at once, of the batcher.
@@ -132,23 +127,20 @@ struct SlotReply {
 
 impl RedisStore {
     /// A store on `pool`; on standalone Redis with `batch` it starts the batcher (needs a
-    /// tokio runtime), so concurrent requests share check calls. While `breaker` is open no
-    /// check call goes out (each fails at once with UNAVAILABLE).
-    pub fn new(pool: RedisPool, batch: bool, breaker: Option<Arc<Breaker>>) -> Self {
+    /// tokio runtime), so concurrent requests share check calls. On a pool guarded by the
+    /// circuit breaker ([`RedisPool::guarded`]) a call about to go out while it is open fails
+    /// at once, so requests queued behind calls waiting out Redis's timeouts do not each wait
+    /// them out in turn.
+    pub fn new(pool: RedisPool, batch: bool) -> Self {
         let check = Arc::new(Script::new("limiter.check", algorithm::CHECK_LUA));
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let batcher = (batch && !pool.is_cluster()).then(|| {
             let (pool, check) = (pool.clone(), Arc::clone(&check));
             let instance: Arc<str> = instance.clone().into();
-            let breaker = breaker.clone();
             Batcher::spawn(BATCH_REQUESTS, BATCH_CALLS, move |requests: Vec<Checks>| {
                 let (pool, check) = (pool.clone(), Arc::clone(&check));
                 let instance = Arc::clone(&instance);
-                let closed = breaker_closed(breaker.as_deref());
-                async move {
-                    closed?;
-                    run_checks(&pool, &check, &instance, &requests).await
-                }
+                async move { run_checks(&pool, &check, &instance, &requests).await }
             })
         });
         Self {
@@ -158,7 +150,6 @@ impl RedisStore {
             instance,
             sequence: AtomicU64::new(0),
             batcher,
-            breaker,
         }
     }
 
@@ -244,7 +235,6 @@ impl RedisStore {
     }
 
     async fn run_check(&self, counters: &[Counter], mode: Mode, seq: u64) -> Result<SlotReply> {
-        breaker_closed(self.breaker.as_deref())?;
         let request = Checks {
             counters: counters.to_vec(),
             mode,
@@ -292,14 +282,6 @@ impl RedisStore {
 
 /// A limit as `check.lua` takes it: algorithm, limit, window (µs), burst, shadow.
 type LimitArgs = (u8, u64, u64, u64, bool);
-
-/// UNAVAILABLE while `breaker` is open: the call must not go to Redis.
-fn breaker_closed(breaker: Option<&Breaker>) -> Result<()> {
-    match breaker {
-        Some(breaker) if breaker.is_open() => Err(Error::Unavailable(BREAKER_OPEN.into())),
-        _ => Ok(()),
-    }
-}
 
 /// One `check.lua` call for `requests` of the instance `instance`, each evaluated all or
 /// nothing in order.
